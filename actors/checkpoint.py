@@ -1,0 +1,79 @@
+"""SAE folders on disk: `sae.safetensors` + `cfg.json`, the layout EleutherAI sparsify writes.
+
+Reading accepts this project's and sparsify's tensor names, and SAELens' (`W_enc` [d, n]). Weights come from
+safetensors only: nothing is unpickled. Writes go to a temporary folder that is renamed into place, so an
+interrupted save never leaves a folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+WEIGHTS = "sae.safetensors"
+CONFIG = "cfg.json"
+METRICS = "metrics.json"
+
+
+@dataclass
+class SAEWeights:
+    """The directions matching needs, as float32 [n_latents, d_in] tensors, plus the folder's cfg."""
+
+    encoder: torch.Tensor
+    decoder: torch.Tensor
+    cfg: dict[str, Any]
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def save_sae_folder(folder: Path, tensors: dict[str, torch.Tensor], cfg: dict[str, Any],
+                    metrics: dict[str, Any] | None = None) -> None:
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.tmp")
+    tmp.mkdir()
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS))
+    (tmp / CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    if metrics is not None:
+        (tmp / METRICS).write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.old")
+        os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, folder)
+
+
+def load_sae_weights(folder: str | Path) -> SAEWeights:
+    folder = Path(folder)
+    weights_path, cfg_path = folder / WEIGHTS, folder / CONFIG
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{folder} is not an SAE folder: no {WEIGHTS}")
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    t = load_file(str(weights_path))
+    if "encoder.weight" in t:  # this project and sparsify
+        encoder = t["encoder.weight"]
+    elif "W_enc" in t:  # SAELens stores the encoder as [d_in, n]
+        encoder = t["W_enc"].T
+    else:
+        raise KeyError(f"{weights_path}: no encoder tensor (expected 'encoder.weight' or 'W_enc'); has {sorted(t)}")
+    if "W_dec" not in t:
+        raise KeyError(f"{weights_path}: no decoder tensor 'W_dec'; has {sorted(t)}")
+    decoder = t["W_dec"]
+    if encoder.shape != decoder.shape:
+        raise ValueError(f"{weights_path}: encoder {tuple(encoder.shape)} and decoder {tuple(decoder.shape)} disagree")
+    return SAEWeights(encoder=encoder.float(), decoder=decoder.float(), cfg=cfg)

@@ -1,0 +1,92 @@
+"""Loading the language model whose activations we record: from the Hub, a local folder, or built locally.
+
+A locally built model (config `model.build`) is created from a transformers config with a fixed seed together
+with a byte-level tokenizer, then saved as a normal Hugging Face folder (safetensors), so every actor loads it
+through the same `from_pretrained` path as a Hub model.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from torch import nn
+
+EOS = "<|endoftext|>"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def byte_level_tokenizer():
+    """256 byte tokens plus EOS; no merges, so it needs no training data and is identical everywhere."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    vocab[EOS] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS)
+
+
+def build_local_model(build: dict, init_seed: int, folder: Path) -> Path:
+    """Create (once) a randomly initialised model + tokenizer folder; returns the folder."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    if (folder / "config.json").is_file():
+        return folder
+    tokenizer = byte_level_tokenizer()
+    kwargs = dict(build)
+    model_type = kwargs.pop("model_type")
+    kwargs.setdefault("vocab_size", len(tokenizer))
+    kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
+    kwargs.setdefault("bos_token_id", tokenizer.bos_token_id)
+    config = AutoConfig.for_model(model_type, **kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        model = AutoModelForCausalLM.from_config(config)
+    tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.tmp")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process got there first: theirs is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def load_model(name_or_path: str, revision: str | None, dtype: str, trust_remote_code: bool, device: str):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        name_or_path, revision=revision, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+        use_safetensors=True,
+    )
+    return model.to(device).eval()
+
+
+def load_tokenizer(name_or_path: str, revision: str | None, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+
+
+def resolve_hookpoints(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Module names matching each pattern; a pattern matches a full name or a dotted suffix ('layers.1.mlp')."""
+    names = [n for n, _ in model.named_modules() if n]
+    resolved: list[str] = []
+    for pattern in patterns:
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n, "*." + pattern)]
+        if not hits:
+            close = difflib.get_close_matches(pattern, names, n=5, cutoff=0.3)
+            raise ValueError(f"hookpoint {pattern!r} matches no module; closest module names: {close}")
+        resolved += [h for h in hits if h not in resolved]
+    return resolved

@@ -1,0 +1,12 @@
+"""Registry of SAE architectures: a new architecture is one file plus one line here."""
+
+from .base import SparseAutoencoder
+from .relu_l1 import ReluL1SAE
+from .topk import TopKSAE
+
+ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {
+    TopKSAE.name: TopKSAE,
+    ReluL1SAE.name: ReluL1SAE,
+}
+
+__all__ = ["ARCHITECTURES", "SparseAutoencoder"]

@@ -1,0 +1,137 @@
+"""What every SAE architecture shares: parameter layout, sweep validation, decoding, metrics.
+
+Parameters are named as EleutherAI sparsify names them (`encoder.weight` [n, d], `encoder.bias` [n],
+`W_dec` [n, d], `b_dec` [d]) so that a state dict is already a sparsify-compatible `sae.safetensors`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ValidationError
+from torch import nn
+
+
+@dataclass
+class ForwardOutput:
+    """One batch through an SAE: reconstruction, the loss to minimise, and what metrics need."""
+
+    x_hat: torch.Tensor
+    loss: torch.Tensor
+    fvu: torch.Tensor
+    l0: torch.Tensor
+    fired: torch.Tensor  # bool [n_latents]: latents that fired at least once in the batch
+
+
+class SparseAutoencoder(nn.Module):
+    """Base class; a subclass sets `name`, `Params`, `normalize_inputs`, and implements `activations`, `loss`."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type[BaseModel]]
+    # SAELens-style architectures train on inputs scaled to mean norm sqrt(d_in); the scale is folded into the
+    # saved weights, so a saved SAE always acts on raw activations.
+    normalize_inputs: ClassVar[bool] = False
+    default_lr: ClassVar[float] = 2e-4
+
+    def __init__(self, d_in: int, num_latents: int, params: BaseModel):
+        super().__init__()
+        self.d_in, self.num_latents, self.params = d_in, num_latents, params
+        self.encoder = nn.Linear(d_in, num_latents)
+        self.W_dec = nn.Parameter(torch.empty(num_latents, d_in))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+
+    # ---- sweeps and validation (class-level; used by the config before any compute) ----
+    @classmethod
+    def expand_sweep(cls, spec: dict[str, Any]) -> list[dict[str, Any]]:
+        """{'k': [8, 16]} -> [{'k': 8}, {'k': 16}]; scalars are one-element sweeps."""
+        keys = sorted(spec)
+        values = [v if isinstance(v, list) else [v] for v in (spec[k] for k in keys)]
+        combos = [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+        return [cls.Params.model_validate(c).model_dump() for c in combos]
+
+    @classmethod
+    def validate_sweep(cls, spec: dict[str, Any], where: str) -> None:
+        for key, value in spec.items():
+            if key not in cls.Params.model_fields:
+                raise ValueError(
+                    f"{where}: unknown hyper-parameter {key!r} for {cls.name}; allowed: {sorted(cls.Params.model_fields)}"
+                )
+            if isinstance(value, list) and not value:
+                raise ValueError(f"{where}.{key}: empty sweep list")
+        try:
+            cls.expand_sweep(spec)
+        except ValidationError as err:
+            e = err.errors()[0]
+            raise ValueError(f"{where}.{'.'.join(map(str, e['loc']))}: {e['msg']}") from None
+
+    @classmethod
+    def check_width(cls, params: dict[str, Any], width: int) -> str | None:
+        """A reason this hyper-parameter setting cannot work at this width, or None."""
+        return None
+
+    @classmethod
+    def label(cls, params: dict[str, Any]) -> str:
+        return cls.name + "".join(f"-{k}{v}" for k, v in sorted(params.items()))
+
+    # ---- training hooks ----
+    def activations(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense latent activations [batch, n_latents]."""
+        raise NotImplementedError
+
+    def loss(self, x: torch.Tensor, x_hat: torch.Tensor, z: torch.Tensor, fvu: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def init_from_batch(self, x: torch.Tensor) -> None:
+        """Called once with the first training batch (already scaled)."""
+
+    def before_optimizer_step(self) -> None:
+        """Gradient surgery, e.g. removing the decoder-norm direction."""
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Projection back onto constraints, e.g. unit-norm decoder rows."""
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return z @ self.W_dec + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> ForwardOutput:
+        z = self.activations(x)
+        x_hat = self.decode(z)
+        fvu = fraction_of_variance_unexplained(x, x_hat)
+        nonzero = z > 0
+        return ForwardOutput(
+            x_hat=x_hat,
+            loss=self.loss(x, x_hat, z, fvu),
+            fvu=fvu.detach(),
+            l0=nonzero.sum(-1).float().mean(),
+            fired=nonzero.any(0),
+        )
+
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> None:
+        """Rewrite the weights so the SAE trained on scale*x acts on raw x with identical latents."""
+        self.encoder.weight.mul_(scale)
+        self.W_dec.div_(scale)
+        self.b_dec.div_(scale)
+
+
+def fraction_of_variance_unexplained(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    total = (x - x.mean(0)).pow(2).sum()
+    return (x - x_hat).pow(2).sum() / total.clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def remove_parallel_gradient(weight: nn.Parameter) -> None:
+    """Drop each row's gradient component along the (unit-norm) row, so the step only rotates it."""
+    if weight.grad is None:
+        return
+    parallel = (weight.grad * weight.data).sum(-1, keepdim=True)
+    weight.grad.sub_(parallel * weight.data)
+
+
+def unit_rows(t: torch.Tensor) -> torch.Tensor:
+    return F.normalize(t, dim=-1, eps=torch.finfo(t.dtype).eps)

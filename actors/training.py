@@ -1,0 +1,166 @@
+"""The training loop that runs inside each Ray Train worker, readable top to bottom.
+
+One worker trains several SAEs on the same batch stream: all seeds of a configuration (and, here, all
+configurations of a hookpoint assigned to this worker). Each SAE keeps its own optimizer and schedule.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import save_sae_folder
+from .data import ActivationStream
+from .sae import ARCHITECTURES, SparseAutoencoder
+
+
+@dataclass
+class SAETrainer:
+    """One SAE, its optimizer and schedule, and the running state its metrics need."""
+
+    job: dict
+    sae: SparseAutoencoder
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    grad_clip: float
+    last_fired: torch.Tensor  # tokens seen when each latent last fired
+    digest: "hashlib._Hash" = field(default_factory=hashlib.sha256)
+    tokens_seen: int = 0
+    initialised: bool = False
+
+    def step(self, x: torch.Tensor) -> dict[str, float]:
+        if not self.initialised:
+            self.sae.init_from_batch(x)
+            self.initialised = True
+        self.digest.update(x.detach().cpu().numpy().tobytes())
+        out = self.sae(x)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        self.sae.before_optimizer_step()
+        torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.sae.after_optimizer_step()
+        self.tokens_seen += x.shape[0]
+        self.last_fired[out.fired] = self.tokens_seen
+        return {"loss": out.loss.item(), "fvu": out.fvu.item(), "l0": out.l0.item()}
+
+
+def build_trainer(job: dict, d_in: int, num_steps: int, hp: dict, device: torch.device) -> SAETrainer:
+    arch = ARCHITECTURES[job["architecture"]]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(job["seed"])  # the init seed: the only thing that differs between seeds
+        sae = arch(d_in, job["width"], arch.Params.model_validate(job["params"]))
+    sae = sae.to(device)
+    lr = hp["lr"] or arch.recipe_lr(job["width"])
+    optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
+    warmup = max(1, min(hp["warmup_steps"], num_steps // 2))
+    scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [
+        torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / warmup, total_iters=warmup),
+        torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.0,
+                                          total_iters=max(1, num_steps - warmup)),
+    ], milestones=[warmup])
+    return SAETrainer(job=job, sae=sae, optimizer=optimizer, scheduler=scheduler, grad_clip=hp["grad_clip"],
+                      last_fired=torch.zeros(job["width"], dtype=torch.long, device=device))
+
+
+@torch.no_grad()
+def evaluate(sae: SparseAutoencoder, batches: list[torch.Tensor]) -> dict[str, float]:
+    """FVU and L0 of the trained SAE over a fixed evaluation set (the same rows for every SAE)."""
+    sq_err = total = l0 = n = 0.0
+    mean = torch.cat(batches).mean(0)
+    for x in batches:
+        out = sae(x)
+        sq_err += (x - out.x_hat).pow(2).sum().item()
+        total += (x - mean).pow(2).sum().item()
+        l0 += out.l0.item() * x.shape[0]
+        n += x.shape[0]
+    return {"fvu": sq_err / total, "l0": l0 / n}
+
+
+def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, device: torch.device,
+               report=None, progress=None) -> list[dict]:
+    """Train `jobs` (SAEs of one hookpoint) on one shared stream; save each; return their metrics."""
+    entry = manifest["hookpoints"][hookpoint]
+    d_in, total_rows = entry["d_in"], entry["rows"]
+    tokens = hp["tokens"] or total_rows
+    # Architectures that train on normalised inputs see x * sqrt(d_in) / mean-norm; folded back on save.
+    scale = float(np.sqrt(d_in) / entry["mean_norm"])
+    streams = {norm: ActivationStream(manifest["root"], entry["shards"], hp["batch_size"], hp["data_seed"],
+                                      tokens, scale if norm else 1.0)
+               for norm in {ARCHITECTURES[j["architecture"]].normalize_inputs for j in jobs}}
+    num_steps = next(iter(streams.values())).num_steps
+    trainers = {norm: [build_trainer(j, d_in, num_steps, hp, device) for j in jobs
+                       if ARCHITECTURES[j["architecture"]].normalize_inputs == norm] for norm in streams}
+    dead_window = hp["dead_window_tokens"] or max(1, min(10_000_000, tokens // 5))
+
+    start = time.perf_counter()
+    for norm, stream in streams.items():
+        for step, batch in enumerate(stream):
+            x = torch.from_numpy(batch).to(device)
+            logs = [t.step(x) for t in trainers[norm]]
+            if report and ((step + 1) % hp["log_every"] == 0 or step + 1 == num_steps):
+                report(step + 1, [(t.job, m) for t, m in zip(trainers[norm], logs)])
+            if progress:
+                progress(1)
+
+    # Evaluation set: the first rows in manifest order, unshuffled, identical for every SAE.
+    eval_rows = min(total_rows, hp["eval_tokens"])
+    results = []
+    eval_sets = {norm: _first_rows(manifest["root"], entry["shards"], eval_rows, scale if norm else 1.0, device)
+                 for norm in streams}
+    for norm, group in trainers.items():
+        for t in group:
+            metrics = evaluate(t.sae, eval_sets[norm])
+            metrics["dead_fraction"] = float(((t.tokens_seen - t.last_fired) >= dead_window).float().mean())
+            metrics["train_tokens"] = t.tokens_seen
+            metrics["train_seconds"] = time.perf_counter() - start
+            if t.sae.normalize_inputs:
+                t.sae.fold_input_scale(scale)
+            cfg = sae_folder_cfg(t.job, d_in, hookpoint, hp, num_steps, dead_window)
+            cfg["data_digest"] = t.digest.hexdigest()
+            save_sae_folder(Path(t.job["path"]), t.sae.state_dict(), cfg, metrics)
+            results.append({"job": t.job, "metrics": metrics, "data_digest": cfg["data_digest"]})
+    return results
+
+
+def _first_rows(root: str, shards: list[dict], n: int, scale: float, device: torch.device,
+                batch_size: int = 4096) -> list[torch.Tensor]:
+    from .activations import read_activations
+
+    parts, have = [], 0
+    for shard in shards:
+        if have >= n:
+            break
+        acts = read_activations(Path(root) / shard["path"], shard.get("sha256"))[: n - have]
+        parts.append(acts)
+        have += len(acts)
+    rows = torch.from_numpy(np.concatenate(parts) * scale).to(device)
+    return list(rows.split(batch_size))
+
+
+def sae_folder_cfg(job: dict, d_in: int, hookpoint: str, hp: dict, num_steps: int, dead_window: int) -> dict:
+    """cfg.json: sparsify's keys (so its loader reads the folder) plus what reproduces this SAE."""
+    return {
+        "d_in": d_in,
+        "num_latents": job["width"],
+        "expansion_factor": job["width"] / d_in,
+        "k": job["params"].get("k", 0),
+        "normalize_decoder": job["architecture"] == "topk",
+        "multi_topk": False,
+        "skip_connection": False,
+        "architecture": job["architecture"],
+        "params": job["params"],
+        "seed": job["seed"],
+        "data_seed": hp["data_seed"],
+        "hookpoint": hookpoint,
+        "batch_size": hp["batch_size"],
+        "num_steps": num_steps,
+        "dead_window_tokens": dead_window,
+        "lr": hp["lr"] or ARCHITECTURES[job["architecture"]].recipe_lr(job["width"]),
+    }

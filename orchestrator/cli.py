@@ -1,0 +1,69 @@
+"""`sae-seeds run` (the whole experiment) and `sae-seeds match` (two SAE folders)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .config import DEFAULT_CONFIG, ConfigError, load_config
+
+
+def _run(args) -> int:
+    cfg = load_config(args.config, args.set, args.output)  # validated before anything starts
+    from .pipeline import run_experiment
+
+    result = run_experiment(cfg)
+    print("\nstage wall time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result["timings"].items()))
+    print(result["summary"].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(f"\nresults: {result['output_dir']}")
+    print(f"MLflow:  mlflow ui --backend-store-uri {result['tracking_uri']}   "
+          f"(experiment {result['experiment_id']}, parent run {result['parent_run_id']})")
+    return 0
+
+
+def _match(args) -> int:
+    from actors.checkpoint import load_sae_weights
+    from actors.matching import match_pair
+
+    a, b = load_sae_weights(args.a), load_sae_weights(args.b)
+    stats = match_pair(a.encoder, a.decoder, b.encoder, b.decoder, args.threshold).statistics()
+    if args.json:
+        print(json.dumps(stats))
+    else:
+        width = max(map(len, stats))
+        for k, v in stats.items():
+            print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sae-seeds", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run an experiment end to end (generate, train, compare, track)")
+    run.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG), help="experiment YAML (default: %(default)s)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a field, e.g. --set sae.widths=[256,512] (repeatable)")
+    run.add_argument("--output", help="output folder (overrides output_dir)")
+    run.set_defaults(func=_run)
+    match = sub.add_parser("match", help="match the latents of two SAE folders (sae.safetensors + cfg.json)")
+    match.add_argument("a")
+    match.add_argument("b")
+    match.add_argument("--threshold", type=float, default=0.7)
+    match.add_argument("--json", action="store_true", help="print one JSON object")
+    match.set_defaults(func=_match)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"sae-seeds: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        if args.command != "match":
+            raise
+        print(f"sae-seeds match: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,221 @@
+"""Experiment configuration: one YAML file, parsed into typed pydantic models and validated before any compute.
+
+Every field carries a one-line description; pydantic names the offending field (dotted path) in its errors.
+The SAE grid is validated against the architecture registry in `actors.sae`, so adding an architecture
+needs no change here.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from actors.sae import ARCHITECTURES
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the field and what is allowed."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    name: str = Field("tiny-gpt-neox", description="Hugging Face Hub id or local folder; a label when `build` is set.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
+    build: dict[str, Any] | None = Field(
+        None, description="transformers config kwargs (with model_type): build the model locally, no download."
+    )
+    init_seed: int = Field(0, description="torch seed for the weights of a locally built model.")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="dtype the model runs in.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the Hub; off unless asked.")
+
+    @field_validator("build")
+    @classmethod
+    def _build_has_model_type(cls, v):
+        if v is not None and "model_type" not in v:
+            raise ValueError("must contain 'model_type' (e.g. gpt_neox, gpt2, llama)")
+        return v
+
+
+class DatasetConfig(_Strict):
+    kind: Literal["synthetic", "hub", "files"] = Field("synthetic", description="Where text comes from.")
+    path: str | None = Field(None, description="Hub dataset name (kind=hub) or file glob of .txt/.jsonl/.parquet.")
+    name: str | None = Field(None, description="Hub dataset config name.")
+    split: str = Field("train", description="Dataset split.")
+    revision: str | None = Field(None, description="Hub dataset revision.")
+    text_column: str = Field("text", description="Column holding the documents.")
+    seed: int = Field(0, description="Seed of the synthetic corpus.")
+
+    @model_validator(mode="after")
+    def _path_when_needed(self):
+        if self.kind != "synthetic" and not self.path:
+            raise ValueError(f"dataset.path is required when dataset.kind is '{self.kind}'")
+        return self
+
+
+class GenerateConfig(_Strict):
+    hookpoints: list[str] = Field(..., min_length=1, description="Module-name patterns, e.g. 'layers.1.mlp'.")
+    ctx_len: int = Field(128, gt=1, description="Tokens per packed chunk (documents joined with EOS).")
+    num_tokens: int = Field(..., gt=0, description="Tokens of activations to generate.")
+    shard_tokens: int = Field(65536, gt=0, description="Target tokens per Parquet shard.")
+    batch_size: int = Field(16, gt=0, description="Chunks per forward pass.")
+    dtype: Literal["float32", "float16"] = Field("float32", description="Storage dtype of activations.")
+    num_actors: int = Field(1, gt=0, description="Model actors in the Ray Data actor pool.")
+    gpus_per_actor: float | None = Field(None, ge=0, description="GPUs per actor; None: 1 if the cluster has GPUs.")
+
+
+class SAEGridConfig(_Strict):
+    architectures: list[dict[str, Any]] = Field(
+        ..., min_length=1, description="Each {name: <registered architecture>, <hyper-parameter>: value or list}."
+    )
+    widths: list[int] = Field(..., min_length=1, description="Numbers of latents.")
+    seeds: list[int] = Field(..., min_length=1, description="Init seeds; every configuration trains each one.")
+
+    @field_validator("widths")
+    @classmethod
+    def _positive_widths(cls, v):
+        bad = [w for w in v if w <= 0]
+        if bad:
+            raise ValueError(f"widths must be positive integers, got {bad}")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError(f"seeds must be distinct, got {v}")
+        return v
+
+    @field_validator("architectures")
+    @classmethod
+    def _known_architectures(cls, archs):
+        for i, spec in enumerate(archs):
+            name = spec.get("name")
+            if name not in ARCHITECTURES:
+                raise ValueError(
+                    f"architectures[{i}].name={name!r} is not a registered architecture; "
+                    f"allowed: {sorted(ARCHITECTURES)}"
+                )
+            ARCHITECTURES[name].validate_sweep({k: v for k, v in spec.items() if k != "name"}, where=f"architectures[{i}]")
+        return archs
+
+
+class TrainConfig(_Strict):
+    batch_size: int = Field(1024, gt=0, description="Activation vectors (tokens) per step.")
+    tokens: int | None = Field(None, gt=0, description="Training tokens per SAE; None: one pass over the activations.")
+    data_seed: int = Field(0, description="Seed of the batch order; the same for every init seed.")
+    lr: float | None = Field(None, gt=0, description="Learning rate; None: the architecture's recipe.")
+    warmup_steps: int = Field(100, ge=0, description="Linear lr warm-up steps, then linear decay to 0.")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
+    dead_window_tokens: int | None = Field(
+        None, gt=0, description="A latent not firing for this many tokens is dead; None: min(10M, tokens/5)."
+    )
+    log_every: int = Field(50, gt=0, description="Steps between metric reports.")
+    num_workers: int = Field(1, gt=0, description="Ray Train workers; configurations are split across them.")
+    cpus_per_worker: int = Field(1, gt=0, description="CPUs (and torch threads) per training worker.")
+    use_gpu: bool | None = Field(None, description="Train on GPU; None: when the cluster has one.")
+
+
+class CompareConfig(_Strict):
+    threshold: float = Field(0.7, ge=-1, le=1, description="Cosine above which a matched latent counts as shared.")
+    cpus_per_task: float = Field(1.0, gt=0, description="CPUs reserved by each pair-matching Ray task.")
+
+
+class TrackingConfig(_Strict):
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; None: SQLite store in the output folder.")
+    experiment_name: str | None = Field(None, description="MLflow experiment; None: the config's name.")
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(None, description="Cluster address; None: RAY_ADDRESS or a new local instance.")
+    num_cpus: int | None = Field(None, gt=0, description="Logical CPUs of a new local instance.")
+    object_store_memory_mb: int = Field(512, gt=64, description="Object store of a new local instance, MiB.")
+    dashboard_host: str = Field("127.0.0.1", description="Interface the dashboard of a new local instance binds to.")
+
+
+class ExperimentConfig(_Strict):
+    name: str = Field(..., min_length=1, description="Experiment name (MLflow experiment, output folder).")
+    output_dir: str | None = Field(None, description="Where artifacts go; None: outputs/<name>.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    generate: GenerateConfig
+    sae: SAEGridConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    compare: CompareConfig = Field(default_factory=CompareConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _grid_fits_widths(self):
+        for i, spec in enumerate(self.sae.architectures):
+            arch = ARCHITECTURES[spec["name"]]
+            for width in self.sae.widths:
+                for params in arch.expand_sweep({k: v for k, v in spec.items() if k != "name"}):
+                    problem = arch.check_width(params, width)
+                    if problem:
+                        raise ValueError(f"sae.architectures[{i}] with width {width}: {problem}")
+        return self
+
+    @property
+    def output_path(self) -> Path:
+        return Path(self.output_dir or f"outputs/{self.name}").resolve()
+
+    def content_hash(self) -> str:
+        """Hash of everything that decides the results (not where they go or how they are tracked)."""
+        data = self.model_dump(exclude={"output_dir", "tracking", "ray"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _apply_override(data: dict, assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects dotted.key=value, got {assignment!r}")
+    key, raw = assignment.split("=", 1)
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part!r} is not a section")
+    # YAML parses the value so that numbers, booleans and lists get their types.
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"  {loc}: {e['msg']}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                output_dir: str | None = None) -> ExperimentConfig:
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return parse_config(data, overrides, output_dir)
+
+
+def parse_config(data: dict, overrides: list[str] | None = None, output_dir: str | None = None) -> ExperimentConfig:
+    data = copy.deepcopy(data)
+    for assignment in overrides or []:
+        _apply_override(data, assignment)
+    if output_dir:
+        data["output_dir"] = output_dir
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None

@@ -1,0 +1,91 @@
+"""The Ray driver: config -> plan -> generate -> train -> compare -> MLflow, then a summary."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import pandas as pd
+import ray
+
+from .config import ExperimentConfig
+from .plan import plan_configurations
+from .stages.compare import run_compare
+from .stages.generate import run_generate
+from .stages.train import run_train
+from .tracking import ExperimentTracker
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def ray_session(cfg: ExperimentConfig):
+    """Join the configured or ambient cluster (e.g. under `ray job submit`), else start a local instance."""
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    started = False
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(num_cpus=cfg.ray.num_cpus or max(4, os.cpu_count() or 1),
+                     object_store_memory=cfg.ray.object_store_memory_mb * 2**20,
+                     dashboard_host=cfg.ray.dashboard_host, include_dashboard=True)
+        started = True
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def summary_table(train_manifest: dict, compare: dict) -> pd.DataFrame:
+    rows = []
+    confs = compare["manifest"]["configurations"]
+    for name, c in confs.items():
+        saes = [s for s in train_manifest["saes"] if s["configuration"] == name]
+        rows.append({
+            "configuration": name, "seeds": len(saes),
+            "shared": f"{c['shared_mean']:.3f} ± {c['shared_std']:.3f}",
+            "fvu": np.mean([s["metrics"]["fvu"] for s in saes]),
+            "l0": np.mean([s["metrics"]["l0"] for s in saes]),
+            "dead": np.mean([s["metrics"]["dead_fraction"] for s in saes]),
+        })
+    return pd.DataFrame(rows)
+
+
+def run_experiment(cfg: ExperimentConfig) -> dict:
+    """Run every stage; returns the summary, stage timings and where results are."""
+    timings: dict[str, float] = {}
+    tracker = ExperimentTracker(cfg)
+    tracker.start_parent()
+    ok = False
+    try:
+        with ray_session(cfg):
+            t0 = time.perf_counter()
+            manifest = run_generate(cfg)
+            timings["generate"] = time.perf_counter() - t0
+
+            configurations = plan_configurations(cfg, list(manifest["hookpoints"]))
+            tracker.create_child_runs(configurations)
+            t0 = time.perf_counter()
+            train_manifest = run_train(cfg, manifest, configurations, tracker.uri)
+            timings["train"] = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            compare = run_compare(cfg, train_manifest)
+            timings["compare"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        tracker.log_results(train_manifest, compare)
+        timings["track"] = time.perf_counter() - t0
+        ok = True
+    finally:
+        tracker.finish(ok)
+    for stage, seconds in timings.items():
+        tracker.client.log_metric(tracker.parent_id, f"seconds.{stage}", seconds)
+    return {"summary": summary_table(train_manifest, compare), "timings": timings,
+            "output_dir": str(cfg.output_path), "tracking_uri": tracker.uri,
+            "experiment_id": tracker.experiment_id, "parent_run_id": tracker.parent_id}

@@ -1,0 +1,72 @@
+"""Train stage: one Ray Train `TorchTrainer` per hookpoint trains every configuration and seed.
+
+Reads the generate manifest; writes SAE folders and `saes/manifest.json`, the one thing compare reads.
+An SAE whose folder is complete (weights, cfg, metrics) is not trained again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import ray
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from actors.checkpoint import METRICS, write_json_atomic
+from actors.train_worker import train_loop_per_worker
+
+from ..config import ExperimentConfig
+from ..plan import SAEConfiguration, slug
+
+log = logging.getLogger(__name__)
+
+
+def train_manifest_path(cfg: ExperimentConfig) -> Path:
+    return cfg.output_path / "saes" / "manifest.json"
+
+
+def _is_trained(path: str) -> bool:
+    return (Path(path) / METRICS).is_file()
+
+
+def run_train(cfg: ExperimentConfig, manifest: dict, configurations: list[SAEConfiguration],
+              tracking_uri: str | None) -> dict:
+    t = cfg.train
+    use_gpu = t.use_gpu if t.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
+    hp = t.model_dump() | {"eval_tokens": 65536}
+    for hookpoint in manifest["hookpoints"]:
+        groups = [c.jobs() for c in configurations if c.hookpoint == hookpoint]
+        # A configuration is retrained whole if any seed is missing: seeds must share one stream.
+        groups = [g for g in groups if not all(_is_trained(j["path"]) for j in g)]
+        if not groups:
+            log.info("train: every SAE of %s is already trained", hookpoint)
+            continue
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "groups": groups, "hookpoint": hookpoint, "hp": hp, "tracking_uri": tracking_uri,
+                "manifest_path": str(cfg.output_path / "activations" / "manifest.json"),
+                "torch_threads": t.cpus_per_worker,
+            },
+            scaling_config=ScalingConfig(num_workers=min(t.num_workers, len(groups)), use_gpu=use_gpu,
+                                         resources_per_worker={"CPU": t.cpus_per_worker}),
+            run_config=RunConfig(name=f"train-{cfg.content_hash()}-{slug(hookpoint)}",
+                                 storage_path=str(cfg.output_path / "ray_train")),
+        )
+        trainer.fit()
+
+    saes = []
+    for c in configurations:
+        for job in c.jobs():
+            folder = Path(job["path"])
+            if not _is_trained(job["path"]):
+                raise RuntimeError(f"training finished but {folder} has no {METRICS}")
+            cfg_json = json.loads((folder / "cfg.json").read_text())
+            saes.append(job | {"metrics": json.loads((folder / METRICS).read_text()),
+                               "data_digest": cfg_json["data_digest"]})
+    train_manifest = {"config_hash": cfg.content_hash(), "threshold": cfg.compare.threshold,
+                      "configurations": [c.name for c in configurations], "saes": saes}
+    write_json_atomic(train_manifest_path(cfg), train_manifest)
+    return train_manifest

@@ -1,0 +1,95 @@
+"""MLflow tracking: the driver creates the experiment, a parent run, and one child run per SAE up front.
+
+Workers get the tracking URI and their child run's id and log training curves to it; after comparison the
+driver logs final metrics, tables and figures. Everything goes through `MlflowClient` with explicit run ids,
+so no process depends on a global "active run".
+"""
+
+from __future__ import annotations
+
+import time
+
+import mlflow
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+
+from .config import ExperimentConfig
+from .figures import all_figures
+from .plan import SAEConfiguration
+
+
+def _flatten(prefix: str, data, out: dict) -> dict:
+    if isinstance(data, dict):
+        for k, v in data.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = data
+    return out
+
+
+class ExperimentTracker:
+    def __init__(self, cfg: ExperimentConfig):
+        self.cfg = cfg
+        local = cfg.tracking.tracking_uri is None
+        cfg.output_path.mkdir(parents=True, exist_ok=True)
+        self.uri = cfg.tracking.tracking_uri or f"sqlite:///{cfg.output_path / 'mlflow.db'}"
+        self.client = MlflowClient(self.uri)
+        name = cfg.tracking.experiment_name or cfg.name
+        exp = self.client.get_experiment_by_name(name)
+        if exp is None:
+            artifacts = (cfg.output_path / "mlartifacts").as_uri() if local else None
+            self.experiment_id = self.client.create_experiment(name, artifact_location=artifacts)
+        else:
+            self.experiment_id = exp.experiment_id
+        self.parent_id: str | None = None
+
+    def start_parent(self) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=self.cfg.name,
+                                     tags={"sae_seeds.config_hash": self.cfg.content_hash()})
+        self.parent_id = run.info.run_id
+        params = _flatten("", self.cfg.model_dump(mode="json"), {})
+        self.client.log_batch(self.parent_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(params.items())])
+        self.client.log_dict(self.parent_id, self.cfg.model_dump(mode="json"), "config.json")
+        return self.parent_id
+
+    def create_child_runs(self, configurations: list[SAEConfiguration]) -> None:
+        # Identical param keys on every child so MLflow's compare view can plot across architectures.
+        param_names = sorted({k for c in configurations for k, _ in c.point.params})
+        for c in configurations:
+            for seed in c.seeds:
+                run = self.client.create_run(
+                    self.experiment_id, run_name=f"{c.name}/seed{seed}",
+                    tags={"mlflow.parentRunId": self.parent_id, "sae_seeds.configuration": c.name})
+                values = dict(c.point.params)
+                params = {"hookpoint": c.hookpoint, "architecture": c.point.architecture, "width": c.point.width,
+                          "seed": seed, "data_seed": self.cfg.train.data_seed,
+                          **{p: values.get(p, "-") for p in param_names}}
+                self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+                c.run_ids[seed] = run.info.run_id
+
+    def log_results(self, train_manifest: dict, compare: dict) -> None:
+        now = int(time.time() * 1000)
+        confs = compare["manifest"]["configurations"]
+        for sae in train_manifest["saes"]:
+            m = sae["metrics"]
+            metrics = {"fvu": m["fvu"], "l0": m["l0"], "dead_fraction": m["dead_fraction"],
+                       "mean_shared_fraction": confs[sae["configuration"]]["mean_shared_per_seed"][sae["seed"]]}
+            self.client.log_batch(sae["run_id"], metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+            self.client.set_terminated(sae["run_id"], RunStatus.to_string(RunStatus.FINISHED))
+
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.log_table(compare["pairs"], artifact_file="tables/pairs.json", run_id=self.parent_id)
+        mlflow.log_table(compare["nway"], artifact_file="tables/nway.json", run_id=self.parent_id)
+        summary = []
+        for name, c in confs.items():
+            summary.append({"configuration": name, "shared_mean": c["shared_mean"], "shared_std": c["shared_std"]})
+            key = name.replace("/", ".")
+            self.client.log_metric(self.parent_id, f"shared_mean.{key}", c["shared_mean"], now)
+        for path, fig in all_figures(confs, compare["manifest"]["threshold"]).items():
+            self.client.log_figure(self.parent_id, fig, path)
+        self.client.log_artifacts(self.parent_id, str(self.cfg.output_path / "overlap"), "overlap")
+
+    def finish(self, ok: bool) -> None:
+        if self.parent_id:
+            status = RunStatus.FINISHED if ok else RunStatus.FAILED
+            self.client.set_terminated(self.parent_id, RunStatus.to_string(status))

@@ -1,0 +1,20 @@
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "configs" / "tiny.yaml"
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only test clusters; see ray-mlflow-notes
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray instance with small, explicit resources, shut down after the session."""
+    import ray
+
+    ray.init(num_cpus=4, object_store_memory=200 * 2**20, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
