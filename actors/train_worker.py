@@ -31,7 +31,6 @@ def _mlflow_reporter(tracking_uri: str | None):
             if job.get("run_id"):
                 client.log_batch(job["run_id"], metrics=[
                     Metric(f"train/{k}", float(v), now, step) for k, v in metrics.items()])
-        ray.train.report({"step": step})
     return log
 
 
@@ -45,8 +44,8 @@ def train_loop_per_worker(config: dict) -> None:
         return
     manifest = json.loads(open(config["manifest_path"]).read())
     device = ray.train.torch.get_device()
-    bar = tqdm(desc=f"train {config['hookpoint']} (worker {rank})", total=None)
     results = train_saes(jobs, manifest, config["hookpoint"], config["hp"], device,
-                         report=_mlflow_reporter(config.get("tracking_uri")), progress=bar.update)
-    bar.close()
+                         report=_mlflow_reporter(config.get("tracking_uri")),
+                         progress=lambda total: tqdm(desc=f"train {config['hookpoint']} (worker {rank})",
+                                                     total=total, unit="step"))
     ray.train.report({"done": len(results)})

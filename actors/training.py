@@ -85,7 +85,10 @@ def evaluate(sae: SparseAutoencoder, batches: list[torch.Tensor]) -> dict[str, f
 
 def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, device: torch.device,
                report=None, progress=None) -> list[dict]:
-    """Train `jobs` (SAEs of one hookpoint) on one shared stream; save each; return their metrics."""
+    """Train `jobs` (SAEs of one hookpoint) on one shared stream; save each; return their metrics.
+
+    `report(step, [(job, metrics), ...])` is called every `log_every` steps; `progress(total)` makes a bar.
+    """
     entry = manifest["hookpoints"][hookpoint]
     d_in, total_rows = entry["d_in"], entry["rows"]
     tokens = hp["tokens"] or total_rows
@@ -100,14 +103,17 @@ def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, devic
     dead_window = hp["dead_window_tokens"] or max(1, min(10_000_000, tokens // 5))
 
     start = time.perf_counter()
+    bar = progress(num_steps * len(streams)) if progress else None
     for norm, stream in streams.items():
         for step, batch in enumerate(stream):
             x = torch.from_numpy(batch).to(device)
             logs = [t.step(x) for t in trainers[norm]]
             if report and ((step + 1) % hp["log_every"] == 0 or step + 1 == num_steps):
                 report(step + 1, [(t.job, m) for t, m in zip(trainers[norm], logs)])
-            if progress:
-                progress(1)
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
 
     # Evaluation set: the first rows in manifest order, unshuffled, identical for every SAE.
     eval_rows = min(total_rows, hp["eval_tokens"])

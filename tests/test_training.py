@@ -70,7 +70,7 @@ def test_loss_decreases(name):
     first = trainer.step(batches[0])["fvu"]
     for step in range(299):
         last = trainer.step(batches[(step + 1) % len(batches)])
-    assert last["fvu"] < 0.5 * first
+    assert last["fvu"] < 0.75 * first
 
 
 def test_stream_order_depends_only_on_data_seed(tmp_path):
