@@ -77,6 +77,9 @@ class ActivationShardWriter:
         self.out_dir = Path(out_dir)
         self.storage_dtype = STORAGE_DTYPES[storage_dtype]
         self.batch_size = batch_size
+        from ray.experimental.tqdm_ray import tqdm  # renders on the driver's terminal
+
+        self.progress = tqdm(desc="generate (tokens)", unit="tok", total=None)
 
     @torch.inference_mode()
     def _forward(self, input_ids: torch.Tensor) -> dict[str, np.ndarray]:
@@ -117,4 +120,5 @@ class ActivationShardWriter:
                 out["sha256"].append(file_sha256(path))
                 out["sum_norm"].append(float(np.linalg.norm(acts.reshape(-1, acts.shape[-1]).astype(np.float32), axis=-1).sum()))
                 out["d_in"].append(int(acts.shape[-1]))
+            self.progress.update(int(token_ids.size))
         return out

@@ -30,7 +30,7 @@ def ray_session(cfg: ExperimentConfig):
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
-            ray.init(num_cpus=cfg.ray.num_cpus or max(4, os.cpu_count() or 1),
+            ray.init(address="local", num_cpus=cfg.ray.num_cpus or max(4, os.cpu_count() or 1),
                      object_store_memory=cfg.ray.object_store_memory_mb * 2**20,
                      dashboard_host=cfg.ray.dashboard_host, include_dashboard=True)
         started = True

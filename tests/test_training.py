@@ -129,3 +129,27 @@ def test_relu_l1_saved_weights_act_on_raw_activations(tmp_path):
     raw = torch.from_numpy(x[:2048] * 5.0)
     fvu = sae(raw).fvu.item()
     assert fvu == pytest.approx(res["metrics"]["fvu"], rel=1e-3)
+
+
+def test_topk_seeds_share_the_planted_latents():
+    """Two init seeds on planted data: the planted directions are what both learn, so they are shared."""
+    from actors.matching import match_pair
+
+    x, dirs = planted_data(64 * 256)
+    saes = []
+    for seed in (0, 1):
+        t = build_trainer({"architecture": "topk", "params": {"k": 3}, "width": 96, "seed": seed}, 32, 1500,
+                          HP | {"lr": 2e-3}, torch.device("cpu"))
+        rng = np.random.default_rng(1)
+        for _ in range(1500):
+            t.step(torch.from_numpy(x[rng.integers(0, len(x), 256)]))
+        saes.append(t.sae)
+    a, b = (
+        (s.encoder.weight.detach(), s.W_dec.detach()) for s in saes
+    )
+    m = match_pair(a[0], a[1], b[0], b[1])
+    planted_fraction = len(dirs) / 96
+    assert m.statistics()["shared_fraction"] >= 0.8 * planted_fraction
+    # The shared latents of A are the ones that learned a planted direction.
+    learned = (np.abs(dirs @ torch.nn.functional.normalize(a[1], dim=1).numpy().T).max(0) > 0.9)
+    assert (m.shared & ~learned).sum() <= 2
