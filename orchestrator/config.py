@@ -132,7 +132,7 @@ class CompareConfig(_Strict):
 
 
 class TrackingConfig(_Strict):
-    tracking_uri: str | None = Field(None, description="MLflow tracking URI; None: SQLite store in the output folder.")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; None: $MLFLOW_TRACKING_URI, else SQLite in the output folder.")
     experiment_name: str | None = Field(None, description="MLflow experiment; None: the config's name.")
 
 

@@ -7,6 +7,7 @@ so no process depends on a global "active run".
 
 from __future__ import annotations
 
+import os
 import time
 
 import mlflow
@@ -30,9 +31,11 @@ def _flatten(prefix: str, data, out: dict) -> dict:
 class ExperimentTracker:
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
-        local = cfg.tracking.tracking_uri is None
+        # Config first, then the environment (how a cluster hands workers a tracking server), then local.
+        configured = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        local = configured is None
         cfg.output_path.mkdir(parents=True, exist_ok=True)
-        self.uri = cfg.tracking.tracking_uri or f"sqlite:///{cfg.output_path / 'mlflow.db'}"
+        self.uri = configured or f"sqlite:///{cfg.output_path / 'mlflow.db'}"
         self.client = MlflowClient(self.uri)
         name = cfg.tracking.experiment_name or cfg.name
         exp = self.client.get_experiment_by_name(name)
@@ -42,6 +45,7 @@ class ExperimentTracker:
         else:
             self.experiment_id = exp.experiment_id
         self.parent_id: str | None = None
+        self.child_ids: list[str] = []
 
     def start_parent(self) -> str:
         run = self.client.create_run(self.experiment_id, run_name=self.cfg.name,
@@ -66,6 +70,7 @@ class ExperimentTracker:
                           **{p: values.get(p, "-") for p in param_names}}
                 self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
                 c.run_ids[seed] = run.info.run_id
+                self.child_ids.append(run.info.run_id)
 
     def log_results(self, train_manifest: dict, compare: dict) -> None:
         now = int(time.time() * 1000)
@@ -90,6 +95,11 @@ class ExperimentTracker:
         self.client.log_artifacts(self.parent_id, str(self.cfg.output_path / "overlap"), "overlap")
 
     def finish(self, ok: bool) -> None:
+        """Close the parent; on failure also every child still open, so none is left RUNNING."""
+        status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
+        if not ok:
+            for run_id in self.child_ids:
+                if self.client.get_run(run_id).info.status == "RUNNING":
+                    self.client.set_terminated(run_id, status)
         if self.parent_id:
-            status = RunStatus.FINISHED if ok else RunStatus.FAILED
-            self.client.set_terminated(self.parent_id, RunStatus.to_string(status))
+            self.client.set_terminated(self.parent_id, status)

@@ -99,3 +99,15 @@ def test_outputs_are_complete_and_rerun_reuses_them(tiny_run):
     again = run_experiment(cfg)
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes  # nothing retrained
     assert again["timings"]["train"] < result["timings"]["train"]
+
+
+def test_failed_run_is_marked_failed_in_mlflow(ray_local, tmp_path):
+    data = tmp_path / "docs.jsonl"
+    data.write_text('{"content": "a document without the configured text column"}\n')
+    cfg = load_config(TINY, ["dataset.kind=files", f"dataset.path={data}"], str(tmp_path / "out"))
+    with pytest.raises(KeyError, match="columns: \\['content'\\]"):
+        run_experiment(cfg)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    [exp] = [e for e in client.search_experiments() if e.name == "tiny"]
+    assert [r.info.status for r in client.search_runs([exp.experiment_id])] == ["FAILED"]
+    assert not (tmp_path / "out" / "activations" / "manifest.json").exists()
