@@ -3,5 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
-.venv/bin/pip install -q -c constraints.txt -e '.[test]'
-exec .venv/bin/python -m pytest -q "$@"
+. .venv/bin/activate
+pip install -q -c constraints.txt -e '.[test]'
+exec python -m pytest -q "$@"

@@ -12,9 +12,12 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A real local Ray instance with small, explicit resources, shut down after the session."""
+    """A real local Ray instance with small, explicit resources, shut down after the session.
+
+    `address="local"` always starts a new instance, never joining another cluster on this machine.
+    """
     import ray
 
-    ray.init(num_cpus=4, object_store_memory=200 * 2**20, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, object_store_memory=200 * 2**20, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -26,7 +26,9 @@ def free_port() -> int:
 
 @pytest.fixture
 def ray_head(tmp_path):
-    env = os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    # The job's `python` must be this environment's, as it is for a user with the venv activated.
+    env = os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+                        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     gcs, dashboard = free_port(), free_port()
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=4", f"--port={gcs}",
