@@ -77,9 +77,12 @@ class ActivationShardWriter:
         self.out_dir = Path(out_dir)
         self.storage_dtype = STORAGE_DTYPES[storage_dtype]
         self.batch_size = batch_size
+        import ray
         from ray.experimental.tqdm_ray import tqdm  # renders on the driver's terminal
 
         self.progress = tqdm(desc="generate (tokens)", unit="tok", total=None)
+        # The node that wrote each shard goes into the manifest, so where a multi-node run worked is checkable.
+        self.node_id = ray.get_runtime_context().get_node_id()
 
     @torch.inference_mode()
     def _forward(self, input_ids: torch.Tensor) -> dict[str, np.ndarray]:
@@ -100,7 +103,8 @@ class ActivationShardWriter:
         return {h: captured[h].float().cpu().numpy().astype(self.storage_dtype) for h in self.hookpoints}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        out: dict[str, list] = {k: [] for k in ("shard_id", "hookpoint", "path", "rows", "sha256", "sum_norm", "d_in")}
+        out: dict[str, list] = {k: [] for k in ("shard_id", "hookpoint", "path", "rows", "sha256", "sum_norm", "d_in",
+                                                "node_id")}
         for shard_id, start, stop in zip(batch["shard_id"], batch["start"], batch["stop"]):
             rows = self.tokens.slice(int(start), int(stop) - int(start))
             chunk_ids = rows.column("chunk_id").to_numpy()
@@ -120,5 +124,6 @@ class ActivationShardWriter:
                 out["sha256"].append(file_sha256(path))
                 out["sum_norm"].append(float(np.linalg.norm(acts.reshape(-1, acts.shape[-1]).astype(np.float32), axis=-1).sum()))
                 out["d_in"].append(int(acts.shape[-1]))
+                out["node_id"].append(self.node_id)
             self.progress.update(int(token_ids.size))
         return out

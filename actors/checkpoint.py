@@ -21,6 +21,8 @@ from safetensors.torch import load_file, save_file
 WEIGHTS = "sae.safetensors"
 CONFIG = "cfg.json"
 METRICS = "metrics.json"
+SAELENS_WEIGHTS = "sae_weights.safetensors"
+FREQUENCY = "firing_frequency.safetensors"  # per-latent firing frequency over the evaluation set
 
 
 @dataclass
@@ -40,13 +42,15 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def save_sae_folder(folder: Path, tensors: dict[str, torch.Tensor], cfg: dict[str, Any],
-                    metrics: dict[str, Any] | None = None) -> None:
+                    metrics: dict[str, Any] | None = None, firing_frequency: torch.Tensor | None = None) -> None:
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.tmp")
     tmp.mkdir()
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS))
     (tmp / CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    if firing_frequency is not None:
+        save_file({"firing_frequency": firing_frequency.detach().cpu().float()}, str(tmp / FREQUENCY))
     if metrics is not None:
         (tmp / METRICS).write_text(json.dumps(metrics, indent=2, sort_keys=True))
     if folder.exists():
@@ -60,9 +64,11 @@ def save_sae_folder(folder: Path, tensors: dict[str, torch.Tensor], cfg: dict[st
 
 def load_sae_weights(folder: str | Path) -> SAEWeights:
     folder = Path(folder)
-    weights_path, cfg_path = folder / WEIGHTS, folder / CONFIG
-    if not weights_path.is_file():
-        raise FileNotFoundError(f"{folder} is not an SAE folder: no {WEIGHTS}")
+    cfg_path = folder / CONFIG
+    # sparsify and this project write sae.safetensors; SAELens writes sae_weights.safetensors.
+    weights_path = next((folder / n for n in (WEIGHTS, SAELENS_WEIGHTS) if (folder / n).is_file()), None)
+    if weights_path is None:
+        raise FileNotFoundError(f"{folder} is not an SAE folder: no {WEIGHTS} or {SAELENS_WEIGHTS}")
     cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
     t = load_file(str(weights_path))
     if "encoder.weight" in t:  # this project and sparsify
@@ -77,3 +83,12 @@ def load_sae_weights(folder: str | Path) -> SAEWeights:
     if encoder.shape != decoder.shape:
         raise ValueError(f"{weights_path}: encoder {tuple(encoder.shape)} and decoder {tuple(decoder.shape)} disagree")
     return SAEWeights(encoder=encoder.float(), decoder=decoder.float(), cfg=cfg)
+
+
+
+def load_firing_frequency(folder: str | Path):
+    """Per-latent firing frequency measured after training (numpy float32), or None if not recorded."""
+    path = Path(folder) / FREQUENCY
+    if not path.is_file():
+        return None
+    return load_file(str(path))["firing_frequency"].numpy()

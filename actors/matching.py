@@ -57,6 +57,8 @@ class PairMatch:
     dec_cos: np.ndarray
     enc_max_cos: np.ndarray  # best cosine to any latent of B (many-to-one baseline)
     dec_max_cos: np.ndarray
+    certified: bool = True  # both assignments proven optimal over the full matrices
+    rounds: tuple[int, int] = (0, 0)  # certificate rounds (encoder, decoder); 0 for the dense solver
 
     @property
     def shared(self) -> np.ndarray:
@@ -100,6 +102,29 @@ class PairMatch:
             "mean_matched_cos_decoder": float(self.dec_cos[self.dec_partner != UNMATCHED].mean()),
         }
 
+    def extended_statistics(self) -> dict[str, float | int | bool]:
+        """`statistics()` plus mean best (many-to-one) cosines and the optimality certificate."""
+        return self.statistics() | {
+            "mean_max_cos_encoder": float(self.enc_max_cos.mean()),
+            "mean_max_cos_decoder": float(self.dec_max_cos.mean()),
+            "certified": bool(self.certified),
+            "certificate_rounds_encoder": int(self.rounds[0]),
+            "certificate_rounds_decoder": int(self.rounds[1]),
+        }
+
+    def threshold_sweep(self, thresholds: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Shared, decoder-shared and max-cosine fractions as the threshold runs over [0, 1]."""
+        t = np.linspace(0, 1, 41) if thresholds is None else np.asarray(thresholds)
+        with np.errstate(invalid="ignore"):
+            both = np.fmin(self.enc_cos, self.dec_cos)  # NaN (unmatched) never passes
+            best = np.minimum(self.enc_max_cos, self.dec_max_cos)
+            return {
+                "threshold": t,
+                "shared": (both[None, :] > t[:, None]).mean(1),
+                "decoder_shared": (self.dec_cos[None, :] > t[:, None]).mean(1),
+                "maxcos_shared": (best[None, :] > t[:, None]).mean(1),
+            }
+
     def assignment_table(self) -> pa.Table:
         """The raw assignment, one row per latent of A, so anyone can recompute every statistic."""
         return pa.table({
@@ -114,31 +139,45 @@ class PairMatch:
         })
 
 
+@dataclass
+class Assignment:
+    """One matrix's matching: partner, matched cosine and best cosine per row, and how it was proven."""
+
+    partner: np.ndarray
+    cos: np.ndarray
+    max_cos: np.ndarray
+    certified: bool
+    rounds: int
+
+
+# Below this many matrix entries the dense Hungarian solver is quick (~2 s at 4096^2) and exact by construction.
+DENSE_MAX_ENTRIES = 4096 * 4096
+METHODS = ("auto", "dense", "sparse")
+
+
+def assign(a: torch.Tensor, b: torch.Tensor, method: str = "auto", device: str = "cpu") -> Assignment:
+    """Exact maximum-weight 1:1 assignment of a's rows to b's rows by cosine, dense or candidate-graph."""
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}; allowed: {METHODS}")
+    if method == "dense" or (method == "auto" and a.shape[0] * b.shape[0] <= DENSE_MAX_ENTRIES):
+        s = cosine_matrix(a, b)
+        partner = max_weight_assignment(s)
+        return Assignment(partner, _matched_cos(s, partner), s.max(axis=1), certified=True, rounds=0)
+    from .sparse_matching import sparse_max_weight_assignment
+
+    r = sparse_max_weight_assignment(a, b, device=device)
+    return Assignment(r.partner, r.cos, r.max_cos, certified=r.certified, rounds=r.rounds)
+
+
 def match_pair(enc_a: torch.Tensor, dec_a: torch.Tensor, enc_b: torch.Tensor, dec_b: torch.Tensor,
-               threshold: float = 0.7) -> PairMatch:
+               threshold: float = 0.7, method: str = "auto", device: str = "cpu") -> PairMatch:
     if enc_a.shape[1] != enc_b.shape[1]:
         raise ValueError(f"SAEs read different spaces: d_in {enc_a.shape[1]} vs {enc_b.shape[1]}")
-    s_enc = cosine_matrix(enc_a, enc_b)
-    enc_partner = max_weight_assignment(s_enc)
-    enc_cos, enc_max = _matched_cos(s_enc, enc_partner), s_enc.max(axis=1)
-    del s_enc  # one n_a x n_b matrix at a time
-    s_dec = cosine_matrix(dec_a, dec_b)
-    dec_partner = max_weight_assignment(s_dec)
+    enc = assign(enc_a, enc_b, method, device)  # one matrix (or its candidates) in memory at a time
+    dec = assign(dec_a, dec_b, method, device)
     return PairMatch(
         n_a=enc_a.shape[0], n_b=enc_b.shape[0], threshold=threshold,
-        enc_partner=enc_partner, enc_cos=enc_cos, dec_partner=dec_partner,
-        dec_cos=_matched_cos(s_dec, dec_partner), enc_max_cos=enc_max, dec_max_cos=s_dec.max(axis=1),
+        enc_partner=enc.partner, enc_cos=enc.cos, dec_partner=dec.partner, dec_cos=dec.cos,
+        enc_max_cos=enc.max_cos, dec_max_cos=dec.max_cos,
+        certified=enc.certified and dec.certified, rounds=(enc.rounds, dec.rounds),
     )
-
-
-def nway_counts(shared: dict[tuple[int, int], np.ndarray], n_seeds: int) -> np.ndarray:
-    """counts[base, k] = latents of seed `base` shared with exactly k other seeds.
-
-    `shared[(i, j)]` is the bool mask over seed i's latents of being shared with seed j (both orders present).
-    """
-    counts = np.zeros((n_seeds, n_seeds), dtype=np.int64)
-    for base in range(n_seeds):
-        masks = [shared[(base, other)] for other in range(n_seeds) if other != base]
-        per_latent = np.sum(masks, axis=0) if masks else np.zeros(0, dtype=np.int64)
-        counts[base] = np.bincount(per_latent, minlength=n_seeds)[:n_seeds]
-    return counts

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -47,5 +48,6 @@ def train_loop_per_worker(config: dict) -> None:
     results = train_saes(jobs, manifest, config["hookpoint"], config["hp"], device,
                          report=_mlflow_reporter(config.get("tracking_uri")),
                          progress=lambda total: tqdm(desc=f"train {config['hookpoint']} (worker {rank})",
-                                                     total=total, unit="step"))
+                                                     total=total, unit="step"),
+                         node_id=ray.get_runtime_context().get_node_id())
     ray.train.report({"done": len(results)})

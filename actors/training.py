@@ -70,24 +70,27 @@ def build_trainer(job: dict, d_in: int, num_steps: int, hp: dict, device: torch.
 
 
 @torch.no_grad()
-def evaluate(sae: SparseAutoencoder, batches: list[torch.Tensor]) -> dict[str, float]:
-    """FVU and L0 of the trained SAE over a fixed evaluation set (the same rows for every SAE)."""
+def evaluate(sae: SparseAutoencoder, batches: list[torch.Tensor]) -> tuple[dict[str, float], torch.Tensor]:
+    """FVU and L0 over a fixed evaluation set (the same rows for every SAE), and each latent's firing frequency."""
     sq_err = total = l0 = n = 0.0
     mean = torch.cat(batches).mean(0)
+    fires = torch.zeros(sae.num_latents, dtype=torch.float64, device=mean.device)
     for x in batches:
         out = sae(x)
         sq_err += (x - out.x_hat).pow(2).sum().item()
         total += (x - mean).pow(2).sum().item()
         l0 += out.l0.item() * x.shape[0]
         n += x.shape[0]
-    return {"fvu": sq_err / total, "l0": l0 / n}
+        fires += (sae.activations(x) > 0).sum(0)
+    return {"fvu": sq_err / total, "l0": l0 / n}, (fires / n).float()
 
 
 def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, device: torch.device,
-               report=None, progress=None) -> list[dict]:
+               report=None, progress=None, node_id: str | None = None) -> list[dict]:
     """Train `jobs` (SAEs of one hookpoint) on one shared stream; save each; return their metrics.
 
     `report(step, [(job, metrics), ...])` is called every `log_every` steps; `progress(total)` makes a bar.
+    `node_id` (the Ray node training them), when given, is saved with the metrics.
     """
     entry = manifest["hookpoints"][hookpoint]
     d_in, total_rows = entry["d_in"], entry["rows"]
@@ -122,15 +125,17 @@ def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, devic
                  for norm in streams}
     for norm, group in trainers.items():
         for t in group:
-            metrics = evaluate(t.sae, eval_sets[norm])
+            metrics, frequency = evaluate(t.sae, eval_sets[norm])
             metrics["dead_fraction"] = float(((t.tokens_seen - t.last_fired) >= dead_window).float().mean())
             metrics["train_tokens"] = t.tokens_seen
             metrics["train_seconds"] = time.perf_counter() - start
+            if node_id is not None:
+                metrics["node_id"] = node_id
             if t.sae.normalize_inputs:
                 t.sae.fold_input_scale(scale)
             cfg = sae_folder_cfg(t.job, d_in, hookpoint, hp, num_steps, dead_window)
             cfg["data_digest"] = t.digest.hexdigest()
-            save_sae_folder(Path(t.job["path"]), t.sae.state_dict(), cfg, metrics)
+            save_sae_folder(Path(t.job["path"]), t.sae.state_dict(), cfg, metrics, firing_frequency=frequency)
             results.append({"job": t.job, "metrics": metrics, "data_digest": cfg["data_digest"]})
     return results
 

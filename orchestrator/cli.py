@@ -27,14 +27,19 @@ def _match(args) -> int:
     from actors.matching import match_pair
 
     a, b = load_sae_weights(args.a), load_sae_weights(args.b)
-    stats = match_pair(a.encoder, a.decoder, b.encoder, b.decoder, args.threshold).statistics()
+    m = match_pair(a.encoder, a.decoder, b.encoder, b.decoder, args.threshold, args.method, args.device)
+    certificate = (f"certificate: {'optimal (proven)' if m.certified else 'NOT proven optimal'}; "
+                   f"rounds encoder {m.rounds[0]}, decoder {m.rounds[1]}")
     if args.json:
-        print(json.dumps(stats))
+        print(json.dumps(m.statistics()))  # exactly the documented keys; the certificate goes to stderr
+        print(certificate, file=sys.stderr)
     else:
+        stats = m.extended_statistics()
         width = max(map(len, stats))
         for k, v in stats.items():
             print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
-    return 0
+        print(certificate)
+    return 0 if m.certified else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     match.add_argument("b")
     match.add_argument("--threshold", type=float, default=0.7)
     match.add_argument("--json", action="store_true", help="print one JSON object")
+    match.add_argument("--method", choices=["auto", "dense", "sparse"], default="auto",
+                       help="dense Hungarian, or the candidate-graph solver with an optimality certificate "
+                            "(auto: dense up to 4096x4096)")
+    match.add_argument("--device", default="cpu", help="torch device for the cosine blocks, e.g. cuda")
     match.set_defaults(func=_match)
     return parser
 

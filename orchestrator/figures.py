@@ -36,11 +36,19 @@ def shared_vs_width(configurations: dict) -> plt.Figure:
     for c in configurations.values():
         params = ",".join(f"{k}={v}" for k, v in sorted(c["params"].items()))
         lines[f"{c['hookpoint']} {c['architecture']}({params})"].append((c["width"], c["shared_mean"], c["shared_std"]))
+    chance: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for c in configurations.values():
+        params = ",".join(f"{k}={v}" for k, v in sorted(c["params"].items()))
+        if c.get("chance"):
+            chance[f"{c['hookpoint']} {c['architecture']}({params})"].append((c["width"], c["chance"]["rotation_shared"]))
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, pts in sorted(lines.items()):
         pts.sort()
         w, mean, std = map(np.array, zip(*pts))
-        ax.errorbar(w, mean, yerr=std, marker="o", capsize=3, label=label)
+        line = ax.errorbar(w, mean, yerr=std, marker="o", capsize=3, label=label)
+        if chance.get(label):  # chance level: trained A against a randomly rotated B
+            cw, cv = map(np.array, zip(*sorted(chance[label])))
+            ax.plot(cw, cv, ls=":", color=line[0].get_color(), label=f"{label} chance (rotation)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("latents")
     ax.set_ylabel("shared fraction (mean ± std over seed pairs)")
@@ -67,6 +75,56 @@ def matched_cosine_histograms(configurations: dict, threshold: float) -> dict[st
     return figs
 
 
+def _per_configuration(configurations: dict, draw, xlabel: str, ylabel: str, title: str) -> plt.Figure:
+    """One line per configuration; `draw(ax, name, c)` plots it (or nothing)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, c in configurations.items():
+        draw(ax, name, c)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    return fig
+
+
+def nway_figures(configurations: dict) -> dict[str, plt.Figure]:
+    def exactly_k(ax, name, c):
+        counts = np.array(c["nway_counts"], dtype=float)
+        if counts.size:
+            ax.plot(range(len(counts)), (counts / counts.sum(1, keepdims=True)).mean(0), marker="o", label=name)
+
+    def no_other(ax, name, c):
+        if c["no_other_seed_curve"]:
+            m = [p["n_seeds"] for p in c["no_other_seed_curve"]]
+            ax.errorbar(m, [p["mean"] for p in c["no_other_seed_curve"]],
+                        yerr=[p["std"] for p in c["no_other_seed_curve"]], marker="o", capsize=3, label=name)
+
+    def sweep(ax, name, c):
+        if c.get("sweep_mean"):
+            ax.plot(c["sweep_mean"]["threshold"], c["sweep_mean"]["shared"], label=name)
+
+    def frequency(ax, name, c):
+        fs = c.get("frequency_stability")
+        if fs:
+            centers = (np.array(fs["log10_freq_bins"][:-1]) + np.array(fs["log10_freq_bins"][1:])) / 2
+            ax.plot(centers, fs["shared_per_bin"], marker="o", label=f"{name} (rho={fs['spearman']:.2f})")
+
+    return {
+        "figures/exactly_k_seeds.png": _per_configuration(
+            configurations, exactly_k, "other seeds a latent is shared with", "fraction of latents (mean over base seeds)",
+            "shared with exactly k other seeds"),
+        "figures/no_other_seed.png": _per_configuration(
+            configurations, no_other, "number of seeds", "fraction in no other seed",
+            "latents found in no other seed (mean ± std over subsets)"),
+        "figures/threshold_sweep.png": _per_configuration(
+            configurations, sweep, "cosine threshold", "shared fraction (mean over pairs)", "threshold sweep"),
+        "figures/frequency_vs_stability.png": _per_configuration(
+            configurations, frequency, "log10 firing frequency", "fraction shared", "frequency and stability"),
+    }
+
+
 def all_figures(configurations: dict, threshold: float) -> dict[str, plt.Figure]:
-    return heatmaps(configurations) | matched_cosine_histograms(configurations, threshold) | {
-        "figures/shared_vs_width.png": shared_vs_width(configurations)}
+    return heatmaps(configurations) | matched_cosine_histograms(configurations, threshold) | nway_figures(
+        configurations) | {"figures/shared_vs_width.png": shared_vs_width(configurations)}

@@ -2,7 +2,8 @@
 
 Workers get the tracking URI and their child run's id and log training curves to it; after comparison the
 driver logs final metrics, tables and figures. Everything goes through `MlflowClient` with explicit run ids,
-so no process depends on a global "active run".
+so no process depends on a global "active run" (nor on the fluent API's global tracking URI, which
+`mlflow.set_tracking_uri` stores in MLFLOW_TRACKING_URI and would leak into the next experiment of a process).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 
-import mlflow
+import matplotlib.pyplot as plt
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
@@ -77,21 +78,23 @@ class ExperimentTracker:
         confs = compare["manifest"]["configurations"]
         for sae in train_manifest["saes"]:
             m = sae["metrics"]
+            conf = confs[sae["configuration"]]
             metrics = {"fvu": m["fvu"], "l0": m["l0"], "dead_fraction": m["dead_fraction"],
-                       "mean_shared_fraction": confs[sae["configuration"]]["mean_shared_per_seed"][sae["seed"]]}
+                       "mean_shared_fraction": conf["mean_shared_per_seed"][sae["seed"]],
+                       **{f"config_mean_{k}": v for k, v in conf["pair_means"].items()},
+                       "chance_shared_init": conf["chance"].get("init_shared", float("nan")),
+                       "chance_shared_rotation": conf["chance"].get("rotation_shared", float("nan"))}
             self.client.log_batch(sae["run_id"], metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
             self.client.set_terminated(sae["run_id"], RunStatus.to_string(RunStatus.FINISHED))
 
-        mlflow.set_tracking_uri(self.uri)
-        mlflow.log_table(compare["pairs"], artifact_file="tables/pairs.json", run_id=self.parent_id)
-        mlflow.log_table(compare["nway"], artifact_file="tables/nway.json", run_id=self.parent_id)
-        summary = []
+        for name, frame in compare["tables"].items():
+            if name != "sweeps":  # the sweeps are long; they stay in overlap/sweeps.parquet
+                self.client.log_table(self.parent_id, frame, artifact_file=f"tables/{name}.json")
         for name, c in confs.items():
-            summary.append({"configuration": name, "shared_mean": c["shared_mean"], "shared_std": c["shared_std"]})
-            key = name.replace("/", ".")
-            self.client.log_metric(self.parent_id, f"shared_mean.{key}", c["shared_mean"], now)
+            self.client.log_metric(self.parent_id, f"shared_mean.{name.replace('/', '.')}", c["shared_mean"], now)
         for path, fig in all_figures(confs, compare["manifest"]["threshold"]).items():
             self.client.log_figure(self.parent_id, fig, path)
+            plt.close(fig)
         self.client.log_artifacts(self.parent_id, str(self.cfg.output_path / "overlap"), "overlap")
 
     def finish(self, ok: bool) -> None:

@@ -34,7 +34,8 @@ def test_mlflow_has_parent_and_child_runs(tiny_run):
     keys = None
     for run in children:
         assert run.info.status == "FINISHED"
-        for metric in ("fvu", "l0", "dead_fraction", "mean_shared_fraction"):
+        for metric in ("fvu", "l0", "dead_fraction", "mean_shared_fraction", "chance_shared_init",
+                       "chance_shared_rotation", "config_mean_equal_fraction", "config_mean_maxcos_shared_fraction"):
             assert metric in run.data.metrics, (metric, run.info.run_name)
         assert 0 < run.data.metrics["fvu"] < 1.5
         assert set(run.data.params) >= {"hookpoint", "architecture", "width", "seed", "k", "l1_coefficient"}
@@ -43,7 +44,10 @@ def test_mlflow_has_parent_and_child_runs(tiny_run):
         # Training curves were logged from the Ray Train worker during training.
         assert len(client.get_metric_history(run.info.run_id, "train/fvu")) >= 2
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
-    assert "figures/shared_vs_width.png" in artifacts
+    assert {f"figures/{n}.png" for n in ("shared_vs_width", "exactly_k_seeds", "no_other_seed", "threshold_sweep",
+                                         "frequency_vs_stability")} <= artifacts
+    tables = {a.path for a in client.list_artifacts(parent.info.run_id, "tables")}
+    assert {f"tables/{n}.json" for n in ("pairs", "nway", "nway_curve", "consensus")} <= tables
     assert sum(p.startswith("figures/heatmap_") for p in artifacts) == n_configs
 
 
@@ -111,3 +115,24 @@ def test_failed_run_is_marked_failed_in_mlflow(ray_local, tmp_path):
     [exp] = [e for e in client.search_experiments() if e.name == "tiny"]
     assert [r.info.status for r in client.search_runs([exp.experiment_id])] == ["FAILED"]
     assert not (tmp_path / "out" / "activations" / "manifest.json").exists()
+
+
+def test_nway_views_are_consistent(tiny_run):
+    cfg, _ = tiny_run
+    overlap = json.loads((cfg.output_path / "overlap" / "manifest.json").read_text())
+    for name, c in overlap["configurations"].items():
+        counts = np.array(c["nway_counts"])
+        groups = np.array(c["consensus_groups"])
+        n_latents = c["width"] * len(c["seeds"])
+        # Every latent is in exactly one consensus group; groups spanning one seed are the unshared latents.
+        assert groups[1] == pytest.approx(counts[:, 0].sum(), abs=0.02 * n_latents)
+        assert (groups[1:] * np.arange(1, len(groups))).sum() <= n_latents
+        curve = c["no_other_seed_curve"]
+        assert [p["n_seeds"] for p in curve] == list(range(2, len(c["seeds"]) + 1))
+        # With all seeds, "in no other seed" is the k = 0 column of the N-way counts.
+        assert curve[-1]["mean"] == pytest.approx(counts[:, 0].mean() / c["width"])
+        assert c["certified"] is True
+        fs = c["frequency_stability"]
+        n = len(c["seeds"])
+        assert fs is not None and sum(fs["latents_per_bin"]) == c["width"] * n * (n - 1) // 2
+        assert 0 <= c["chance"]["rotation_shared"] <= 1 and 0 <= c["chance"]["init_shared"] <= 1

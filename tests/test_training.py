@@ -153,3 +153,17 @@ def test_topk_seeds_share_the_planted_latents():
     # The shared latents of A are the ones that learned a planted direction.
     learned = (np.abs(dirs @ torch.nn.functional.normalize(a[1], dim=1).numpy().T).max(0) > 0.9)
     assert (m.shared & ~learned).sum() <= 2
+
+
+def test_firing_frequency_is_saved_and_matches_l0(tmp_path):
+    from actors.checkpoint import load_firing_frequency
+
+    x, _ = planted_data(2048)
+    manifest = write_manifest(tmp_path / "acts", x)
+    job = {"configuration": "c", "architecture": "topk", "params": {"k": 4}, "width": 32, "seed": 0,
+           "path": str(tmp_path / "sae"), "run_id": None}
+    [res] = train_saes([job], manifest, "layers.0.mlp", HP, torch.device("cpu"))
+    freq = load_firing_frequency(tmp_path / "sae")
+    assert freq.shape == (32,) and np.all((freq >= 0) & (freq <= 1))
+    # Mean latents active per token (L0) is the sum of the per-latent firing frequencies.
+    assert freq.sum() == pytest.approx(res["metrics"]["l0"], rel=1e-4)

@@ -1,7 +1,7 @@
-"""Compare stage: every pair of seeds of each configuration matched in a Ray task; N-way statistics.
+"""Compare stage: every pair of seeds of each configuration matched in a Ray task; N-way statistics; baselines.
 
-Reads the train manifest; writes one assignment Parquet per pair, `overlap/pairs.parquet`,
-`overlap/nway.parquet` and `overlap/manifest.json`, which tracking reads.
+Reads the train manifest; writes one assignment Parquet per pair and tables under `overlap/` (pairs, nway,
+nway_curve, consensus, sweeps) plus `overlap/manifest.json`, which tracking reads.
 """
 
 from __future__ import annotations
@@ -14,10 +14,14 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import ray
+import torch
+from scipy.stats import spearmanr
 
 from actors.activations import write_parquet_atomic
-from actors.checkpoint import load_sae_weights, write_json_atomic
-from actors.matching import match_pair, nway_counts
+from actors.checkpoint import load_firing_frequency, load_sae_weights, write_json_atomic
+from actors.matching import UNMATCHED, match_pair
+from actors.nway import consensus_groups, no_other_seed_curve, nway_counts
+from actors.sae import ARCHITECTURES
 
 from ..config import ExperimentConfig
 from ..plan import slug
@@ -25,12 +29,58 @@ from ..plan import slug
 
 @ray.remote
 def match_saes(path_a: str, path_b: str, threshold: float, assignment_path: str) -> dict:
-    """Holds only its two SAEs; returns the pair statistics and both sides' per-latent shared masks."""
+    """Holds only its two SAEs; returns the pair statistics and what the N-way statistics need."""
     a, b = load_sae_weights(path_a), load_sae_weights(path_b)
     m = match_pair(a.encoder, a.decoder, b.encoder, b.decoder, threshold)
     write_parquet_atomic(m.assignment_table(), Path(assignment_path))
-    return {"stats": m.statistics(), "shared_a": m.shared, "shared_b": m.shared_of_b(),
-            "enc_cos": m.enc_cos, "dec_cos": m.dec_cos}
+    shared_a, shared_b = m.shared, m.shared_of_b()
+    # Consensus edges follow the decoder matching (the feature direction), from both sides.
+    dec_inverse = np.full(m.n_b, UNMATCHED)
+    matched = m.dec_partner != UNMATCHED
+    dec_inverse[m.dec_partner[matched]] = np.flatnonzero(matched)
+    rows_a, rows_b = np.flatnonzero(shared_a), np.flatnonzero(shared_b)
+    freq = load_firing_frequency(path_a)
+    return {"stats": m.extended_statistics(), "shared_a": shared_a, "shared_b": shared_b,
+            "edges_ab": (rows_a, m.dec_partner[rows_a]), "edges_ba": (rows_b, dec_inverse[rows_b]),
+            "enc_cos": m.enc_cos, "dec_cos": m.dec_cos, "sweep": m.threshold_sweep(), "freq_a": freq}
+
+
+@ray.remote
+def chance_overlap(sae_a: dict, sae_b: dict, threshold: float) -> dict:
+    """Shared fraction where nothing was learned in common: the two SAEs at initialisation (same seeds,
+    untrained), and trained A against trained B under a random rotation of activation space."""
+    a, b = load_sae_weights(sae_a["path"]), load_sae_weights(sae_b["path"])
+    d_in = a.encoder.shape[1]
+    arch = ARCHITECTURES[sae_a["architecture"]]
+    inits = []
+    for sae in (sae_a, sae_b):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sae["seed"])
+            model = arch(d_in, sae["width"], arch.Params.model_validate(sae["params"]))
+        inits.append((model.encoder.weight.detach(), model.W_dec.detach()))
+    init = match_pair(*inits[0], *inits[1], threshold).statistics()["shared_fraction"]
+    gen = torch.Generator().manual_seed(sae_a["seed"] * 1000 + sae_b["seed"])
+    q, _ = torch.linalg.qr(torch.randn(d_in, d_in, generator=gen))
+    rotated = match_pair(a.encoder, a.decoder, b.encoder @ q, b.decoder @ q, threshold).statistics()
+    return {"init_shared": init, "rotation_shared": rotated["shared_fraction"]}
+
+
+def _frequency_stability(results: list[dict]) -> dict | None:
+    """Spearman correlation of a latent's firing frequency with being shared, and shared fraction per
+    log-frequency bin, pooled over the pairs of a configuration (A's side of each pair)."""
+    pairs = [(r["freq_a"], r["shared_a"]) for r in results if r["freq_a"] is not None]
+    if not pairs:
+        return None
+    rhos = [spearmanr(f, s).statistic for f, s in pairs if s.any() and not s.all()]
+    freq = np.concatenate([f for f, _ in pairs])
+    shared = np.concatenate([s for _, s in pairs])
+    edges = np.linspace(-7, 0, 15)
+    log_f = np.log10(np.clip(freq, 1e-7, 1))
+    bins = np.clip(np.digitize(log_f, edges) - 1, 0, len(edges) - 2)
+    per_bin = [float(shared[bins == i].mean()) if (bins == i).any() else float("nan") for i in range(len(edges) - 1)]
+    return {"spearman": float(np.mean(rhos)) if rhos else float("nan"),
+            "log10_freq_bins": edges.tolist(), "shared_per_bin": per_bin,
+            "latents_per_bin": np.bincount(bins, minlength=len(edges) - 1).tolist()}
 
 
 def run_compare(cfg: ExperimentConfig, train_manifest: dict) -> dict:
@@ -40,58 +90,92 @@ def run_compare(cfg: ExperimentConfig, train_manifest: dict) -> dict:
     for sae in train_manifest["saes"]:
         by_conf[sae["configuration"]].append(sae)
 
-    futures = {}
+    opts = {"num_cpus": cfg.compare.cpus_per_task}
+    futures, chance = {}, {}
     for conf, saes in by_conf.items():
         saes.sort(key=lambda s: s["seed"])
         for i, j in itertools.combinations(range(len(saes)), 2):
             a, b = saes[i], saes[j]
             path = out / "assignments" / slug(conf) / f"seed{a['seed']}-seed{b['seed']}.parquet"
-            futures[(conf, i, j)] = match_saes.options(num_cpus=cfg.compare.cpus_per_task).remote(
-                a["path"], b["path"], threshold, str(path))
+            futures[(conf, i, j)] = match_saes.options(**opts).remote(a["path"], b["path"], threshold, str(path))
+        if len(saes) > 1:
+            chance[conf] = chance_overlap.options(**opts).remote(saes[0], saes[1], threshold)
     results = dict(zip(futures, ray.get(list(futures.values()))))
+    chance = dict(zip(chance, ray.get(list(chance.values()))))
 
-    pair_rows, nway_rows, configurations = [], [], {}
+    tables: dict[str, list[dict]] = defaultdict(list)
+    configurations = {}
     for conf, saes in by_conf.items():
         n = len(saes)
         seeds = [s["seed"] for s in saes]
         matrix = np.eye(n)
         masks: dict[tuple[int, int], np.ndarray] = {}
+        edges: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         cosines = {"encoder": [], "decoder": []}
+        conf_results = []
         for (c, i, j), r in results.items():
             if c != conf:
                 continue
+            conf_results.append(r)
             stats = r["stats"]
-            pair_rows.append({"configuration": conf, "seed_a": seeds[i], "seed_b": seeds[j], **stats})
+            tables["pairs"].append({"configuration": conf, "seed_a": seeds[i], "seed_b": seeds[j], **stats})
+            for t, *values in zip(*(r["sweep"][k] for k in ("threshold", "shared", "decoder_shared", "maxcos_shared"))):
+                tables["sweeps"].append({"configuration": conf, "seed_a": seeds[i], "seed_b": seeds[j],
+                                         "threshold": float(t), "shared": float(values[0]),
+                                         "decoder_shared": float(values[1]), "maxcos_shared": float(values[2])})
             matrix[i, j] = stats["shared_fraction"]
             matrix[j, i] = float(r["shared_b"].mean())
             masks[(i, j)], masks[(j, i)] = r["shared_a"], r["shared_b"]
+            edges[(i, j)], edges[(j, i)] = r["edges_ab"], r["edges_ba"]
             cosines["encoder"].append(r["enc_cos"])
             cosines["decoder"].append(r["dec_cos"])
         counts = nway_counts(masks, n)
         for base in range(n):
             for k in range(n):
-                nway_rows.append({"configuration": conf, "base_seed": seeds[base], "shared_with_k_seeds": k,
-                                  "latents": int(counts[base, k]),
-                                  "fraction": float(counts[base, k] / max(1, counts[base].sum()))})
-        per_seed = {seeds[i]: float(np.mean([matrix[i, j] for j in range(n) if j != i])) if n > 1 else float("nan")
-                    for i in range(n)}
+                tables["nway"].append({"configuration": conf, "base_seed": seeds[base], "shared_with_k_seeds": k,
+                                       "latents": int(counts[base, k]),
+                                       "fraction": float(counts[base, k] / max(1, counts[base].sum()))})
+        curve = no_other_seed_curve(masks, n) if n > 1 else []
+        tables["nway_curve"] += [{"configuration": conf, **p} for p in curve]
+        groups = consensus_groups(edges, [s["width"] for s in saes])
+        tables["consensus"] += [{"configuration": conf, "seeds_spanned": s, "groups": int(g)}
+                                for s, g in enumerate(groups) if s > 0]
         off = matrix[~np.eye(n, dtype=bool)]
         first = saes[0]
         configurations[conf] = {
             "hookpoint": first["hookpoint"], "architecture": first["architecture"], "params": first["params"],
             "width": first["width"], "seeds": seeds, "shared_matrix": matrix.tolist(),
-            "mean_shared_per_seed": per_seed,
+            "mean_shared_per_seed": {seeds[i]: float(np.mean([matrix[i, j] for j in range(n) if j != i]))
+                                     if n > 1 else float("nan") for i in range(n)},
             "shared_mean": float(off.mean()) if off.size else float("nan"),
             "shared_std": float(off.std()) if off.size else float("nan"),
+            "pair_means": {k: float(np.mean([r["stats"][k] for r in conf_results])) if conf_results else float("nan")
+                           for k in ("equal_fraction", "decoder_shared_fraction", "maxcos_shared_fraction")},
+            "certified": all(r["stats"]["certified"] for r in conf_results),
+            "chance": chance.get(conf, {}),
+            "nway_counts": counts.tolist(),
+            "no_other_seed_curve": curve,
+            "consensus_groups": groups.tolist(),
+            "frequency_stability": _frequency_stability(conf_results),
             "matched_cos": {k: np.concatenate(v).tolist() if v else [] for k, v in cosines.items()},
+            "sweep_mean": _mean_sweep(tables["sweeps"], conf),
         }
 
-    pairs = pd.DataFrame(pair_rows)
-    nway = pd.DataFrame(nway_rows)
+    frames = {name: pd.DataFrame(rows) for name, rows in tables.items()}
     out.mkdir(parents=True, exist_ok=True)
-    write_parquet_atomic(pa.Table.from_pandas(pairs, preserve_index=False), out / "pairs.parquet")
-    write_parquet_atomic(pa.Table.from_pandas(nway, preserve_index=False), out / "nway.parquet")
+    for name, frame in frames.items():
+        write_parquet_atomic(pa.Table.from_pandas(frame, preserve_index=False), out / f"{name}.parquet")
     manifest = {"threshold": threshold, "configurations": configurations}
     write_json_atomic(out / "manifest.json", {"threshold": threshold, "configurations": {
-        k: {kk: vv for kk, vv in v.items() if kk != "matched_cos"} for k, v in configurations.items()}})
-    return {"manifest": manifest, "pairs": pairs, "nway": nway}
+        k: {kk: vv for kk, vv in v.items() if kk not in ("matched_cos", "sweep_mean")}
+        for k, v in configurations.items()}})
+    return {"manifest": manifest, "pairs": frames.get("pairs", pd.DataFrame()),
+            "nway": frames.get("nway", pd.DataFrame()), "tables": frames}
+
+
+def _mean_sweep(rows: list[dict], conf: str) -> dict[str, list[float]]:
+    sel = pd.DataFrame([r for r in rows if r["configuration"] == conf])
+    if sel.empty:
+        return {}
+    mean = sel.groupby("threshold")[["shared", "decoder_shared", "maxcos_shared"]].mean()
+    return {"threshold": mean.index.tolist(), **{k: mean[k].tolist() for k in mean.columns}}

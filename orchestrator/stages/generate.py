@@ -89,7 +89,7 @@ def run_generate(cfg: ExperimentConfig) -> dict:
         entry["rows"] += int(r["rows"])
         entry["sum_norm"] += float(r["sum_norm"])
         entry["shards"].append({"shard_id": int(r["shard_id"]), "path": r["path"], "rows": int(r["rows"]),
-                                "sha256": r["sha256"]})
+                                "sha256": r["sha256"], "node_id": r["node_id"]})
     for entry in hookpoints.values():
         entry["mean_norm"] = entry.pop("sum_norm") / entry["rows"]
     manifest = {

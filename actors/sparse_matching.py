@@ -1,0 +1,485 @@
+"""Exact maximum-weight 1:1 assignment on cosine similarity without the dense n x n matrix.
+
+The dense route (actors/matching.py: cosine matrix + scipy's Hungarian) costs n^2 memory and n^3 time: hours and
+~270 GB at 131K latents. Here (../shared/reference/matching-notes.md):
+
+1. One blocked pass over the cosine matrix keeps, for every row AND every column, its top-k entries (merged from the
+   same blocks: a separate column pass over transposed blocks dominated the cost in the notes). Whatever a row's
+   heap did not keep is <= that row's k-th value, so after the pass every pair is either a candidate edge with its
+   float32 cosine or bounded above by min(row bound, column bound).
+2. A sparse assignment solver (OR-tools' LinearSumAssignment, integer costs) on the candidate graph.
+3. An optimality certificate. From the sparse optimum we compute LP duals u (rows), v (columns) by longest paths on
+   the residual graph: u_i + v_j >= w_ij on every candidate edge, equality on matched edges, v >= 0 and v = 0 on
+   unmatched columns. By LP duality the matching is optimal over the FULL matrix iff u_i + v_j >= w_ij for ALL
+   pairs. Non-candidate pairs are checked through their bounds (an O(n log n) dominance test); only rows (or
+   columns) whose bounds cannot prove it are recomputed exactly in float32, blockwise. Violating pairs join the
+   candidate graph and we re-solve, until a round finds no violation.
+
+`certified=True` means: u_i + v_j + tol >= cos_ij for every (i, j), so no assignment beats ours by more than
+n * tol (reported as `gap_bound`); tol (~1e-6) absorbs float32 round-off between blockings and the integer
+scaling of the solver's costs.
+
+Rectangular inputs: the smaller side is matched completely (as scipy does); rows of the larger side are left
+UNMATCHED. Zero-norm rows have cosine 0 with everything (as actors/matching.cosine_matrix).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+UNMATCHED = -1
+
+# |cos_bf16 - cos_fp32| for unit rows: both inputs rounded to bf16 (relative 2^-9 per component, so each rounded
+# row is within 2^-9 of the original in L2 norm: <= 2^-8 on the dot product by Cauchy-Schwarz), the bf16 output
+# rounded once more (<= 2^-9), float32 accumulation (<= d * 2^-24 ~ 5e-5 at d = 768). Sum ~0.006; 0.01 leaves margin.
+LOW_PRECISION_ERR = 0.01
+# Slack added to the bounds of the bound test when a recheck could disagree with the pass by float32 round-off.
+FP32_ERR = 1e-6
+# Extra pairs added when a row is recomputed exactly: those within this much of violating, so that the row's
+# remaining bound falls well below its dual and later rounds need not recompute it again.
+RECHECK_MARGIN = 0.02
+RECHECK_MAX_EXTRA = 256  # per recomputed row, at most this many near pairs are added
+MAX_ROUNDS = 50
+INT64_MAX = float(np.iinfo(np.int64).max)
+
+
+@dataclass
+class SparseAssignment:
+    """Per row of `a`: partner column of `b` (UNMATCHED where none), its cosine (NaN when unmatched), the best
+    cosine to any row of `b` (max-cosine baseline), and how the optimality proof went."""
+
+    partner: np.ndarray  # int64 [n_a]
+    cos: np.ndarray  # float32 [n_a]
+    max_cos: np.ndarray  # float32 [n_a]
+    certified: bool
+    rounds: int
+    total_weight: float
+    gap_bound: float = 0.0  # when certified: no assignment has total weight above total_weight + gap_bound
+    n_edges: int = 0  # candidate edges in the final sparse problem
+    timings: dict = field(default_factory=dict)  # seconds per phase, for benchmarks
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Candidate pass
+
+
+def unit_rows(x: torch.Tensor, device="cpu") -> torch.Tensor:
+    """float32 rows scaled to unit norm; a zero row stays zero (cosine 0 with everything)."""
+    x = x.to(device=device, dtype=torch.float32)
+    # A zero row divided by the clamped norm stays exactly zero, so no torch.where (and no extra n x d copies).
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
+
+
+@dataclass
+class Candidates:
+    """Sparse edges (sorted by row, then column) and bounds on everything else: for every pair (i, j) that is not an
+    edge, cos_ij <= min(row_bound[i], col_bound[j]). -inf means the row (column) has no non-edge pair."""
+
+    rows: np.ndarray  # int64
+    cols: np.ndarray  # int64
+    w: np.ndarray  # float64 holding float32 cosines
+    row_bound: np.ndarray  # float64 [n_rows]
+    col_bound: np.ndarray  # float64 [n_cols]
+
+    def add(self, rows, cols, w) -> "Candidates":
+        keys = np.concatenate([self.rows * len(self.col_bound) + self.cols, rows * len(self.col_bound) + cols])
+        keys, first = np.unique(keys, return_index=True)
+        return Candidates(keys // len(self.col_bound), keys % len(self.col_bound),
+                          np.concatenate([self.w, w])[first], self.row_bound, self.col_bound)
+
+    def transposed(self) -> "Candidates":
+        order = np.lexsort((self.rows, self.cols))
+        return Candidates(self.cols[order], self.rows[order], self.w[order], self.col_bound, self.row_bound)
+
+
+def _merge_block(heap_val: torch.Tensor, heap_idx: torch.Tensor, side: torch.Tensor, group_max: torch.Tensor,
+                 gather, g: int, offset: int) -> None:
+    """Merge one block into running top-k heaps (sorted descending), one heap per row of `side` [m, L].
+
+    `side` is the block (rows) or its transposed view (columns); `group_max` [m, L / g] holds the max of each run
+    of g consecutive entries of a heap row and `gather(heap_rows, groups)` returns those runs. Only entries above
+    the heap's k-th value can enter, and after the first block of a strip they are rare: the group maxima find
+    them without comparing every entry, which would cost a third of the matmul.
+
+    Invariant (what the bounds rely on): every entry seen and not in a heap is <= that heap's k-th value.
+    """
+    m, length = side.shape
+    k = heap_val.shape[1]
+    thr = heap_val[:, -1]
+    hit = group_max > thr[:, None]
+    block_kth = None
+    if torch.isinf(thr).any() and group_max.shape[1] >= k:
+        # heaps still empty: the k-th largest group max is itself a lower bound on the k-th largest entry of the
+        # block, so entries below it can be skipped (entries equal to it must be kept: >=, not >)
+        block_kth = torch.topk(group_max.contiguous(), k, dim=1).values[:, -1]
+        hit &= group_max >= block_kth[:, None]
+    hr, hg = hit.nonzero(as_tuple=True)
+    if len(hr) == 0:
+        return
+    if len(hr) * g * 2 > m * length:  # mostly hits (ties, tiny blocks): a plain top-k is cheaper
+        vals, pos = torch.topk(torch.cat([heap_val, side.reshape(m, length)], 1), k, dim=1)
+        heap_idx.copy_(torch.where(pos < k, heap_idx.gather(1, pos.clamp_max(k - 1)), pos - k + offset))
+        heap_val.copy_(vals)
+        return
+    vals = gather(hr, hg)  # [h, g]
+    keep = vals > thr[hr, None]
+    if block_kth is not None:
+        keep &= vals >= block_kth[hr, None]
+    hi, within = keep.nonzero(as_tuple=True)
+    rows, vals, idx = hr[hi], vals[hi, within], offset + hg[hi] * g + within
+    # rows come out sorted (nonzero is row-major); pad each touched row's new entries to a common width
+    touched, counts = torch.unique_consecutive(rows, return_counts=True)
+    width = int(counts.max())
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(len(rows), device=rows.device) - torch.repeat_interleave(starts, counts)
+    which = torch.repeat_interleave(torch.arange(len(touched), device=rows.device), counts)
+    new_val = torch.full((len(touched), width), -math.inf, device=side.device)
+    new_idx = torch.full((len(touched), width), -1, dtype=torch.int64, device=side.device)
+    new_val[which, slot] = vals
+    new_idx[which, slot] = idx
+    merged_val, pos = torch.topk(torch.cat([heap_val[touched], new_val], 1), k, dim=1)
+    heap_val[touched] = merged_val
+    heap_idx[touched] = torch.cat([heap_idx[touched], new_idx], 1).gather(1, pos)
+
+
+def _group(n: int, preferred: int) -> int:
+    return next(g for g in (preferred, 32, 16, 8, 4, 2, 1) if g <= preferred and n % g == 0)
+
+
+def _merge_rows_and_cols(s, row_val, row_idx, col_val, col_idx, r0, c0):
+    """Both heaps from one block s [Br, Bc]. The group maxima are taken the cheap way round for each side: runs of
+    32 along a row (a contiguous reduction), runs of 16 down a column (reduced across rows, vectorised along
+    them); reducing the transposed view directly was 40x slower on CPU."""
+    br, bc = s.shape
+    g = _group(bc, 32)
+    by_row = s.view(br, bc // g, g)
+    _merge_block(row_val, row_idx, s, by_row.amax(2), lambda r, q: by_row[r, q], g, c0)
+    g = _group(br, 16)
+    by_col = s.view(br // g, g, bc)
+    _merge_block(col_val, col_idx, s.T, by_col.amax(1).T, lambda c, q: by_col[q, :, c], g, r0)
+
+
+def candidate_pass(ua: torch.Tensor, ub: torch.Tensor, k: int, block: int, low_precision: bool):
+    """One blocked pass over ua @ ub.T: top-k per row and per column, both from the same blocks.
+
+    Returns (rows, cols, values, row_bound, col_bound) as torch tensors; values are bf16-accurate when
+    low_precision (the caller re-scores them), and the bounds then include LOW_PRECISION_ERR.
+    """
+    n_a, n_b = ua.shape[0], ub.shape[0]
+    k_r, k_c = min(k, n_b), min(k, n_a)
+    dev = ua.device
+    row_val = torch.full((n_a, k_r), -math.inf, device=dev)
+    row_idx = torch.full((n_a, k_r), -1, dtype=torch.int64, device=dev)
+    col_val = torch.full((n_b, k_c), -math.inf, device=dev)
+    col_idx = torch.full((n_b, k_c), -1, dtype=torch.int64, device=dev)
+    xa, xb = (ua.bfloat16(), ub.bfloat16()) if low_precision else (ua, ub)
+    for r0 in range(0, n_a, block):
+        r1 = min(r0 + block, n_a)
+        for c0 in range(0, n_b, block):
+            c1 = min(c0 + block, n_b)
+            s = (xa[r0:r1] @ xb[c0:c1].T).float()
+            _merge_rows_and_cols(s, row_val[r0:r1], row_idx[r0:r1], col_val[c0:c1], col_idx[c0:c1], r0, c0)
+    err = LOW_PRECISION_ERR if low_precision else 0.0
+    # a heap that holds the whole row leaves no pair outside it: bound -inf
+    row_bound = row_val[:, -1] + err if k_r < n_b else torch.full((n_a,), -math.inf, device=dev)
+    col_bound = col_val[:, -1] + err if k_c < n_a else torch.full((n_b,), -math.inf, device=dev)
+    rows = torch.cat([torch.arange(n_a, device=dev).repeat_interleave(k_r), col_idx.flatten()])
+    cols = torch.cat([row_idx.flatten(), torch.arange(n_b, device=dev).repeat_interleave(k_c)])
+    vals = torch.cat([row_val.flatten(), col_val.flatten()])
+    return rows, cols, vals, row_bound, col_bound
+
+
+def pair_cos(ua: torch.Tensor, ub: torch.Tensor, rows: np.ndarray, cols: np.ndarray, chunk=1 << 18) -> np.ndarray:
+    """float32 cosines of the given pairs (unit rows), gathered in chunks to bound memory."""
+    out = np.empty(len(rows), dtype=np.float64)
+    for s in range(0, len(rows), chunk):
+        r = torch.from_numpy(rows[s:s + chunk]).to(ua.device)
+        c = torch.from_numpy(cols[s:s + chunk]).to(ua.device)
+        out[s:s + chunk] = (ua[r] * ub[c]).sum(1).cpu().double().numpy()
+    return out
+
+
+def _build_candidates(ua, ub, k, block, low_precision) -> Candidates:
+    rows, cols, vals, row_bound, col_bound = candidate_pass(ua, ub, k, block, low_precision)
+    keys = (rows * ub.shape[0] + cols).cpu().numpy()
+    keys, first = np.unique(keys, return_index=True)  # an entry kept by its row and by its column appears twice
+    rows, cols = keys // ub.shape[0], keys % ub.shape[0]
+    w = pair_cos(ua, ub, rows, cols) if low_precision else vals.cpu().double().numpy()[first]
+    return Candidates(rows, cols, w, row_bound.cpu().double().numpy(), col_bound.cpu().double().numpy())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Sparse solve (n_rows <= n_cols)
+
+
+def cost_scale(n_nodes: int) -> float:
+    """Integer scale for cosines. OR-tools' cost-scaling prices reach ~n^2 * max cost, which must fit int64
+    (1e9 overflows at n = 131,072, per the notes); 8x headroom, and never finer than 1e9."""
+    return float(10 ** min(9, math.floor(math.log10(INT64_MAX / (6 * 8 * max(n_nodes, 2) ** 2)))))
+
+
+def solve_sparse(n_rows: int, n_cols: int, rows: np.ndarray, cols: np.ndarray, W: np.ndarray) -> np.ndarray | None:
+    """Maximum-weight assignment of every row on the edge list (integer weights W), or None if the edges admit no
+    row-perfect matching. Rectangular (n_rows < n_cols) goes through a square gadget: a copy j' of every column
+    can take column j (j left unmatched) or, through a mirror of each edge (i, j), the copy i' of a row, all at
+    cost 0 -- any row-perfect matching extends to a perfect one and no other choice changes the cost."""
+    from ortools.graph.python import linear_sum_assignment
+
+    solver = linear_sum_assignment.SimpleLinearSumAssignment()
+    cost = W.max() + 1 - W if len(W) else W  # positive costs: minimising them maximises the weight
+    if n_rows == n_cols:
+        solver.add_arcs_with_cost(rows.astype(np.int32), cols.astype(np.int32), cost)
+    else:
+        copies = np.arange(n_cols)
+        left = np.concatenate([rows, n_rows + copies, n_rows + cols])
+        right = np.concatenate([cols, copies, n_cols + rows])
+        solver.add_arcs_with_cost(left.astype(np.int32), right.astype(np.int32),
+                                  np.concatenate([cost, np.zeros(n_cols + len(rows), dtype=np.int64)]))
+    status = solver.solve()
+    if status == solver.INFEASIBLE:
+        return None
+    if status != solver.OPTIMAL:
+        raise RuntimeError(f"OR-tools LinearSumAssignment: {status}")
+    return np.fromiter((solver.right_mate(i) for i in range(n_rows)), dtype=np.int64, count=n_rows)
+
+
+def _make_feasible(ua, ub, cand: Candidates) -> Candidates:
+    """Add edges until the candidate graph has a row-perfect matching: a maximum matching on the candidates,
+    then leftover rows paired with leftover columns, with their true cosines (the certificate judges them)."""
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import maximum_bipartite_matching
+
+    n_rows, n_cols = len(cand.row_bound), len(cand.col_bound)
+    graph = csr_matrix((np.ones(len(cand.rows)), (cand.rows, cand.cols)), shape=(n_rows, n_cols))
+    mate = maximum_bipartite_matching(graph, perm_type="column")
+    free_rows = np.flatnonzero(mate < 0)
+    used = np.zeros(n_cols, dtype=bool)
+    used[mate[mate >= 0]] = True
+    free_cols = np.flatnonzero(~used)[: len(free_rows)]
+    return cand.add(free_rows, free_cols, pair_cos(ua, ub, free_rows, free_cols))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Dual certificate
+
+
+def matching_duals(n_rows: int, n_cols: int, rows: np.ndarray, cols: np.ndarray, W: np.ndarray,
+                   partner: np.ndarray, start: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Integer LP duals (U, V) that prove `partner` a maximum-weight row-perfect matching on the edge list
+    (rows, cols, W sorted by row, then column).
+
+    With U_i = W_i,partner(i) - V_partner(i), dual feasibility on edge (i, j) reads
+    V_j >= V_partner(i) + W_ij - W_i,partner(i): longest paths on the residual graph (an arc partner(i) -> j per
+    edge), by Bellman-Ford that only re-relaxes the edges of rows whose column moved. They exist (no positive
+    cycle) exactly when the matching is optimal on these edges. From V = 0 the result is the least solution:
+    V >= 0 and V = 0 on unmatched columns (a free column with V > 0 would end an improving path). `start` (square
+    problems only) warm-starts from an earlier solution: any fixpoint is a valid dual. Raises if not optimal.
+    """
+    keys = rows * n_cols + cols
+    want = np.arange(n_rows) * n_cols + partner
+    at = np.minimum(np.searchsorted(keys, want), len(keys) - 1)
+    if np.any(keys[at] != want):
+        raise ValueError("a matched pair is not an edge")
+    w_matched = W[at]
+    indptr = np.searchsorted(rows, np.arange(n_rows + 1))
+    row_of_col = np.full(n_cols, -1, dtype=np.int64)
+    row_of_col[partner] = np.arange(n_rows)
+    length = W - w_matched[rows]  # gain of moving row i from its partner to column j
+    V = np.zeros(n_cols, dtype=np.int64) if start is None else start.astype(np.int64)
+    active = np.arange(n_rows)  # rows whose partner's V moved: their edges are relaxed next
+    for _ in range(n_rows + 2):
+        starts, counts = indptr[active], indptr[active + 1] - indptr[active]
+        edges = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+        reach = np.repeat(V[partner[active]], counts) + length[edges]
+        best = torch.from_numpy(V.copy()).scatter_reduce_(
+            0, torch.from_numpy(cols[edges]), torch.from_numpy(reach), "amax").numpy()
+        moved = np.flatnonzero(best > V)
+        if len(moved) == 0:
+            break
+        V[moved] = best[moved]
+        active = row_of_col[moved]
+        if np.any(active < 0):
+            raise RuntimeError("matching not optimal: an improving path ends at an unmatched column")
+    else:
+        raise RuntimeError("matching not optimal: the residual graph has an improving cycle")
+    return w_matched - V[partner], V
+
+
+def flag_for_recheck(u, v, row_bound, col_bound, tol) -> np.ndarray:
+    """Rows i for which some pair (i, j) is not proven by the bounds: u_i + v_j + tol < row_bound[i] and
+    u_i + v_j + tol < col_bound[j]. Sorting columns by v and a prefix minimum of v_j - col_bound[j] answer the
+    two-sided test for every row at once in O(n log n) instead of n^2."""
+    if len(v) == 0:
+        return np.zeros(len(u), dtype=bool)
+    order = np.argsort(v)
+    v_sorted = v[order]
+    prefix_min = np.minimum.accumulate((v - col_bound)[order])
+    n_low = np.searchsorted(v_sorted, row_bound - u - tol, side="left")  # columns with v_j < row_bound[i] - u_i - tol
+    return (n_low > 0) & (prefix_min[np.maximum(n_low - 1, 0)] < -u - tol)
+
+
+def dual_violations(ua: torch.Tensor, ub: torch.Tensor, u: np.ndarray, v: np.ndarray, tol: float,
+                    rows: np.ndarray | None = None, block: int = 8192, margin: float = 0.0,
+                    skip: Candidates | None = None):
+    """Pairs (i, j) with cos_ij > u_i + v_j + tol - margin, computed exactly in float32, blockwise over every
+    column, for the given (sorted) rows of ua -- all rows by default. Also returns, per checked row, the largest
+    cosine among the pairs that neither qualify nor are edges of `skip` (a new bound for the row). With margin 0
+    and all rows this is the plain LP-dual feasibility check of the full matrix: no pair returned <=> optimal."""
+    dev = ua.device
+    rows = np.arange(ua.shape[0]) if rows is None else np.asarray(rows, dtype=np.int64)
+    n_cols = ub.shape[0]
+    vt = torch.from_numpy(np.asarray(v, dtype=np.float32)).to(dev)
+    u32 = np.asarray(u, dtype=np.float32)
+    out_r, out_c, out_w = [], [], []
+    bound = np.full(len(rows), -math.inf)
+    step = min(block, 2048)  # rows per chunk: a few [step, block] float32 temporaries
+    for s in range(0, len(rows), step):
+        rr = rows[s:s + step]
+        x = ua[torch.from_numpy(rr).to(dev)]
+        thr_row = torch.from_numpy(u32[rr] + np.float32(tol - margin)).to(dev)
+        if skip is not None:  # edges are checked exactly elsewhere; they need no bound
+            lo, hi = np.searchsorted(skip.rows, [rr[0], rr[-1] + 1])
+            er, ec = skip.rows[lo:hi], skip.cols[lo:hi]
+            pos = np.searchsorted(rr, er)
+            ok = rr[np.minimum(pos, len(rr) - 1)] == er
+            er, ec = pos[ok], ec[ok]
+        row_max = torch.full((len(rr),), -math.inf, device=dev)
+        for c0 in range(0, n_cols, block):
+            c1 = min(c0 + block, n_cols)
+            sim = x @ ub[c0:c1].T
+            li, lj = (sim > thr_row[:, None] + vt[None, c0:c1]).nonzero(as_tuple=True)
+            out_r.append(rr[li.cpu().numpy()])
+            out_c.append(lj.cpu().numpy() + c0)
+            out_w.append(sim[li, lj].cpu().double().numpy())
+            sim[li, lj] = -math.inf
+            if skip is not None:
+                inside = (ec >= c0) & (ec < c1)
+                sim[torch.from_numpy(er[inside]).to(dev), torch.from_numpy(ec[inside] - c0).to(dev)] = -math.inf
+            row_max = torch.maximum(row_max, sim.amax(1))
+        bound[s:s + step] = row_max.cpu().double().numpy()
+    cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)
+    return cat(out_r, np.int64), cat(out_c, np.int64), cat(out_w, np.float64), bound
+
+
+def _recheck(ux, uy, idx, pot_x, pot_y, cand: Candidates, tol, block):
+    """Recompute the flagged rows idx of ux exactly: violations and near pairs (the closest RECHECK_MAX_EXTRA per
+    row) become edges; the row's bound drops to the largest cosine left outside the edges."""
+    r, c, w, bound = dual_violations(ux, uy, pot_x, pot_y, tol, rows=idx, block=block, margin=RECHECK_MARGIN,
+                                     skip=cand)
+    n_violations = int(np.sum(w > pot_x[r] + pot_y[c] + tol))
+    slack = pot_x[r] + pot_y[c] - w
+    order = np.lexsort((slack, r))  # per row, least slack first
+    r, c, w, slack = r[order], c[order], w[order], slack[order]
+    rank = np.arange(len(r)) - np.searchsorted(r, r)
+    keep = (rank < RECHECK_MAX_EXTRA) | (slack < -tol)  # every violation is kept
+    row_bound = cand.row_bound.copy()
+    row_bound[idx] = bound
+    dropped = ~keep
+    if dropped.any():  # near pairs over the cap stay outside: the bound must cover them
+        np.maximum.at(row_bound, r[dropped], w[dropped])
+    new = cand.add(r[keep], c[keep], w[keep])
+    new.row_bound = row_bound
+    return new, n_violations
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Driver
+
+
+def _certify(ux, uy, cand: Candidates, tol, block, timings):
+    """Solve, prove, add violators, repeat. ux has no more rows than uy. Returns partner, cand, certified, rounds."""
+    n_rows, n_cols = ux.shape[0], uy.shape[0]
+    scale = cost_scale(n_rows if n_rows == n_cols else n_rows + n_cols)
+    tol = tol + 1.0 / scale  # integer rounding of the weights (0.5/scale per edge) on top of float32 round-off
+    V = None
+    for rounds in range(1, MAX_ROUNDS + 1):
+        t = time.perf_counter()
+        W = np.rint(cand.w * scale).astype(np.int64)
+        partner = solve_sparse(n_rows, n_cols, cand.rows, cand.cols, W)
+        if partner is None:
+            cand = _make_feasible(ux, uy, cand)
+            W = np.rint(cand.w * scale).astype(np.int64)
+            partner = solve_sparse(n_rows, n_cols, cand.rows, cand.cols, W)
+        timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - t
+        t = time.perf_counter()
+        # square: warm start from the last round's V (any fixpoint is a dual); rectangular needs the least one
+        U, V = matching_duals(n_rows, n_cols, cand.rows, cand.cols, W, partner,
+                              start=V if rounds > 1 and n_rows == n_cols else None)
+        u, v = U / scale, V / scale
+        timings["duals"] = timings.get("duals", 0.0) + time.perf_counter() - t
+        # candidate edges: exact by construction (integer duals), checked anyway in float
+        assert np.all(u[cand.rows] + v[cand.cols] + tol >= cand.w), "dual infeasible on a candidate edge"
+        t = time.perf_counter()
+        flag_r = np.flatnonzero(flag_for_recheck(u, v, cand.row_bound, cand.col_bound, tol))
+        flag_c = np.flatnonzero(flag_for_recheck(v, u, cand.col_bound, cand.row_bound, tol))
+        # either set covers every unproven pair: recompute the smaller
+        if len(flag_r) == 0 or len(flag_c) == 0:  # the two are covers of the same set of unproven pairs
+            n_violations = 0
+        elif len(flag_r) <= len(flag_c):
+            cand, n_violations = _recheck(ux, uy, flag_r, u, v, cand, tol, block)
+        else:
+            cand_t, n_violations = _recheck(uy, ux, flag_c, v, u, cand.transposed(), tol, block)
+            cand = cand_t.transposed()
+        timings["recheck"] = timings.get("recheck", 0.0) + time.perf_counter() - t
+        timings.setdefault("rechecked", []).append(int(min(len(flag_r), len(flag_c))))
+        if n_violations == 0:
+            return partner, cand, True, rounds, tol
+    return partner, cand, False, MAX_ROUNDS, tol
+
+
+def sparse_max_weight_assignment(a: torch.Tensor, b: torch.Tensor, *, k: int = 64, block: int = 8192,
+                                 device: str = "cpu", low_precision: bool | None = None,
+                                 tol: float = FP32_ERR) -> SparseAssignment:
+    """Exact maximum-weight 1:1 assignment of the rows of a [n_a, d] to the rows of b [n_b, d] by cosine.
+
+    Same result as actors/matching.max_weight_assignment(cosine_matrix(a, b)) (up to exact ties), with the
+    optimality certificate recorded. `low_precision`: candidate pass in bf16 (edges re-scored in float32, bounds
+    widened by LOW_PRECISION_ERR); None picks it on CUDA only -- on CPUs without AVX512-BF16/AMX (this one) a
+    bf16 matmul runs ~7x slower than float32.
+    """
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"rows of different dimension: {a.shape[1]} vs {b.shape[1]}")
+    if block < k:
+        raise ValueError("block must be at least k")
+    if low_precision is None:
+        low_precision = torch.device(device).type == "cuda"
+    timings: dict = {}
+    n_a, n_b = a.shape[0], b.shape[0]
+    if n_a == 0 or n_b == 0:
+        nan = np.full(n_a, np.nan, dtype=np.float32)
+        return SparseAssignment(np.full(n_a, UNMATCHED, dtype=np.int64), nan, nan.copy(), True, 0, 0.0)
+    t = time.perf_counter()
+    ua, ub = unit_rows(a, device), unit_rows(b, device)
+    cand = _build_candidates(ua, ub, k, block, low_precision)
+    timings["candidates"] = time.perf_counter() - t
+
+    # max-cosine baseline: the best edge of a row is its true max unless the row's bound could exceed it
+    t = time.perf_counter()
+    max_cos = np.maximum.reduceat(cand.w, np.searchsorted(cand.rows, np.arange(n_a)))  # every row has edges
+    unsure = np.flatnonzero(max_cos < cand.row_bound)
+    if len(unsure):
+        _, _, _, exact = dual_violations(ua, ub, np.full(n_a, np.inf), np.zeros(n_b), 0.0, rows=unsure, block=block)
+        max_cos[unsure] = exact
+    timings["max_cos"] = time.perf_counter() - t
+
+    if n_a <= n_b:
+        partner, cand, certified, rounds, tol = _certify(ua, ub, cand, tol, block, timings)
+    else:  # match every column of the narrower side; rows of a left over stay UNMATCHED
+        col_partner, cand_t, certified, rounds, tol = _certify(ub, ua, cand.transposed(), tol, block, timings)
+        cand = cand_t.transposed()
+        partner = np.full(n_a, UNMATCHED, dtype=np.int64)
+        partner[col_partner] = np.arange(n_b)
+
+    matched = partner != UNMATCHED
+    keys = cand.rows * n_b + cand.cols
+    cos = np.full(n_a, np.nan, dtype=np.float32)
+    cos[matched] = cand.w[np.searchsorted(keys, np.flatnonzero(matched) * n_b + partner[matched])]
+    total = float(cand.w[np.searchsorted(keys, np.flatnonzero(matched) * n_b + partner[matched])].sum())
+    return SparseAssignment(partner=partner, cos=cos, max_cos=max_cos.astype(np.float32), certified=certified,
+                            rounds=rounds, total_weight=total, gap_bound=min(n_a, n_b) * tol,
+                            n_edges=len(cand.rows), timings=timings)
