@@ -5,8 +5,8 @@ The dense route (actors/matching.py: cosine matrix + scipy's Hungarian) costs n^
 
 1. One blocked pass over the cosine matrix keeps, for every row AND every column, its top-k entries (merged from the
    same blocks: a separate column pass over transposed blocks dominated the cost in the notes). Whatever a row's
-   heap did not keep is <= that row's k-th value, so after the pass every pair is either a candidate edge with its
-   float32 cosine or bounded above by min(row bound, column bound).
+   heap did not keep is <= that row's bound (its k-th value, or a floor set from its first block), so after the
+   pass every pair is either a candidate edge with its float32 cosine or <= min(row bound, column bound).
 2. A sparse assignment solver (OR-tools' LinearSumAssignment, integer costs) on the candidate graph.
 3. An optimality certificate. From the sparse optimum we compute LP duals u (rows), v (columns) by longest paths on
    the residual graph: u_i + v_j >= w_ij on every candidate edge, equality on matched edges, v >= 0 and v = 0 on
@@ -38,7 +38,8 @@ UNMATCHED = -1
 # row is within 2^-9 of the original in L2 norm: <= 2^-8 on the dot product by Cauchy-Schwarz), the bf16 output
 # rounded once more (<= 2^-9), float32 accumulation (<= d * 2^-24 ~ 5e-5 at d = 768). Sum ~0.006; 0.01 leaves margin.
 LOW_PRECISION_ERR = 0.01
-# Slack added to the bounds of the bound test when a recheck could disagree with the pass by float32 round-off.
+# Default tolerance of the certificate: float32 cosines of the same pair computed in different blockings (the pass,
+# a recheck) differ by ~1e-7. The solver's integer scaling adds 1/scale on top (see _certify).
 FP32_ERR = 1e-6
 # Extra pairs added when a row is recomputed exactly: those within this much of violating, so that the row's
 # remaining bound falls well below its dual and later rounds need not recompute it again.
@@ -86,63 +87,95 @@ class Candidates:
     row_bound: np.ndarray  # float64 [n_rows]
     col_bound: np.ndarray  # float64 [n_cols]
 
+    def keys(self) -> np.ndarray:
+        return self.rows * len(self.col_bound) + self.cols  # sorted
+
     def add(self, rows, cols, w) -> "Candidates":
-        keys = np.concatenate([self.rows * len(self.col_bound) + self.cols, rows * len(self.col_bound) + cols])
-        keys, first = np.unique(keys, return_index=True)
+        """These edges too (those already present keep their weight); insertion, not a re-sort of everything."""
+        keys = self.keys()
+        new, first = np.unique(rows * len(self.col_bound) + cols, return_index=True)
+        at = np.searchsorted(keys, new)
+        fresh = keys[np.minimum(at, len(keys) - 1)] != new if len(keys) else np.ones(len(new), dtype=bool)
+        keys = np.insert(keys, at[fresh], new[fresh])
         return Candidates(keys // len(self.col_bound), keys % len(self.col_bound),
-                          np.concatenate([self.w, w])[first], self.row_bound, self.col_bound)
+                          np.insert(self.w, at[fresh], w[first][fresh]), self.row_bound, self.col_bound)
 
     def transposed(self) -> "Candidates":
-        order = np.lexsort((self.rows, self.cols))
+        order = np.argsort(self.cols * len(self.row_bound) + self.rows)
         return Candidates(self.cols[order], self.rows[order], self.w[order], self.col_bound, self.row_bound)
 
 
-def _merge_block(heap_val: torch.Tensor, heap_idx: torch.Tensor, side: torch.Tensor, group_max: torch.Tensor,
-                 gather, g: int, offset: int) -> None:
-    """Merge one block into running top-k heaps (sorted descending), one heap per row of `side` [m, L].
+class _Heaps:
+    """Running top-k (sorted descending, -inf padded) for each of n lines (the matrix's rows, or its columns), and
+    a floor: entries <= max(k-th value, floor) are skipped. A line's first block sets the floor to an estimate of
+    its final k-th value, so later blocks bring ~2k candidates in all rather than k * ln(#blocks), and the first
+    block itself only needs its top few.
 
-    `side` is the block (rows) or its transposed view (columns); `group_max` [m, L / g] holds the max of each run
-    of g consecutive entries of a heap row and `gather(heap_rows, groups)` returns those runs. Only entries above
-    the heap's k-th value can enter, and after the first block of a strip they are rare: the group maxima find
-    them without comparing every entry, which would cost a third of the matmul.
-
-    Invariant (what the bounds rely on): every entry seen and not in a heap is <= that heap's k-th value.
+    Invariant (what the bounds rely on): every entry seen and not kept is <= max(k-th value, floor), so that is a
+    valid bound on the line's non-candidates, also where the floor overshot and fewer than k entries beat it.
     """
+
+    def __init__(self, n: int, k: int, n_other: int, device):
+        self.val = torch.full((n, k), -math.inf, device=device)
+        self.idx = torch.full((n, k), -1, dtype=torch.int64, device=device)
+        self.floor = torch.full((n,), -math.inf, device=device)
+        self.n_other = n_other
+
+    def bound(self) -> torch.Tensor:
+        return torch.maximum(self.val[:, -1], self.floor)
+
+
+def _merge_block(heaps: _Heaps, lines: slice, side: torch.Tensor, group_max: torch.Tensor, gather, g: int,
+                 offset: int, first: bool) -> None:
+    """Merge one block into the heaps of `lines`, one per row of `side` [m, L] (the block, or its transposed view).
+
+    `group_max` [m, L / g] holds the max of each run of g consecutive entries of a line and `gather(lines, runs)`
+    returns those runs: only entries above a line's threshold can enter, and the group maxima find them without
+    comparing every entry (a full comparison pass would cost a third of the matmul).
+    """
+    heap_val, heap_idx, floor = heaps.val[lines], heaps.idx[lines], heaps.floor[lines]
     m, length = side.shape
     k = heap_val.shape[1]
-    thr = heap_val[:, -1]
+    thr = torch.maximum(heap_val[:, -1], floor)
     hit = group_max > thr[:, None]
+    # the line has seen nothing yet: its final k-th value is about the (k * L / n_other)-th of this block; twice
+    # that rank keeps the floor below it for almost every line
+    rank = min(k, math.ceil(2 * k * length / heaps.n_other)) if first else k
     block_kth = None
-    if torch.isinf(thr).any() and group_max.shape[1] >= k:
-        # heaps still empty: the k-th largest group max is itself a lower bound on the k-th largest entry of the
-        # block, so entries below it can be skipped (entries equal to it must be kept: >=, not >)
-        block_kth = torch.topk(group_max.contiguous(), k, dim=1).values[:, -1]
+    if first and group_max.shape[1] >= rank:
+        # the rank-th largest group max is a lower bound on the rank-th largest entry: entries below it can be
+        # skipped (entries equal to it must be kept: >=, not >)
+        block_kth = torch.topk(group_max.contiguous(), rank, dim=1).values[:, -1]
         hit &= group_max >= block_kth[:, None]
     hr, hg = hit.nonzero(as_tuple=True)
-    if len(hr) == 0:
-        return
     if len(hr) * g * 2 > m * length:  # mostly hits (ties, tiny blocks): a plain top-k is cheaper
         vals, pos = torch.topk(torch.cat([heap_val, side.reshape(m, length)], 1), k, dim=1)
         heap_idx.copy_(torch.where(pos < k, heap_idx.gather(1, pos.clamp_max(k - 1)), pos - k + offset))
         heap_val.copy_(vals)
-        return
-    vals = gather(hr, hg)  # [h, g]
-    keep = vals > thr[hr, None]
-    if block_kth is not None:
-        keep &= vals >= block_kth[hr, None]
-    hi, within = keep.nonzero(as_tuple=True)
-    rows, vals, idx = hr[hi], vals[hi, within], offset + hg[hi] * g + within
-    # rows come out sorted (nonzero is row-major); pad each touched row's new entries to a common width
+    elif len(hr):
+        vals = gather(hr, hg)  # [h, g]
+        keep = vals > thr[hr, None]
+        if block_kth is not None:
+            keep &= vals >= block_kth[hr, None]
+        hi, within = keep.nonzero(as_tuple=True)
+        _merge_entries(heap_val, heap_idx, hr[hi], vals[hi, within], offset + hg[hi] * g + within)
+    if rank < k:
+        floor.copy_(heap_val[:, rank - 1])  # the block's rank-th largest entry: all skipped ones are below it
+
+
+def _merge_entries(heap_val, heap_idx, rows, vals, idx) -> None:
+    """Merge new entries (rows sorted ascending) into the heaps: pad each touched row's entries to a common width,
+    then one top-k over [heap | new]."""
     touched, counts = torch.unique_consecutive(rows, return_counts=True)
     width = int(counts.max())
     starts = torch.cumsum(counts, 0) - counts
     slot = torch.arange(len(rows), device=rows.device) - torch.repeat_interleave(starts, counts)
     which = torch.repeat_interleave(torch.arange(len(touched), device=rows.device), counts)
-    new_val = torch.full((len(touched), width), -math.inf, device=side.device)
-    new_idx = torch.full((len(touched), width), -1, dtype=torch.int64, device=side.device)
+    new_val = torch.full((len(touched), width), -math.inf, device=vals.device)
+    new_idx = torch.full((len(touched), width), -1, dtype=torch.int64, device=vals.device)
     new_val[which, slot] = vals
     new_idx[which, slot] = idx
-    merged_val, pos = torch.topk(torch.cat([heap_val[touched], new_val], 1), k, dim=1)
+    merged_val, pos = torch.topk(torch.cat([heap_val[touched], new_val], 1), heap_val.shape[1], dim=1)
     heap_val[touched] = merged_val
     heap_idx[touched] = torch.cat([heap_idx[touched], new_idx], 1).gather(1, pos)
 
@@ -151,47 +184,48 @@ def _group(n: int, preferred: int) -> int:
     return next(g for g in (preferred, 32, 16, 8, 4, 2, 1) if g <= preferred and n % g == 0)
 
 
-def _merge_rows_and_cols(s, row_val, row_idx, col_val, col_idx, r0, c0):
-    """Both heaps from one block s [Br, Bc]. The group maxima are taken the cheap way round for each side: runs of
-    32 along a row (a contiguous reduction), runs of 16 down a column (reduced across rows, vectorised along
-    them); reducing the transposed view directly was 40x slower on CPU."""
+def _merge_rows_and_cols(s: torch.Tensor, rows: _Heaps, cols: _Heaps, r0: int, c0: int) -> None:
+    """Both sides' heaps from one block s [Br, Bc] at (r0, c0). The group maxima are taken the cheap way round
+    for each side: runs of 32 along a row (a contiguous reduction), runs of 16 down a column (reduced across rows,
+    vectorised along them); reducing the transposed view directly was 40x slower on CPU."""
     br, bc = s.shape
     g = _group(bc, 32)
-    by_row = s.view(br, bc // g, g)
-    _merge_block(row_val, row_idx, s, by_row.amax(2), lambda r, q: by_row[r, q], g, c0)
+    runs = s.view(br * (bc // g), g)  # run q of row r is runs[r * (bc // g) + q], contiguous
+    _merge_block(rows, slice(r0, r0 + br), s, s.view(br, bc // g, g).amax(2),
+                 lambda r, q: runs.index_select(0, r * (bc // g) + q), g, c0, first=c0 == 0)
     g = _group(br, 16)
-    by_col = s.view(br // g, g, bc)
-    _merge_block(col_val, col_idx, s.T, by_col.amax(1).T, lambda c, q: by_col[q, :, c], g, r0)
+    by_col = s.view(br // g, g, bc)  # run q of column c is by_col[q, :, c], strided
+    _merge_block(cols, slice(c0, c0 + bc), s.T, by_col.amax(1).T, lambda c, q: by_col[q, :, c], g, r0,
+                 first=r0 == 0)
 
 
 def candidate_pass(ua: torch.Tensor, ub: torch.Tensor, k: int, block: int, low_precision: bool):
     """One blocked pass over ua @ ub.T: top-k per row and per column, both from the same blocks.
 
-    Returns (rows, cols, values, row_bound, col_bound) as torch tensors; values are bf16-accurate when
-    low_precision (the caller re-scores them), and the bounds then include LOW_PRECISION_ERR.
+    Returns (rows, cols, values, row_bound, col_bound) as torch tensors, and the seconds spent in matmuls. Values
+    are bf16-accurate when low_precision (the caller re-scores them), and the bounds then include
+    LOW_PRECISION_ERR.
     """
     n_a, n_b = ua.shape[0], ub.shape[0]
     k_r, k_c = min(k, n_b), min(k, n_a)
     dev = ua.device
-    row_val = torch.full((n_a, k_r), -math.inf, device=dev)
-    row_idx = torch.full((n_a, k_r), -1, dtype=torch.int64, device=dev)
-    col_val = torch.full((n_b, k_c), -math.inf, device=dev)
-    col_idx = torch.full((n_b, k_c), -1, dtype=torch.int64, device=dev)
+    rows, cols = _Heaps(n_a, k_r, n_b, dev), _Heaps(n_b, k_c, n_a, dev)
     xa, xb = (ua.bfloat16(), ub.bfloat16()) if low_precision else (ua, ub)
+    t_matmul = 0.0
     for r0 in range(0, n_a, block):
-        r1 = min(r0 + block, n_a)
         for c0 in range(0, n_b, block):
-            c1 = min(c0 + block, n_b)
-            s = (xa[r0:r1] @ xb[c0:c1].T).float()
-            _merge_rows_and_cols(s, row_val[r0:r1], row_idx[r0:r1], col_val[c0:c1], col_idx[c0:c1], r0, c0)
+            t = time.perf_counter()
+            s = (xa[r0:r0 + block] @ xb[c0:c0 + block].T).float()
+            t_matmul += time.perf_counter() - t  # (asynchronous on CUDA: only meaningful on CPU)
+            _merge_rows_and_cols(s, rows, cols, r0, c0)
     err = LOW_PRECISION_ERR if low_precision else 0.0
-    # a heap that holds the whole row leaves no pair outside it: bound -inf
-    row_bound = row_val[:, -1] + err if k_r < n_b else torch.full((n_a,), -math.inf, device=dev)
-    col_bound = col_val[:, -1] + err if k_c < n_a else torch.full((n_b,), -math.inf, device=dev)
-    rows = torch.cat([torch.arange(n_a, device=dev).repeat_interleave(k_r), col_idx.flatten()])
-    cols = torch.cat([row_idx.flatten(), torch.arange(n_b, device=dev).repeat_interleave(k_c)])
-    vals = torch.cat([row_val.flatten(), col_val.flatten()])
-    return rows, cols, vals, row_bound, col_bound
+    # a heap that holds the whole line (k >= its length, a single block, no floor) leaves nothing out: bound -inf
+    row_bound = rows.bound() + err if k_r < n_b else torch.full((n_a,), -math.inf, device=dev)
+    col_bound = cols.bound() + err if k_c < n_a else torch.full((n_b,), -math.inf, device=dev)
+    edge_rows = torch.cat([torch.arange(n_a, device=dev).repeat_interleave(k_r), cols.idx.flatten()])
+    edge_cols = torch.cat([rows.idx.flatten(), torch.arange(n_b, device=dev).repeat_interleave(k_c)])
+    vals = torch.cat([rows.val.flatten(), cols.val.flatten()])
+    return edge_rows, edge_cols, vals, row_bound, col_bound, t_matmul
 
 
 def pair_cos(ua: torch.Tensor, ub: torch.Tensor, rows: np.ndarray, cols: np.ndarray, chunk=1 << 18) -> np.ndarray:
@@ -204,8 +238,10 @@ def pair_cos(ua: torch.Tensor, ub: torch.Tensor, rows: np.ndarray, cols: np.ndar
     return out
 
 
-def _build_candidates(ua, ub, k, block, low_precision) -> Candidates:
-    rows, cols, vals, row_bound, col_bound = candidate_pass(ua, ub, k, block, low_precision)
+def _build_candidates(ua, ub, k, block, low_precision, timings=None) -> Candidates:
+    rows, cols, vals, row_bound, col_bound, t_matmul = candidate_pass(ua, ub, k, block, low_precision)
+    if timings is not None:
+        timings["candidates_matmul"] = t_matmul
     keys = (rows * ub.shape[0] + cols).cpu().numpy()
     keys, first = np.unique(keys, return_index=True)  # an entry kept by its row and by its column appears twice
     rows, cols = keys // ub.shape[0], keys % ub.shape[0]
@@ -412,13 +448,14 @@ def _certify(ux, uy, cand: Candidates, tol, block, timings):
                               start=V if rounds > 1 and n_rows == n_cols else None)
         u, v = U / scale, V / scale
         timings["duals"] = timings.get("duals", 0.0) + time.perf_counter() - t
-        # candidate edges: exact by construction (integer duals), checked anyway in float
-        assert np.all(u[cand.rows] + v[cand.cols] + tol >= cand.w), "dual infeasible on a candidate edge"
+        # candidate edges: feasible by construction (integer duals), checked anyway in float
+        if not np.all(u[cand.rows] + v[cand.cols] + tol >= cand.w):
+            raise RuntimeError("dual infeasible on a candidate edge")
         t = time.perf_counter()
         flag_r = np.flatnonzero(flag_for_recheck(u, v, cand.row_bound, cand.col_bound, tol))
         flag_c = np.flatnonzero(flag_for_recheck(v, u, cand.col_bound, cand.row_bound, tol))
-        # either set covers every unproven pair: recompute the smaller
-        if len(flag_r) == 0 or len(flag_c) == 0:  # the two are covers of the same set of unproven pairs
+        # both sets cover the same unproven pairs (by their row, by their column): recompute the smaller
+        if len(flag_r) == 0 or len(flag_c) == 0:
             n_violations = 0
         elif len(flag_r) <= len(flag_c):
             cand, n_violations = _recheck(ux, uy, flag_r, u, v, cand, tol, block)
@@ -455,7 +492,7 @@ def sparse_max_weight_assignment(a: torch.Tensor, b: torch.Tensor, *, k: int = 6
         return SparseAssignment(np.full(n_a, UNMATCHED, dtype=np.int64), nan, nan.copy(), True, 0, 0.0)
     t = time.perf_counter()
     ua, ub = unit_rows(a, device), unit_rows(b, device)
-    cand = _build_candidates(ua, ub, k, block, low_precision)
+    cand = _build_candidates(ua, ub, k, block, low_precision, timings)
     timings["candidates"] = time.perf_counter() - t
 
     # max-cosine baseline: the best edge of a row is its true max unless the row's bound could exceed it
@@ -476,7 +513,7 @@ def sparse_max_weight_assignment(a: torch.Tensor, b: torch.Tensor, *, k: int = 6
         partner[col_partner] = np.arange(n_b)
 
     matched = partner != UNMATCHED
-    keys = cand.rows * n_b + cand.cols
+    keys = cand.keys()
     cos = np.full(n_a, np.nan, dtype=np.float32)
     cos[matched] = cand.w[np.searchsorted(keys, np.flatnonzero(matched) * n_b + partner[matched])]
     total = float(cand.w[np.searchsorted(keys, np.flatnonzero(matched) * n_b + partner[matched])].sum())

@@ -1,0 +1,200 @@
+"""The sparse exact matcher against dense scipy (actors/matching.py's route) and its optimality certificate."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from actors.matching import UNMATCHED, cosine_matrix
+from actors.sparse_matching import (
+    Candidates,
+    cost_scale,
+    dual_violations,
+    matching_duals,
+    sparse_max_weight_assignment,
+    unit_rows,
+)
+
+
+def dense(a, b):
+    sim = cosine_matrix(a, b)
+    rows, cols = linear_sum_assignment(sim, maximize=True)
+    partner = np.full(sim.shape[0], UNMATCHED, dtype=np.int64)
+    partner[rows] = cols
+    max_cos = sim.max(axis=1) if sim.shape[1] else np.full(sim.shape[0], np.nan)
+    return partner, float(sim[rows, cols].astype(np.float64).sum()), max_cos, sim
+
+
+def check(a, b, unique=True, **kw):
+    """Same total weight as dense (and the same assignment where the optimum is unique), same row maxima,
+    a valid injection, certified."""
+    partner, total, max_cos, sim = dense(a, b)
+    res = sparse_max_weight_assignment(a, b, **kw)
+    assert res.certified, kw
+    assert res.total_weight == pytest.approx(total, rel=1e-4, abs=1e-5)
+    matched = res.partner != UNMATCHED
+    assert matched.sum() == min(a.shape[0], b.shape[0])
+    assert len(np.unique(res.partner[matched])) == matched.sum()
+    assert np.all(np.isnan(res.cos[~matched]))
+    np.testing.assert_allclose(res.cos[matched], sim[matched.nonzero()[0], res.partner[matched]], atol=1e-6)
+    assert float(res.cos[matched].astype(np.float64).sum()) == pytest.approx(res.total_weight, abs=1e-4)
+    np.testing.assert_allclose(res.max_cos, max_cos, atol=1e-6)
+    if unique:
+        np.testing.assert_array_equal(res.partner, partner)
+    return res
+
+
+def gaussian(rng, n, d):
+    return torch.tensor(rng.normal(size=(n, d)), dtype=torch.float32)
+
+
+def planted(rng, n_a, n_b, d, frac=0.4, noise=0.5):
+    a, b = gaussian(rng, n_a, d), gaussian(rng, n_b, d)
+    m = int(frac * min(n_a, n_b))
+    src, dst = rng.permutation(n_a)[:m], rng.permutation(n_b)[:m]
+    b[dst] = a[src] + noise * gaussian(rng, m, d)
+    return a, b
+
+
+SMALL = [(5, 5, 3), (40, 40, 4), (300, 300, 16), (300, 220, 16), (220, 300, 16)]
+
+
+@pytest.mark.parametrize("n_a,n_b,d,k", [(*shape, k) for shape in SMALL for k in (1, 2, 16)]
+                         + [(1000, 1000, 64, 1), (1000, 1000, 64, 16), (2000, 2000, 768, 2), (2000, 2000, 768, 64)])
+def test_random_instances_equal_dense(n_a, n_b, d, k):
+    rng = np.random.default_rng(n_a * 7 + n_b + k)
+    a, b = gaussian(rng, n_a, d), gaussian(rng, n_b, d)
+    # small blocks: many blocks per row and column, tails not divisible by the group sizes
+    res = check(a, b, k=k, block=max(k, 96 if n_a < 1000 else 384))
+    if k == 1 and min(n_a, n_b) >= 40:
+        assert res.rounds >= 2  # top-1 candidates alone are not optimal: the certificate had to add edges
+
+
+@pytest.mark.parametrize("n_a,n_b", [(500, 500), (400, 600), (600, 400)])
+def test_planted_instances_equal_dense(n_a, n_b):
+    rng = np.random.default_rng(n_a + 3 * n_b)
+    for k, block in [(2, 128), (64, 8192)]:
+        a, b = planted(rng, n_a, n_b, 64)
+        check(a, b, k=k, block=block)
+
+
+def test_low_precision_candidates_rescored():
+    rng = np.random.default_rng(5)
+    for n_a, n_b in [(300, 300), (250, 310)]:
+        a, b = planted(rng, n_a, n_b, 32, noise=0.3)
+        check(a, b, k=4, block=128, low_precision=True)
+
+
+def test_ties_duplicates_and_zero_rows():
+    rng = np.random.default_rng(6)
+    for trial in range(6):
+        n_a, n_b = [(120, 120), (90, 130), (130, 90)][trial % 3]
+        a, b = gaussian(rng, n_a, 8), gaussian(rng, n_b, 8)
+        b[: n_b // 3] = b[n_b // 3: 2 * (n_b // 3)]  # duplicate columns: many optimal assignments
+        a[5:25] = a[30]  # duplicate rows
+        a[:4] = 0  # zero rows: cosine 0 with everything
+        b[-3:] = 0
+        res = check(a, b, unique=False, k=[1, 3, 32][trial % 3], block=64, low_precision=trial >= 3)
+        assert np.all(res.max_cos[:4] == 0)
+
+
+def test_negative_cosines():
+    """Low dimension and anti-aligned rows: many strongly negative cosines, and rectangular instances where the
+    forced matching must take negative weights."""
+    rng = np.random.default_rng(7)
+    for n_a, n_b, d in [(60, 60, 2), (50, 70, 3), (70, 50, 3)]:
+        a = gaussian(rng, n_a, d)
+        b = -torch.cat([a, a])[:n_b] + 0.05 * gaussian(rng, n_b, d)
+        check(a, b, unique=False, k=2, block=32)
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    b = torch.tensor([[-1.0, 0.0], [0.0, -1.0], [-1.0, -1.0]])
+    check(a, b, k=1, block=32)
+
+
+def test_empty_sides():
+    res = sparse_max_weight_assignment(torch.zeros(0, 4), torch.ones(3, 4))
+    assert len(res.partner) == 0 and res.certified
+    res = sparse_max_weight_assignment(torch.ones(3, 4), torch.zeros(0, 4))
+    assert np.all(res.partner == UNMATCHED) and np.all(np.isnan(res.cos)) and res.total_weight == 0
+
+
+def _full_edges(sim):
+    n_a, n_b = sim.shape
+    rows, cols = np.divmod(np.arange(n_a * n_b), n_b)
+    return rows, cols, sim.ravel().astype(np.float64)
+
+
+def test_certificate_accepts_optimum_and_catches_a_wrong_assignment():
+    rng = np.random.default_rng(8)
+    n, d = 60, 16
+    a, b = gaussian(rng, n, d), gaussian(rng, n, d)
+    partner, total, _, sim = dense(a, b)
+    ua, ub = unit_rows(a), unit_rows(b)
+    scale = cost_scale(n)
+    tol = 1e-6 + 1 / scale
+    rows, cols, w = _full_edges(sim)
+    W = np.rint(w * scale).astype(np.int64)
+
+    # the optimum: its duals satisfy u_i + v_j >= cos_ij over the whole matrix
+    U, V = matching_duals(n, n, rows, cols, W, partner)
+    r, c, excess, _ = dual_violations(ua, ub, U / scale, V / scale, tol)
+    assert len(r) == 0
+    assert (U.sum() + V.sum()) / scale == pytest.approx(total, abs=n * tol)
+
+    # a worse assignment (two partners swapped) cannot be proven on the full matrix...
+    wrong = partner.copy()
+    wrong[[0, 1]] = wrong[[1, 0]]
+    assert sim[np.arange(n), wrong].sum() < total
+    with pytest.raises(RuntimeError, match="not optimal"):
+        matching_duals(n, n, rows, cols, W, wrong)
+    # ...and the duals that prove it on a candidate graph holding only its own edges fail the full check
+    only = np.argsort(np.arange(n) * n + wrong)
+    U, V = matching_duals(n, n, np.arange(n)[only], wrong[only], np.rint(sim[np.arange(n), wrong] * scale)
+                          .astype(np.int64)[only], wrong)
+    r, c, excess, _ = dual_violations(ua, ub, U / scale, V / scale, tol)
+    assert len(r) > 0
+    assert np.all(sim[r, c] > U[r] / scale + V[c] / scale + tol - 1e-6)
+    assert {(0, partner[0]), (1, partner[1])} & set(zip(r.tolist(), c.tolist()))
+
+
+def test_rectangular_duals_are_lp_duals():
+    """Rows fewer than columns: v >= 0 and v = 0 on the columns left unmatched (the LP's complementary slackness)."""
+    rng = np.random.default_rng(9)
+    a, b = gaussian(rng, 30, 5), gaussian(rng, 45, 5)
+    partner, _, _, sim = dense(a, b)
+    scale = cost_scale(75)
+    rows, cols, w = _full_edges(sim)
+    U, V = matching_duals(30, 45, rows, cols, np.rint(w * scale).astype(np.int64), partner)
+    assert np.all(V >= 0)
+    unmatched = np.setdiff1d(np.arange(45), partner)
+    assert np.all(V[unmatched] == 0)
+    r, _, _, _ = dual_violations(unit_rows(a), unit_rows(b), U / scale, V / scale, 1e-6 + 1 / scale)
+    assert len(r) == 0
+
+
+def test_candidates_bound_everything_else():
+    """After the blocked pass, every pair that is not an edge is <= min(row bound, column bound)."""
+    from actors.sparse_matching import _build_candidates
+
+    rng = np.random.default_rng(10)
+    a, b = planted(rng, 333, 257, 24)
+    ua, ub = unit_rows(a), unit_rows(b)
+    sim = cosine_matrix(a, b)
+    for low_precision in (False, True):
+        cand: Candidates = _build_candidates(ua, ub, 5, 48, low_precision)
+        outside = np.ones(sim.shape, dtype=bool)
+        outside[cand.rows, cand.cols] = False
+        bound = np.minimum(cand.row_bound[:, None], cand.col_bound[None, :])
+        assert np.all(sim[outside] <= bound[outside] + 1e-6)
+        np.testing.assert_allclose(cand.w, sim[cand.rows, cand.cols], atol=1e-6)
+        # each row's best value is an edge (the max-cosine baseline comes from the edges)
+        best = np.full(sim.shape[0], -np.inf)
+        np.maximum.at(best, cand.rows, cand.w)
+        np.testing.assert_allclose(best, sim.max(1), atol=0.011 if low_precision else 1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+def test_cuda_matches_cpu():
+    rng = np.random.default_rng(11)
+    a, b = planted(rng, 700, 650, 64)
+    check(a, b, k=4, block=256, device="cuda")
