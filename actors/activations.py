@@ -2,7 +2,8 @@
 
 The Ray Data pipeline hands each actor one shard descriptor at a time (`shard_id`, chunk range); the actor
 reads those token chunks, runs the model, and commits one Parquet file per hookpoint with an atomic rename.
-A committed file is never rewritten, so a re-run redoes only what is missing.
+Every file is committed whole (temp file, then rename), so an interrupted run never leaves a partial shard
+that looks valid; the stage is reused as a whole once its manifest is written.
 """
 
 from __future__ import annotations

@@ -109,7 +109,8 @@ class _Heaps:
     """Running top-k (sorted descending, -inf padded) for each of n lines (the matrix's rows, or its columns), and
     a floor: entries <= max(k-th value, floor) are skipped. A line's first block sets the floor to an estimate of
     its final k-th value, so later blocks bring ~2k candidates in all rather than k * ln(#blocks), and the first
-    block itself only needs its top few.
+    block itself only needs its top few. Later entries wait in `pending` and are merged in bulk (a merge per
+    block and line cost more than finding the entries); skipping against the older k-th value stays correct.
 
     Invariant (what the bounds rely on): every entry seen and not kept is <= max(k-th value, floor), so that is a
     valid bound on the line's non-candidates, also where the floor overshot and fewer than k entries beat it.
@@ -120,8 +121,24 @@ class _Heaps:
         self.idx = torch.full((n, k), -1, dtype=torch.int64, device=device)
         self.floor = torch.full((n,), -math.inf, device=device)
         self.n_other = n_other
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.n_pending = 0
+
+    def defer(self, lines: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor) -> None:
+        self.pending.append((lines, vals, idx))
+        self.n_pending += len(lines)
+        if self.n_pending > self.val.numel():  # bounded memory: at most one more heap's worth
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            lines, vals, idx = (torch.cat(x) for x in zip(*self.pending))
+            order = torch.argsort(lines, stable=True)
+            _merge_entries(self.val, self.idx, lines[order], vals[order], idx[order])
+            self.pending, self.n_pending = [], 0
 
     def bound(self) -> torch.Tensor:
+        self.flush()
         return torch.maximum(self.val[:, -1], self.floor)
 
 
@@ -158,7 +175,11 @@ def _merge_block(heaps: _Heaps, lines: slice, side: torch.Tensor, group_max: tor
         if block_kth is not None:
             keep &= vals >= block_kth[hr, None]
         hi, within = keep.nonzero(as_tuple=True)
-        _merge_entries(heap_val, heap_idx, hr[hi], vals[hi, within], offset + hg[hi] * g + within)
+        entries = hr[hi], vals[hi, within], offset + hg[hi] * g + within
+        if first:  # merged now: the floor below comes from them
+            _merge_entries(heap_val, heap_idx, *entries)
+        else:
+            heaps.defer(entries[0] + lines.start, *entries[1:])
     if rank < k:
         floor.copy_(heap_val[:, rank - 1])  # the block's rank-th largest entry: all skipped ones are below it
 
@@ -218,6 +239,8 @@ def candidate_pass(ua: torch.Tensor, ub: torch.Tensor, k: int, block: int, low_p
             s = (xa[r0:r0 + block] @ xb[c0:c0 + block].T).float()
             t_matmul += time.perf_counter() - t  # (asynchronous on CUDA: only meaningful on CPU)
             _merge_rows_and_cols(s, rows, cols, r0, c0)
+        rows.flush()  # these rows are complete
+    cols.flush()
     err = LOW_PRECISION_ERR if low_precision else 0.0
     # a heap that holds the whole line (k >= its length, a single block, no floor) leaves nothing out: bound -inf
     row_bound = rows.bound() + err if k_r < n_b else torch.full((n_a,), -math.inf, device=dev)
@@ -225,7 +248,8 @@ def candidate_pass(ua: torch.Tensor, ub: torch.Tensor, k: int, block: int, low_p
     edge_rows = torch.cat([torch.arange(n_a, device=dev).repeat_interleave(k_r), cols.idx.flatten()])
     edge_cols = torch.cat([rows.idx.flatten(), torch.arange(n_b, device=dev).repeat_interleave(k_c)])
     vals = torch.cat([rows.val.flatten(), cols.val.flatten()])
-    return edge_rows, edge_cols, vals, row_bound, col_bound, t_matmul
+    kept = torch.cat([rows.idx.flatten(), cols.idx.flatten()]) >= 0  # heaps left short by their floor are padded
+    return edge_rows[kept], edge_cols[kept], vals[kept], row_bound, col_bound, t_matmul
 
 
 def pair_cos(ua: torch.Tensor, ub: torch.Tensor, rows: np.ndarray, cols: np.ndarray, chunk=1 << 18) -> np.ndarray:

@@ -174,4 +174,5 @@ def sae_folder_cfg(job: dict, d_in: int, hookpoint: str, hp: dict, num_steps: in
         "num_steps": num_steps,
         "dead_window_tokens": dead_window,
         "lr": hp["lr"] or ARCHITECTURES[job["architecture"]].recipe_lr(job["width"]),
+        "train_hash": hp.get("train_hash"),  # the train stage retrains a folder whose settings differ
     }

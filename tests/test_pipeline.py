@@ -136,3 +136,17 @@ def test_nway_views_are_consistent(tiny_run):
         n = len(c["seeds"])
         assert fs is not None and sum(fs["latents_per_bin"]) == c["width"] * n * (n - 1) // 2
         assert 0 <= c["chance"]["rotation_shared"] <= 1 and 0 <= c["chance"]["init_shared"] <= 1
+
+
+def test_trained_folders_are_reused_only_with_the_same_settings(tiny_run):
+    from orchestrator.stages.train import _is_trained, train_hash
+
+    cfg, _ = tiny_run
+    manifest = json.loads((cfg.output_path / "activations" / "manifest.json").read_text())
+    saes = json.loads((cfg.output_path / "saes" / "manifest.json").read_text())["saes"]
+    same = train_hash(cfg, manifest)
+    other_order = train_hash(load_config(TINY, ["train.data_seed=1"], str(cfg.output_path)), manifest)
+    more_workers = train_hash(load_config(TINY, ["train.num_workers=2"], str(cfg.output_path)), manifest)
+    assert same != other_order and same == more_workers
+    assert all(_is_trained(s["path"], same) for s in saes)
+    assert not any(_is_trained(s["path"], other_order) for s in saes)

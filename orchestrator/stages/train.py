@@ -6,6 +6,7 @@ An SAE whose folder is complete (weights, cfg, metrics) is not trained again.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -27,19 +28,31 @@ def train_manifest_path(cfg: ExperimentConfig) -> Path:
     return cfg.output_path / "saes" / "manifest.json"
 
 
-def _is_trained(path: str) -> bool:
-    return (Path(path) / METRICS).is_file()
+def train_hash(cfg: ExperimentConfig, manifest: dict) -> str:
+    """What decides an SAE's weights besides its own job: the activations and the training settings."""
+    settings = cfg.train.model_dump(exclude={"num_workers", "cpus_per_worker", "use_gpu", "log_every"})
+    data = json.dumps({"activations": manifest["config_hash"], "train": settings}, sort_keys=True)
+    return hashlib.sha256(data.encode()).hexdigest()[:16]
+
+
+def _is_trained(path: str, expected_hash: str) -> bool:
+    """Complete (metrics written last) and trained with these activations and settings."""
+    folder = Path(path)
+    if not (folder / METRICS).is_file():
+        return False
+    return json.loads((folder / "cfg.json").read_text()).get("train_hash") == expected_hash
 
 
 def run_train(cfg: ExperimentConfig, manifest: dict, configurations: list[SAEConfiguration],
               tracking_uri: str | None) -> dict:
     t = cfg.train
     use_gpu = t.use_gpu if t.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
-    hp = t.model_dump() | {"eval_tokens": 65536}
+    expected = train_hash(cfg, manifest)
+    hp = t.model_dump() | {"eval_tokens": 65536, "train_hash": expected}
     for hookpoint in manifest["hookpoints"]:
         groups = [c.jobs() for c in configurations if c.hookpoint == hookpoint]
         # A configuration is retrained whole if any seed is missing: seeds must share one stream.
-        groups = [g for g in groups if not all(_is_trained(j["path"]) for j in g)]
+        groups = [g for g in groups if not all(_is_trained(j["path"], expected) for j in g)]
         if not groups:
             log.info("train: every SAE of %s is already trained", hookpoint)
             continue
@@ -61,8 +74,8 @@ def run_train(cfg: ExperimentConfig, manifest: dict, configurations: list[SAECon
     for c in configurations:
         for job in c.jobs():
             folder = Path(job["path"])
-            if not _is_trained(job["path"]):
-                raise RuntimeError(f"training finished but {folder} has no {METRICS}")
+            if not _is_trained(job["path"], expected):
+                raise RuntimeError(f"training finished but {folder} is incomplete or from other settings")
             cfg_json = json.loads((folder / "cfg.json").read_text())
             saes.append(job | {"metrics": json.loads((folder / METRICS).read_text()),
                                "data_digest": cfg_json["data_digest"]})
