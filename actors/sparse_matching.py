@@ -150,7 +150,7 @@ def _merge_block(heaps: _Heaps, lines: slice, side: torch.Tensor, group_max: tor
     returns those runs: only entries above a line's threshold can enter, and the group maxima find them without
     comparing every entry (a full comparison pass would cost a third of the matmul).
     """
-    heap_val, heap_idx, floor = heaps.val[lines], heaps.idx[lines], heaps.floor[lines]
+    heap_val, floor = heaps.val[lines], heaps.floor[lines]
     m, length = side.shape
     k = heap_val.shape[1]
     thr = torch.maximum(heap_val[:, -1], floor)

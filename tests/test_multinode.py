@@ -6,6 +6,7 @@ node is then killed in the middle of a run and replaced, and the job re-submitte
 outputs must come out complete, with nothing lost or duplicated.
 """
 
+import json
 import sqlite3
 import subprocess
 import sys

@@ -99,7 +99,7 @@ def test_same_seed_same_weights_different_seed_same_batches(tmp_path):
         return train_saes(jobs, manifest, "layers.0.mlp", HP | {"data_seed": data_seed}, torch.device("cpu"))
 
     first = run("a", [0, 1])
-    again = run("b", [0])
+    run("b", [0])
     other_order = run("c", [0], data_seed=1)
     for arch in ("topk", "relu_l1"):
         w0 = load_file(str(tmp_path / "a" / f"{arch}-seed0" / "sae.safetensors"))
