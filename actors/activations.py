@@ -79,9 +79,7 @@ class ActivationShardWriter:
         self.storage_dtype = STORAGE_DTYPES[storage_dtype]
         self.batch_size = batch_size
         import ray
-        from ray.experimental.tqdm_ray import tqdm  # renders on the driver's terminal
 
-        self.progress = tqdm(desc="generate (tokens)", unit="tok", total=None)
         # The node that wrote each shard goes into the manifest, so where a multi-node run worked is checkable.
         self.node_id = ray.get_runtime_context().get_node_id()
 
@@ -106,14 +104,20 @@ class ActivationShardWriter:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         out: dict[str, list] = {k: [] for k in ("shard_id", "hookpoint", "path", "rows", "sha256", "sum_norm", "d_in",
                                                 "node_id")}
+        from ray.experimental.tqdm_ray import tqdm  # renders on the driver's terminal
+
         for shard_id, start, stop in zip(batch["shard_id"], batch["start"], batch["stop"]):
             rows = self.tokens.slice(int(start), int(stop) - int(start))
             chunk_ids = rows.column("chunk_id").to_numpy()
             token_ids = np.stack(rows.column("input_ids").to_numpy(zero_copy_only=False)).astype(np.int64)
+            # One bar per shard, closed once the shard is committed: an open bar would be redrawn on the driver's
+            # terminal for as long as the actor lives (through the later stages).
+            progress = tqdm(desc=f"generate shard {int(shard_id)}", unit="tok", total=int(token_ids.size))
             pieces: dict[str, list[np.ndarray]] = {h: [] for h in self.hookpoints}
             for i in range(0, len(token_ids), self.batch_size):
                 for h, a in self._forward(torch.from_numpy(token_ids[i:i + self.batch_size])).items():
                     pieces[h].append(a)
+                progress.update(int(token_ids[i:i + self.batch_size].size))
             for h in self.hookpoints:
                 acts = np.concatenate(pieces[h])
                 path = shard_path(self.out_dir, h, int(shard_id))
@@ -126,5 +130,5 @@ class ActivationShardWriter:
                 out["sum_norm"].append(float(np.linalg.norm(acts.reshape(-1, acts.shape[-1]).astype(np.float32), axis=-1).sum()))
                 out["d_in"].append(int(acts.shape[-1]))
                 out["node_id"].append(self.node_id)
-            self.progress.update(int(token_ids.size))
+            progress.close()
         return out

@@ -62,6 +62,13 @@ def save_sae_folder(folder: Path, tensors: dict[str, torch.Tensor], cfg: dict[st
         os.replace(tmp, folder)
 
 
+def checkpoint_folder(sae_folder: str | Path, tokens: int) -> Path:
+    """Where the intermediate SAE saved after `tokens` training tokens lives, beside the run's final folders:
+    `<run>/checkpoints/tokens<N>/<hookpoint>` for the final `<run>/<hookpoint>` (a sparsify-style run folder)."""
+    sae_folder = Path(sae_folder)
+    return sae_folder.parent / "checkpoints" / f"tokens{tokens}" / sae_folder.name
+
+
 def load_sae_weights(folder: str | Path) -> SAEWeights:
     folder = Path(folder)
     cfg_path = folder / CONFIG

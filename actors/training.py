@@ -6,6 +6,7 @@ configurations of a hookpoint assigned to this worker). Each SAE keeps its own o
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import save_sae_folder
+from .checkpoint import checkpoint_folder, save_sae_folder
 from .data import ActivationStream
 from .sae import ARCHITECTURES, SparseAutoencoder
 
@@ -90,7 +91,8 @@ def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, devic
     """Train `jobs` (SAEs of one hookpoint) on one shared stream; save each; return their metrics.
 
     `report(step, [(job, metrics), ...])` is called every `log_every` steps; `progress(total)` makes a bar.
-    `node_id` (the Ray node training them), when given, is saved with the metrics.
+    `node_id` (the Ray node training them), when given, is saved with the metrics. With `hp["checkpoint_tokens"]`,
+    an intermediate SAE folder (weights, cfg, metrics) is saved at each of those token counts too.
     """
     entry = manifest["hookpoints"][hookpoint]
     d_in, total_rows = entry["d_in"], entry["rows"]
@@ -105,39 +107,45 @@ def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, devic
                        if ARCHITECTURES[j["architecture"]].normalize_inputs == norm] for norm in streams}
     dead_window = hp["dead_window_tokens"] or max(1, min(10_000_000, tokens // 5))
 
+    # Evaluation set: the first rows in manifest order, unshuffled, identical for every SAE.
+    eval_rows = min(total_rows, hp["eval_tokens"])
+    eval_sets = {norm: _first_rows(manifest["root"], entry["shards"], eval_rows, scale if norm else 1.0, device)
+                 for norm in streams}
+
+    def save(t: SAETrainer, folder: Path) -> dict:
+        cfg = sae_folder_cfg(t.job, d_in, hookpoint, hp, num_steps, dead_window)
+        cfg |= {"data_digest": t.digest.hexdigest(), "tokens": t.tokens_seen}
+        metrics, frequency = evaluate(t.sae, eval_sets[t.sae.normalize_inputs])
+        metrics["dead_fraction"] = float(((t.tokens_seen - t.last_fired) >= dead_window).float().mean())
+        metrics |= {"train_tokens": t.tokens_seen, "train_seconds": time.perf_counter() - start}
+        if node_id is not None:
+            metrics["node_id"] = node_id
+        sae = t.sae
+        if sae.normalize_inputs:  # the saved SAE acts on raw activations; training goes on with the scaled copy
+            sae = copy.deepcopy(sae)
+            sae.fold_input_scale(scale)
+        save_sae_folder(folder, sae.state_dict(), cfg, metrics, firing_frequency=frequency)
+        return {"job": t.job, "metrics": metrics, "data_digest": cfg["data_digest"]}
+
     start = time.perf_counter()
     bar = progress(num_steps * len(streams)) if progress else None
     for norm, stream in streams.items():
+        pending = list(hp.get("checkpoint_tokens") or [])
         for step, batch in enumerate(stream):
             x = torch.from_numpy(batch).to(device)
             logs = [t.step(x) for t in trainers[norm]]
             if report and ((step + 1) % hp["log_every"] == 0 or step + 1 == num_steps):
                 report(step + 1, [(t.job, m) for t, m in zip(trainers[norm], logs)])
+            # Intermediate SAEs: saved at the first step that reaches each requested token count.
+            while pending and (step + 1) * hp["batch_size"] >= pending[0]:
+                for t in trainers[norm]:
+                    save(t, checkpoint_folder(t.job["path"], pending[0]))
+                pending.pop(0)
             if bar is not None:
                 bar.update(1)
     if bar is not None:
         bar.close()
-
-    # Evaluation set: the first rows in manifest order, unshuffled, identical for every SAE.
-    eval_rows = min(total_rows, hp["eval_tokens"])
-    results = []
-    eval_sets = {norm: _first_rows(manifest["root"], entry["shards"], eval_rows, scale if norm else 1.0, device)
-                 for norm in streams}
-    for norm, group in trainers.items():
-        for t in group:
-            metrics, frequency = evaluate(t.sae, eval_sets[norm])
-            metrics["dead_fraction"] = float(((t.tokens_seen - t.last_fired) >= dead_window).float().mean())
-            metrics["train_tokens"] = t.tokens_seen
-            metrics["train_seconds"] = time.perf_counter() - start
-            if node_id is not None:
-                metrics["node_id"] = node_id
-            if t.sae.normalize_inputs:
-                t.sae.fold_input_scale(scale)
-            cfg = sae_folder_cfg(t.job, d_in, hookpoint, hp, num_steps, dead_window)
-            cfg["data_digest"] = t.digest.hexdigest()
-            save_sae_folder(Path(t.job["path"]), t.sae.state_dict(), cfg, metrics, firing_frequency=frequency)
-            results.append({"job": t.job, "metrics": metrics, "data_digest": cfg["data_digest"]})
-    return results
+    return [save(t, Path(t.job["path"])) for group in trainers.values() for t in group]
 
 
 def _first_rows(root: str, shards: list[dict], n: int, scale: float, device: torch.device,

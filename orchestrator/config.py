@@ -120,10 +120,21 @@ class TrainConfig(_Strict):
     dead_window_tokens: int | None = Field(
         None, gt=0, description="A latent not firing for this many tokens is dead; None: min(10M, tokens/5)."
     )
+    checkpoint_tokens: list[int] = Field(
+        default_factory=list, description="Training tokens at which an intermediate SAE is saved (overlap through "
+        "training, e.g. log-spaced); the final SAE is always saved.")
     log_every: int = Field(50, gt=0, description="Steps between metric reports.")
     num_workers: int = Field(1, gt=0, description="Ray Train workers; configurations are split across them.")
     cpus_per_worker: int = Field(1, gt=0, description="CPUs (and torch threads) per training worker.")
     use_gpu: bool | None = Field(None, description="Train on GPU; None: when the cluster has one.")
+
+
+    @field_validator("checkpoint_tokens")
+    @classmethod
+    def _increasing_checkpoints(cls, v):
+        if any(t <= 0 for t in v) or any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError(f"checkpoint_tokens must be positive and strictly increasing, got {v}")
+        return v
 
 
 class CompareConfig(_Strict):
@@ -164,7 +175,17 @@ class ExperimentConfig(_Strict):
                     problem = arch.check_width(params, width)
                     if problem:
                         raise ValueError(f"sae.architectures[{i}] with width {width}: {problem}")
+        budget = self.train_tokens
+        late = [t for t in self.train.checkpoint_tokens if t >= budget]
+        if late:
+            raise ValueError(f"train.checkpoint_tokens {late} must be below the training budget of {budget} tokens "
+                             "(train.tokens, else one pass over generate.num_tokens); the final SAE is saved anyway")
         return self
+
+    @property
+    def train_tokens(self) -> int:
+        """Training tokens per SAE: `train.tokens`, else one pass over the generated activations."""
+        return self.train.tokens or (self.generate.num_tokens // self.generate.ctx_len) * self.generate.ctx_len
 
     @property
     def output_path(self) -> Path:

@@ -125,6 +125,25 @@ def nway_figures(configurations: dict) -> dict[str, plt.Figure]:
     }
 
 
+def shared_vs_tokens(configurations: dict) -> dict[str, plt.Figure]:
+    """Overlap through training, when intermediate checkpoints were saved."""
+    if not any(c.get("through_training") for c in configurations.values()):
+        return {}
+
+    def draw(ax, name, c):
+        pts = c.get("through_training")
+        if pts:
+            ax.errorbar([p["tokens"] for p in pts], [p["mean"] for p in pts], yerr=[p["std"] for p in pts],
+                        marker="o", capsize=3, label=name)
+
+    fig = _per_configuration(configurations, draw, "training tokens", "shared fraction (mean ± std over seed pairs)",
+                             "overlap through training")
+    fig.axes[0].set_xscale("log")
+    fig.axes[0].set_ylim(0, 1)
+    return {"figures/shared_vs_tokens.png": fig}
+
+
 def all_figures(configurations: dict, threshold: float) -> dict[str, plt.Figure]:
     return heatmaps(configurations) | matched_cosine_histograms(configurations, threshold) | nway_figures(
-        configurations) | {"figures/shared_vs_width.png": shared_vs_width(configurations)}
+        configurations) | shared_vs_tokens(configurations) | {
+        "figures/shared_vs_width.png": shared_vs_width(configurations)}

@@ -83,8 +83,13 @@ class ExperimentTracker:
                        "mean_shared_fraction": conf["mean_shared_per_seed"][sae["seed"]],
                        **{f"config_mean_{k}": v for k, v in conf["pair_means"].items()},
                        "chance_shared_init": conf["chance"].get("init_shared", float("nan")),
-                       "chance_shared_rotation": conf["chance"].get("rotation_shared", float("nan"))}
-            self.client.log_batch(sae["run_id"], metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+                       "chance_shared_rotation": conf["chance"].get("rotation_shared", float("nan")),
+                       "train_tokens": m["train_tokens"]}
+            # Through training: step = training tokens, so the run's chart plots shared fraction against tokens.
+            curve = [Metric("shared_fraction_vs_tokens", p["shared"], now, p["tokens"])
+                     for p in conf.get("through_training_per_seed", {}).get(sae["seed"], [])]
+            self.client.log_batch(sae["run_id"], metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()]
+                                  + curve)
             self.client.set_terminated(sae["run_id"], RunStatus.to_string(RunStatus.FINISHED))
 
         for name, frame in compare["tables"].items():

@@ -25,6 +25,9 @@ BASE = yaml.safe_load(TINY.read_text())
     ("generate.dtype=int8", "generate.dtype"),
     ("compare.threshold=2", "compare.threshold"),
     ("dataset.kind=hub", "dataset.path is required"),
+    ("train.checkpoint_tokens=[4096,1024]", "strictly increasing"),
+    # tiny.yaml: one pass over 16,384 generated tokens unless train.tokens says otherwise.
+    ("train.checkpoint_tokens=[1024,16384]", "checkpoint_tokens [16384] must be below the training budget of 16384"),
 ])
 def test_invalid_config_names_the_field(override, expected):
     with pytest.raises(ConfigError) as err:

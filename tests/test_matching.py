@@ -114,3 +114,47 @@ def test_nway_counts_against_brute_force():
         for k in range(n_seeds):
             assert counts[base, k] == sum(1 for c in per_latent if c == k)
         assert counts[base].sum() == n
+
+
+def test_cli_match_reads_sparsify_and_saelens_layouts(tmp_path, capsys):
+    """The same SAE written as sparsify does (`encoder.weight` [n, d]) and as SAELens does (`W_enc` [d, n] in
+    sae_weights.safetensors) gives the same statistics, dense or through the certified sparse matcher."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from orchestrator.cli import main
+
+    g = torch.Generator().manual_seed(0)
+    n, d = 40, 16
+    enc_a, dec_a = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    # B: half of A's latents, permuted and slightly perturbed, the rest random.
+    enc_b, dec_b = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    perm = torch.randperm(n, generator=g)[: n // 2]
+    enc_b[: n // 2] = enc_a[perm] + 0.2 * torch.randn(n // 2, d, generator=g)
+    dec_b[: n // 2] = dec_a[perm] + 0.2 * torch.randn(n // 2, d, generator=g)
+
+    sparsify, saelens = tmp_path / "sparsify", tmp_path / "saelens"
+    sparsify.mkdir()
+    save_file({"encoder.weight": enc_a, "encoder.bias": torch.zeros(n), "W_dec": dec_a, "b_dec": torch.zeros(d)},
+              str(sparsify / "sae.safetensors"))
+    (sparsify / "cfg.json").write_text(json.dumps({"d_in": d, "num_latents": n, "k": 4}))
+    saelens.mkdir()
+    save_file({"W_enc": enc_b.T.contiguous(), "b_enc": torch.zeros(n), "W_dec": dec_b, "b_dec": torch.zeros(d)},
+              str(saelens / "sae_weights.safetensors"))
+    (saelens / "cfg.json").write_text(json.dumps({"d_in": d, "d_sae": n, "architecture": "standard"}))
+
+    expected = match_pair(enc_a, dec_a, enc_b, dec_b).statistics()
+    assert expected["shared_fraction"] >= 0.4  # the planted half (up to chance misses) is found
+    for method in ("dense", "sparse"):
+        capsys.readouterr()
+        assert main(["match", str(sparsify), str(saelens), "--json", "--method", method, "--device", "cpu"]) == 0
+        captured = capsys.readouterr()
+        got = json.loads(captured.out)
+        for key, value in expected.items():
+            assert got[key] == pytest.approx(value, abs=1e-6), (method, key)
+        assert "certificate: optimal (proven)" in captured.err
+
+    capsys.readouterr()
+    assert main(["match", str(sparsify), str(tmp_path / "missing")]) == 2
+    assert "not an SAE folder" in capsys.readouterr().err

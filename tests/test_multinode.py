@@ -49,6 +49,12 @@ def cluster():
         c.stop()
 
 
+def final_metrics(out: Path) -> list[Path]:
+    """metrics.json of every complete final SAE folder (not temporary, not an intermediate checkpoint)."""
+    return [p for p in (out / "saes").rglob("metrics.json")
+            if not any(part.endswith(".tmp") or part == "checkpoints" for part in p.relative_to(out).parts)]
+
+
 def check_outputs(out: Path) -> tuple[dict, list[dict]]:
     """Complete results, nothing missing or duplicated; returns the activation manifest and the SAEs."""
     manifest = json.loads((out / "activations" / "manifest.json").read_text())
@@ -63,8 +69,7 @@ def check_outputs(out: Path) -> tuple[dict, list[dict]]:
     saes = json.loads((out / "saes" / "manifest.json").read_text())["saes"]
     assert len(saes) == EXPECTED_SAES
     assert len({s["path"] for s in saes}) == EXPECTED_SAES
-    folders = sorted(str(p.parent) for p in (out / "saes").rglob("metrics.json")
-                     if not any(part.endswith(".tmp") for part in p.parts))
+    folders = sorted(str(p.parent) for p in final_metrics(out))
     assert folders == sorted(s["path"] for s in saes)  # one complete folder per SAE, no other
     for s in saes:
         assert (Path(s["path"]) / "sae.safetensors").is_file()
@@ -143,7 +148,7 @@ def test_killed_worker_node_is_replaced_and_resubmission_completes(cluster, tmp_
     names = {node: name for name, node in cluster.node_ids().items()}
     victim = names[workers[0].node_id]
     assert victim != "head"
-    trained_before = len(list((out / "saes").rglob("metrics.json")))
+    trained_before = len(final_metrics(out))
     assert jobs.get_job_status("killed") == JobStatus.RUNNING and trained_before < EXPECTED_SAES
     cluster.kill(victim)  # the node dies in the middle of training
     log(f"killed {victim} with {trained_before} of {EXPECTED_SAES} SAEs trained")

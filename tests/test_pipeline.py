@@ -138,6 +138,37 @@ def test_nway_views_are_consistent(tiny_run):
         assert 0 <= c["chance"]["rotation_shared"] <= 1 and 0 <= c["chance"]["init_shared"] <= 1
 
 
+def test_overlap_through_training(tiny_run):
+    cfg, result = tiny_run
+    overlap = cfg.output_path / "overlap"
+    through = pq.read_table(overlap / "through_training.parquet").to_pandas()
+    pairs = pq.read_table(overlap / "pairs.parquet").to_pandas()
+    # tiny.yaml: checkpoints at 2,048 and 8,192 tokens, then the final SAEs at 16,384, for every seed pair.
+    assert sorted(through["tokens"].unique()) == [2048, 8192, 16384]
+    assert len(through) == 3 * len(pairs)
+    final = through[through["tokens"] == 16384].merge(pairs, on=["configuration", "seed_a", "seed_b"])
+    np.testing.assert_allclose(final["shared_fraction_x"], final["shared_fraction_y"])
+    # An intermediate point equals `sae-seeds match` on the two checkpoint folders.
+    saes = json.loads((cfg.output_path / "saes" / "manifest.json").read_text())["saes"]
+    row = through[through["tokens"] == 2048].iloc[0]
+    ckpt = {(s["configuration"], s["seed"]): s["checkpoints"][0]["path"] for s in saes}
+    a = load_sae_weights(ckpt[(row["configuration"], row["seed_a"])])
+    b = load_sae_weights(ckpt[(row["configuration"], row["seed_b"])])
+    from actors.matching import match_pair
+
+    assert match_pair(a.encoder, a.decoder, b.encoder, b.decoder).statistics()["shared_fraction"] == \
+        pytest.approx(row["shared_fraction"])
+    # Each child run has the curve, one point per token count, as MLflow steps.
+    client = MlflowClient(result["tracking_uri"])
+    child = client.search_runs([result["experiment_id"]],
+                               filter_string=f"tags.mlflow.parentRunId = '{result['parent_run_id']}'")[0]
+    history = client.get_metric_history(child.info.run_id, "shared_fraction_vs_tokens")
+    assert sorted(m.step for m in history) == [2048, 8192, 16384]
+    assert all(0 <= m.value <= 1 for m in history)
+    figures = {a.path for a in client.list_artifacts(result["parent_run_id"], "figures")}
+    assert "figures/shared_vs_tokens.png" in figures
+
+
 def test_trained_folders_are_reused_only_with_the_same_settings(tiny_run):
     from orchestrator.stages.train import _is_trained, train_hash
 
@@ -148,5 +179,7 @@ def test_trained_folders_are_reused_only_with_the_same_settings(tiny_run):
     other_order = train_hash(load_config(TINY, ["train.data_seed=1"], str(cfg.output_path)), manifest)
     more_workers = train_hash(load_config(TINY, ["train.num_workers=2"], str(cfg.output_path)), manifest)
     assert same != other_order and same == more_workers
-    assert all(_is_trained(s["path"], same) for s in saes)
-    assert not any(_is_trained(s["path"], other_order) for s in saes)
+    assert all(_is_trained(s["path"], same, cfg.train.checkpoint_tokens) for s in saes)
+    assert not any(_is_trained(s["path"], other_order, cfg.train.checkpoint_tokens) for s in saes)
+    # A missing intermediate checkpoint makes the folder untrained.
+    assert not _is_trained(saes[0]["path"], same, cfg.train.checkpoint_tokens + [12000])

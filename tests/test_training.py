@@ -1,15 +1,17 @@
 """SAE architectures and the training loop, without Ray: planted-feature recovery, determinism, batches."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from actors.activations import activation_table, file_sha256, shard_path, write_parquet_atomic
-from actors.checkpoint import load_sae_weights
+from actors.checkpoint import checkpoint_folder, load_sae_weights
 from actors.data import ActivationStream
 from actors.sae import ARCHITECTURES
-from actors.training import build_trainer, train_saes
+from actors.training import build_trainer, evaluate, train_saes
 
 HP = {"batch_size": 256, "tokens": None, "data_seed": 0, "lr": None, "warmup_steps": 20, "grad_clip": 1.0,
       "dead_window_tokens": None, "log_every": 10, "eval_tokens": 4096}
@@ -167,3 +169,37 @@ def test_firing_frequency_is_saved_and_matches_l0(tmp_path):
     assert freq.shape == (32,) and np.all((freq >= 0) & (freq <= 1))
     # Mean latents active per token (L0) is the sum of the per-latent firing frequencies.
     assert freq.sum() == pytest.approx(res["metrics"]["l0"], rel=1e-4)
+
+
+def test_intermediate_checkpoints_act_on_raw_inputs_and_leave_training_unchanged(tmp_path):
+    x, _ = planted_data(4096)
+    manifest = write_manifest(tmp_path / "acts", x)
+    archs = [("topk", {"k": 4}), ("relu_l1", {"l1_coefficient": 0.1})]
+
+    def run(out, checkpoint_tokens):
+        jobs = [{"configuration": "c", "architecture": arch, "params": params, "width": 32, "seed": 0,
+                 "path": str(tmp_path / out / arch / "layers.0.mlp"), "run_id": None} for arch, params in archs]
+        train_saes(jobs, manifest, "layers.0.mlp", HP | {"checkpoint_tokens": checkpoint_tokens}, torch.device("cpu"))
+        return jobs
+
+    plain = run("plain", [])
+    with_checkpoints = run("ckpt", [1000, 2048])
+    raw = [torch.from_numpy(x[:HP["eval_tokens"]])]  # the evaluation rows, unscaled
+    for (arch, params), job, ref in zip(archs, with_checkpoints, plain):
+        final = load_file(str(tmp_path / "ckpt" / arch / "layers.0.mlp" / "sae.safetensors"))
+        # Saving checkpoints (a folded copy for relu_l1) must not disturb training.
+        for key, value in load_file(str(tmp_path / "plain" / arch / "layers.0.mlp" / "sae.safetensors")).items():
+            assert torch.equal(final[key], value), (arch, key)
+        # Each checkpoint is taken at the first batch boundary (256 tokens) reaching its token count.
+        for requested, tokens in [(1000, 1024), (2048, 2048)]:
+            folder = checkpoint_folder(job["path"], requested)
+            assert folder == tmp_path / "ckpt" / arch / "checkpoints" / f"tokens{requested}" / "layers.0.mlp"
+            cfg = json.loads((folder / "cfg.json").read_text())
+            metrics = json.loads((folder / "metrics.json").read_text())
+            assert cfg["tokens"] == metrics["train_tokens"] == tokens
+            sae = ARCHITECTURES[arch](x.shape[1], 32, ARCHITECTURES[arch].Params.model_validate(params))
+            sae.load_state_dict(load_file(str(folder / "sae.safetensors")))
+            # The saved weights act on raw activations with the FVU measured (on scaled ones) during training.
+            assert evaluate(sae, raw)[0]["fvu"] == pytest.approx(metrics["fvu"], rel=1e-4, abs=1e-6)
+            weights = load_file(str(folder / "sae.safetensors"))
+            assert not torch.equal(weights["encoder.weight"], final["encoder.weight"])

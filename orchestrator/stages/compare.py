@@ -65,6 +65,17 @@ def chance_overlap(sae_a: dict, sae_b: dict, threshold: float) -> dict:
     return {"init_shared": init, "rotation_shared": rotated["shared_fraction"]}
 
 
+@ray.remote
+def match_through_training(checkpoints: list[tuple[str, str]], threshold: float) -> list[dict]:
+    """Pair statistics of two seeds' intermediate SAEs, one checkpoint (same token count) after another."""
+    rows = []
+    for path_a, path_b in checkpoints:
+        a, b = load_sae_weights(path_a), load_sae_weights(path_b)
+        m = match_pair(a.encoder, a.decoder, b.encoder, b.decoder, threshold)
+        rows.append({"tokens": int(a.cfg["tokens"]), **m.statistics(), "shared_fraction_b": float(m.shared_of_b().mean())})
+    return rows
+
+
 def _frequency_stability(results: list[dict]) -> dict | None:
     """Spearman correlation of a latent's firing frequency with being shared, and shared fraction per
     log-frequency bin, pooled over the pairs of a configuration (A's side of each pair)."""
@@ -91,17 +102,21 @@ def run_compare(cfg: ExperimentConfig, train_manifest: dict) -> dict:
         by_conf[sae["configuration"]].append(sae)
 
     opts = {"num_cpus": cfg.compare.cpus_per_task}
-    futures, chance = {}, {}
+    futures, chance, through = {}, {}, {}
     for conf, saes in by_conf.items():
         saes.sort(key=lambda s: s["seed"])
         for i, j in itertools.combinations(range(len(saes)), 2):
             a, b = saes[i], saes[j]
             path = out / "assignments" / slug(conf) / f"seed{a['seed']}-seed{b['seed']}.parquet"
             futures[(conf, i, j)] = match_saes.options(**opts).remote(a["path"], b["path"], threshold, str(path))
+            pairs = [(ca["path"], cb["path"]) for ca, cb in zip(a.get("checkpoints", []), b.get("checkpoints", []))]
+            if pairs:
+                through[(conf, i, j)] = match_through_training.options(**opts).remote(pairs, threshold)
         if len(saes) > 1:
             chance[conf] = chance_overlap.options(**opts).remote(saes[0], saes[1], threshold)
     results = dict(zip(futures, ray.get(list(futures.values()))))
     chance = dict(zip(chance, ray.get(list(chance.values()))))
+    through = dict(zip(through, ray.get(list(through.values()))))
 
     tables: dict[str, list[dict]] = defaultdict(list)
     configurations = {}
@@ -123,8 +138,17 @@ def run_compare(cfg: ExperimentConfig, train_manifest: dict) -> dict:
                 tables["sweeps"].append({"configuration": conf, "seed_a": seeds[i], "seed_b": seeds[j],
                                          "threshold": float(t), "shared": float(values[0]),
                                          "decoder_shared": float(values[1]), "maxcos_shared": float(values[2])})
+            matrix_b = float(r["shared_b"].mean())
+            # Overlap through training: the intermediate checkpoints, then the final SAEs.
+            points = through.get((conf, i, j), [])
+            if points:
+                final = {"tokens": int(saes[i]["metrics"]["train_tokens"])}
+                final |= {k: stats[k] for k in points[0] if k in stats} | {"shared_fraction_b": matrix_b}
+                points = points + [final]
+            tables["through_training"] += [{"configuration": conf, "seed_a": seeds[i], "seed_b": seeds[j], **p}
+                                           for p in points]
             matrix[i, j] = stats["shared_fraction"]
-            matrix[j, i] = float(r["shared_b"].mean())
+            matrix[j, i] = matrix_b
             masks[(i, j)], masks[(j, i)] = r["shared_a"], r["shared_b"]
             edges[(i, j)], edges[(j, i)] = r["edges_ab"], r["edges_ba"]
             cosines["encoder"].append(r["enc_cos"])
@@ -159,6 +183,8 @@ def run_compare(cfg: ExperimentConfig, train_manifest: dict) -> dict:
             "frequency_stability": _frequency_stability(conf_results),
             "matched_cos": {k: np.concatenate(v).tolist() if v else [] for k, v in cosines.items()},
             "sweep_mean": _mean_sweep(tables["sweeps"], conf),
+            "through_training": _through_training(tables["through_training"], conf),
+            "through_training_per_seed": _through_training_per_seed(tables["through_training"], conf, seeds),
         }
 
     frames = {name: pd.DataFrame(rows) for name, rows in tables.items()}
@@ -179,3 +205,27 @@ def _mean_sweep(rows: list[dict], conf: str) -> dict[str, list[float]]:
         return {}
     mean = sel.groupby("threshold")[["shared", "decoder_shared", "maxcos_shared"]].mean()
     return {"threshold": mean.index.tolist(), **{k: mean[k].tolist() for k in mean.columns}}
+
+
+def _through_training(rows: list[dict], conf: str) -> list[dict]:
+    """Shared fraction (mean and std over seed pairs) at each checkpoint's token count; empty without checkpoints."""
+    sel = pd.DataFrame([r for r in rows if r["configuration"] == conf])
+    if sel.empty:
+        return []
+    g = sel.groupby("tokens")["shared_fraction"]
+    return [{"tokens": int(t), "mean": float(m), "std": float(sd)}
+            for t, m, sd in zip(g.mean().index, g.mean(), g.std(ddof=0))]
+
+
+def _through_training_per_seed(rows: list[dict], conf: str, seeds: list[int]) -> dict[int, list[dict]]:
+    """Per seed: its shared fraction against the other seeds (mean over them) at each checkpoint's token count."""
+    sel = pd.DataFrame([r for r in rows if r["configuration"] == conf])
+    if sel.empty:
+        return {}
+    # A seed's own side of each pair: shared_fraction when it is seed_a, shared_fraction_b when it is seed_b.
+    sides = pd.concat([
+        sel[["seed_a", "tokens", "shared_fraction"]].set_axis(["seed", "tokens", "shared"], axis=1),
+        sel[["seed_b", "tokens", "shared_fraction_b"]].set_axis(["seed", "tokens", "shared"], axis=1)])
+    mean = sides.groupby(["seed", "tokens"])["shared"].mean()
+    return {s: [{"tokens": int(t), "shared": float(v)} for t, v in mean.loc[s].items()]
+            for s in seeds if s in mean.index.get_level_values(0)}

@@ -15,7 +15,7 @@ import ray
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from actors.checkpoint import METRICS, write_json_atomic
+from actors.checkpoint import METRICS, checkpoint_folder, write_json_atomic
 from actors.train_worker import train_loop_per_worker
 
 from ..config import ExperimentConfig
@@ -35,10 +35,11 @@ def train_hash(cfg: ExperimentConfig, manifest: dict) -> str:
     return hashlib.sha256(data.encode()).hexdigest()[:16]
 
 
-def _is_trained(path: str, expected_hash: str) -> bool:
-    """Complete (metrics written last) and trained with these activations and settings."""
+def _is_trained(path: str, expected_hash: str, checkpoint_tokens: list[int] = ()) -> bool:
+    """Complete (metrics written last, intermediate checkpoints too) and trained with these activations and
+    settings."""
     folder = Path(path)
-    if not (folder / METRICS).is_file():
+    if not all((f / METRICS).is_file() for f in [folder, *(checkpoint_folder(folder, n) for n in checkpoint_tokens)]):
         return False
     return json.loads((folder / "cfg.json").read_text()).get("train_hash") == expected_hash
 
@@ -52,7 +53,7 @@ def run_train(cfg: ExperimentConfig, manifest: dict, configurations: list[SAECon
     for hookpoint in manifest["hookpoints"]:
         groups = [c.jobs() for c in configurations if c.hookpoint == hookpoint]
         # A configuration is retrained whole if any seed is missing: seeds must share one stream.
-        groups = [g for g in groups if not all(_is_trained(j["path"], expected) for j in g)]
+        groups = [g for g in groups if not all(_is_trained(j["path"], expected, t.checkpoint_tokens) for j in g)]
         if not groups:
             log.info("train: every SAE of %s is already trained", hookpoint)
             continue
@@ -74,11 +75,12 @@ def run_train(cfg: ExperimentConfig, manifest: dict, configurations: list[SAECon
     for c in configurations:
         for job in c.jobs():
             folder = Path(job["path"])
-            if not _is_trained(job["path"], expected):
+            if not _is_trained(job["path"], expected, t.checkpoint_tokens):
                 raise RuntimeError(f"training finished but {folder} is incomplete or from other settings")
             cfg_json = json.loads((folder / "cfg.json").read_text())
+            checkpoints = [{"tokens": n, "path": str(checkpoint_folder(folder, n))} for n in t.checkpoint_tokens]
             saes.append(job | {"metrics": json.loads((folder / METRICS).read_text()),
-                               "data_digest": cfg_json["data_digest"]})
+                               "data_digest": cfg_json["data_digest"], "checkpoints": checkpoints})
     train_manifest = {"config_hash": cfg.content_hash(), "threshold": cfg.compare.threshold,
                       "configurations": [c.name for c in configurations], "saes": saes}
     write_json_atomic(train_manifest_path(cfg), train_manifest)
