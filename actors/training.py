@@ -18,6 +18,7 @@ import torch
 from .checkpoint import checkpoint_folder, save_sae_folder
 from .data import ActivationStream
 from .sae import ARCHITECTURES, SparseAutoencoder
+from .sae.topk import TopKSAE
 
 
 @dataclass
@@ -29,6 +30,7 @@ class SAETrainer:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     grad_clip: float
+    dead_window: int  # tokens without firing after which a latent is dead
     last_fired: torch.Tensor  # tokens seen when each latent last fired
     digest: "hashlib._Hash" = field(default_factory=hashlib.sha256)
     tokens_seen: int = 0
@@ -39,6 +41,7 @@ class SAETrainer:
             self.sae.init_from_batch(x)
             self.initialised = True
         self.digest.update(x.detach().cpu().numpy().tobytes())
+        self.sae.dead_mask = (self.tokens_seen - self.last_fired) >= self.dead_window
         out = self.sae(x)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -67,23 +70,36 @@ def build_trainer(job: dict, d_in: int, num_steps: int, hp: dict, device: torch.
                                           total_iters=max(1, num_steps - warmup)),
     ], milestones=[warmup])
     return SAETrainer(job=job, sae=sae, optimizer=optimizer, scheduler=scheduler, grad_clip=hp["grad_clip"],
+                      dead_window=dead_window_tokens(hp, num_steps * hp["batch_size"]),
                       last_fired=torch.zeros(job["width"], dtype=torch.long, device=device))
+
+
+def dead_window_tokens(hp: dict, tokens: int) -> int:
+    """A latent is dead after this many tokens without firing: the configured window, else min(10M, tokens/5)."""
+    return hp["dead_window_tokens"] or max(1, min(10_000_000, tokens // 5))
 
 
 @torch.no_grad()
 def evaluate(sae: SparseAutoencoder, batches: list[torch.Tensor]) -> tuple[dict[str, float], torch.Tensor]:
-    """FVU and L0 over a fixed evaluation set (the same rows for every SAE), and each latent's firing frequency."""
-    sq_err = total = l0 = n = 0.0
-    mean = torch.cat(batches).mean(0)
-    fires = torch.zeros(sae.num_latents, dtype=torch.float64, device=mean.device)
-    for x in batches:
-        out = sae(x)
-        sq_err += (x - out.x_hat).pow(2).sum().item()
-        total += (x - mean).pow(2).sum().item()
-        l0 += out.l0.item() * x.shape[0]
-        n += x.shape[0]
-        fires += (sae.activations(x) > 0).sum(0)
-    return {"fvu": sq_err / total, "l0": l0 / n}, (fires / n).float()
+    """FVU and L0 over a fixed evaluation set (the same rows for every SAE), and each latent's firing frequency.
+
+    Runs in eval mode (inference-time behaviour, e.g. BatchTopK's threshold) and restores the mode after."""
+    was_training = sae.training
+    sae.eval()
+    try:
+        sq_err = total = l0 = n = 0.0
+        mean = torch.cat(batches).mean(0)
+        fires = torch.zeros(sae.num_latents, dtype=torch.float64, device=mean.device)
+        for x in batches:
+            out = sae(x)
+            sq_err += (x - out.x_hat).pow(2).sum().item()
+            total += (x - mean).pow(2).sum().item()
+            l0 += out.l0.item() * x.shape[0]
+            n += x.shape[0]
+            fires += (sae.activations(x) > 0).sum(0)
+        return {"fvu": sq_err / total, "l0": l0 / n}, (fires / n).float()
+    finally:
+        sae.train(was_training)
 
 
 def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, device: torch.device,
@@ -105,7 +121,6 @@ def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, devic
     num_steps = next(iter(streams.values())).num_steps
     trainers = {norm: [build_trainer(j, d_in, num_steps, hp, device) for j in jobs
                        if ARCHITECTURES[j["architecture"]].normalize_inputs == norm] for norm in streams}
-    dead_window = hp["dead_window_tokens"] or max(1, min(10_000_000, tokens // 5))
 
     # Evaluation set: the first rows in manifest order, unshuffled, identical for every SAE.
     eval_rows = min(total_rows, hp["eval_tokens"])
@@ -113,10 +128,10 @@ def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, devic
                  for norm in streams}
 
     def save(t: SAETrainer, folder: Path) -> dict:
-        cfg = sae_folder_cfg(t.job, d_in, hookpoint, hp, num_steps, dead_window)
+        cfg = sae_folder_cfg(t.job, d_in, hookpoint, hp, num_steps, t.dead_window)
         cfg |= {"data_digest": t.digest.hexdigest(), "tokens": t.tokens_seen}
         metrics, frequency = evaluate(t.sae, eval_sets[t.sae.normalize_inputs])
-        metrics["dead_fraction"] = float(((t.tokens_seen - t.last_fired) >= dead_window).float().mean())
+        metrics["dead_fraction"] = float(((t.tokens_seen - t.last_fired) >= t.dead_window).float().mean())
         metrics |= {"train_tokens": t.tokens_seen, "train_seconds": time.perf_counter() - start}
         if node_id is not None:
             metrics["node_id"] = node_id
@@ -170,7 +185,8 @@ def sae_folder_cfg(job: dict, d_in: int, hookpoint: str, hp: dict, num_steps: in
         "num_latents": job["width"],
         "expansion_factor": job["width"] / d_in,
         "k": job["params"].get("k", 0),
-        "normalize_decoder": job["architecture"] == "topk",
+        # sparsify's flag: decoder rows kept at unit norm (the TopK family; the others train freely or on scaled inputs).
+        "normalize_decoder": issubclass(ARCHITECTURES[job["architecture"]], TopKSAE),
         "multi_topk": False,
         "skip_connection": False,
         "architecture": job["architecture"],

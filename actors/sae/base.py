@@ -43,6 +43,9 @@ class SparseAutoencoder(nn.Module):
         self.encoder = nn.Linear(d_in, num_latents)
         self.W_dec = nn.Parameter(torch.empty(num_latents, d_in))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
+        # bool [n_latents]: latents that have not fired within the dead window, kept up to date by the trainer
+        # (AuxK-style losses revive them); None outside training.
+        self.dead_mask: torch.Tensor | None = None
 
     # ---- sweeps and validation (class-level; used by the config before any compute) ----
     @classmethod
