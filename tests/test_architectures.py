@@ -66,7 +66,7 @@ def test_batchtopk_keeps_k_per_token_on_average_and_learns_a_threshold():
 def test_new_architectures_recover_planted_directions(name, params):
     x, dirs = planted_data(64 * 256)
     job = {"architecture": name, "params": params, "width": 96, "seed": 0}
-    steps = 1500
+    steps = 1000
     trainer = build_trainer(job, x.shape[1], steps, HP | {"lr": 2e-3}, torch.device("cpu"))
     scale = math.sqrt(x.shape[1]) / np.linalg.norm(x, axis=1).mean() if trainer.sae.normalize_inputs else 1.0
     rng = np.random.default_rng(1)
