@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .calibration import calibrate_l1_coefficient
 from .checkpoint import checkpoint_folder, save_sae_folder
 from .data import ActivationStream
 from .sae import ARCHITECTURES, SparseAutoencoder
@@ -119,6 +120,7 @@ def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, devic
                                       tokens, scale if norm else 1.0)
                for norm in {ARCHITECTURES[j["architecture"]].normalize_inputs for j in jobs}}
     num_steps = next(iter(streams.values())).num_steps
+    jobs = _calibrate_sparsity(jobs, streams, d_in, hp, device)
     trainers = {norm: [build_trainer(j, d_in, num_steps, hp, device) for j in jobs
                        if ARCHITECTURES[j["architecture"]].normalize_inputs == norm] for norm in streams}
 
@@ -135,6 +137,8 @@ def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, devic
         metrics |= {"train_tokens": t.tokens_seen, "train_seconds": time.perf_counter() - start}
         if node_id is not None:
             metrics["node_id"] = node_id
+        if "calibration" in t.job:
+            metrics |= t.job["calibration"]
         sae = t.sae
         if sae.normalize_inputs:  # the saved SAE acts on raw activations; training goes on with the scaled copy
             sae = copy.deepcopy(sae)
@@ -161,6 +165,27 @@ def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, devic
     if bar is not None:
         bar.close()
     return [save(t, Path(t.job["path"])) for group in trainers.values() for t in group]
+
+
+def _calibrate_sparsity(jobs: list[dict], streams: dict, d_in: int, hp: dict, device: torch.device) -> list[dict]:
+    """Jobs with a `target_l0` get the L1 coefficient that reaches it, found once per configuration (probing with its
+    smallest seed) so that its seeds still differ only in their init."""
+    found: dict[str, tuple[float, float]] = {}
+    out = []
+    for job in jobs:
+        params = job["params"]
+        if params.get("target_l0") is None or params.get("l1_coefficient") is not None:
+            out.append(job)
+            continue
+        conf = job.get("configuration", "")
+        if conf not in found:
+            seed = min(j["seed"] for j in jobs if j.get("configuration", "") == conf)
+            stream = streams[ARCHITECTURES[job["architecture"]].normalize_inputs]
+            found[conf] = calibrate_l1_coefficient(job | {"seed": seed}, stream, d_in, hp, device)
+        coefficient, probe_l0 = found[conf]
+        out.append(job | {"params": params | {"l1_coefficient": coefficient},
+                          "calibration": {"calibrated_l1_coefficient": coefficient, "calibration_probe_l0": probe_l0}})
+    return out
 
 
 def _first_rows(root: str, shards: list[dict], n: int, scale: float, device: torch.device,

@@ -1,5 +1,6 @@
 """Architecture semantics beyond the shared training tests: AuxK, BatchTopK's batch budget and threshold."""
 
+import json
 import math
 
 import numpy as np
@@ -77,3 +78,37 @@ def test_new_architectures_recover_planted_directions(name, params):
     assert (best > 0.9).mean() >= 0.8, f"{name}: recovered {(best > 0.9).mean():.2f} of planted directions"
     metrics, _ = evaluate(trainer.sae, [torch.from_numpy(x[:2048] * scale)])
     assert metrics["fvu"] < 0.25 and metrics["l0"] < 10, metrics
+
+
+def test_relu_l1_is_calibrated_to_a_target_l0(tmp_path):
+    from actors.calibration import calibrate_l1_coefficient
+    from actors.data import ActivationStream
+    from actors.training import train_saes
+
+    from .test_training import write_manifest
+
+    x, _ = planted_data(8192)
+    manifest = write_manifest(tmp_path / "acts", x)
+    entry = manifest["hookpoints"]["layers.0.mlp"]
+    hp = HP | {"lr": 1e-3, "tokens": 4 * 8192}
+    jobs = [{"configuration": "c", "architecture": "relu_l1", "params": {"l1_coefficient": None, "target_l0": 6.0},
+             "width": 64, "seed": s, "path": str(tmp_path / "out" / f"seed{s}"), "run_id": None} for s in (0, 1)]
+    results = train_saes(jobs, manifest, "layers.0.mlp", hp, torch.device("cpu"))
+
+    found = {r["metrics"]["calibrated_l1_coefficient"] for r in results}
+    assert len(found) == 1  # one coefficient for all seeds of the configuration: they differ only in init
+    (coefficient,) = found
+    probe_l0 = results[0]["metrics"]["calibration_probe_l0"]
+    assert abs(math.log(probe_l0 / 6.0)) < math.log(1.25), probe_l0
+    for r in results:  # the full runs land near the target too (and far from the uncalibrated L0)
+        assert 3.0 <= r["metrics"]["l0"] <= 12.0, r["metrics"]
+        cfg = json.loads((tmp_path / "out" / f"seed{r['job']['seed']}" / "cfg.json").read_text())
+        assert cfg["params"] == {"l1_coefficient": coefficient, "target_l0": 6.0}
+
+    # A sparser target needs a stronger penalty.
+    scale = math.sqrt(x.shape[1]) / entry["mean_norm"]
+    stream = ActivationStream(tmp_path / "acts", entry["shards"], 256, 0, 4 * 8192, scale)
+    sparser, _ = calibrate_l1_coefficient(jobs[0], stream, x.shape[1], hp, torch.device("cpu"))
+    denser, _ = calibrate_l1_coefficient(jobs[0] | {"params": {"l1_coefficient": None, "target_l0": 20.0}}, stream,
+                                         x.shape[1], hp, torch.device("cpu"))
+    assert sparser == pytest.approx(coefficient) and denser < sparser

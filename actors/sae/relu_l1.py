@@ -1,17 +1,29 @@
-"""ReLU SAE with an L1 penalty weighted by decoder row norms (SAELens' standard training)."""
+"""ReLU SAE with an L1 penalty weighted by decoder row norms (SAELens' standard training).
+
+The L1 coefficient is given directly, or found for a target L0 (`target_l0`) by actors/calibration.py before
+training, so that ReLU+L1 can be compared with TopK at the same sparsity.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .base import SparseAutoencoder, unit_rows
 
 
 class ReluL1Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    l1_coefficient: float = Field(..., gt=0, description="Weight of the decoder-norm-weighted L1 penalty.")
+    l1_coefficient: float | None = Field(None, gt=0, description="Weight of the decoder-norm-weighted L1 penalty.")
+    target_l0: float | None = Field(None, gt=0, description="Calibrate the L1 coefficient to reach this L0 instead.")
+
+    @model_validator(mode="after")
+    def _a_sparsity_setting(self):
+        # Both are present once calibration has filled in the coefficient for a target.
+        if self.l1_coefficient is None and self.target_l0 is None:
+            raise ValueError("give l1_coefficient or target_l0")
+        return self
 
 
 class ReluL1SAE(SparseAutoencoder):
@@ -28,6 +40,22 @@ class ReluL1SAE(SparseAutoencoder):
             self.encoder.bias.zero_()
 
     @classmethod
+    def validate_sweep(cls, spec, where):
+        if "l1_coefficient" in spec and "target_l0" in spec:
+            raise ValueError(f"{where}: give exactly one of l1_coefficient and target_l0")
+        super().validate_sweep(spec, where)
+
+    @classmethod
+    def check_width(cls, params, width):
+        if params.get("target_l0") is not None and params["target_l0"] >= width:
+            return f"target_l0={params['target_l0']} must be below the width ({width})"
+        return None
+
+    @classmethod
+    def label(cls, params):
+        return super().label({k: v for k, v in params.items() if v is not None})
+
+    @classmethod
     def recipe_lr(cls, num_latents: int) -> float:
         return 2e-4
 
@@ -35,6 +63,8 @@ class ReluL1SAE(SparseAutoencoder):
         return F.relu(self.encoder(x - self.b_dec))
 
     def loss(self, x, x_hat, z, fvu):
+        if self.params.l1_coefficient is None:
+            raise RuntimeError("relu_l1 with target_l0: calibrate the L1 coefficient before training")
         mse = (x - x_hat).pow(2).sum(-1).mean()
         l1 = (z * self.W_dec.norm(dim=-1)).sum(-1).mean()
         return mse + self.params.l1_coefficient * l1
