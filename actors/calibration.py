@@ -19,7 +19,7 @@ from .data import ActivationStream
 
 
 def calibrate_l1_coefficient(job: dict, stream: ActivationStream, d_in: int, hp: dict, device: torch.device,
-                             steps: int = 100, rounds: int = 10, bounds: tuple[float, float] = (1e-4, 1e2)
+                             steps: int = 100, rounds: int = 8, bounds: tuple[float, float] = (1e-4, 1e2)
                              ) -> tuple[float, float]:
     """(coefficient, probe L0) whose probe L0 came closest to `job["params"]["target_l0"]`."""
     from .training import build_trainer  # training imports this module
