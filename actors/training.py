@@ -18,6 +18,7 @@ import torch
 from .calibration import calibrate_l1_coefficient
 from .checkpoint import checkpoint_folder, save_sae_folder
 from .data import ActivationStream
+from .lm_eval import spliced_lm_metrics
 from .sae import ARCHITECTURES, SparseAutoencoder
 from .sae.topk import TopKSAE
 
@@ -129,7 +130,15 @@ def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, devic
     eval_sets = {norm: _first_rows(manifest["root"], entry["shards"], eval_rows, scale if norm else 1.0, device)
                  for norm in streams}
 
-    def save(t: SAETrainer, folder: Path) -> dict:
+    def raw_sae(t: SAETrainer) -> SparseAutoencoder:
+        """The SAE as saved: acting on raw activations (training goes on with the scaled original)."""
+        if not t.sae.normalize_inputs:
+            return t.sae
+        sae = copy.deepcopy(t.sae)
+        sae.fold_input_scale(scale)
+        return sae
+
+    def save(t: SAETrainer, folder: Path, extra: dict | None = None) -> dict:
         cfg = sae_folder_cfg(t.job, d_in, hookpoint, hp, num_steps, t.dead_window)
         cfg |= {"data_digest": t.digest.hexdigest(), "tokens": t.tokens_seen}
         metrics, frequency = evaluate(t.sae, eval_sets[t.sae.normalize_inputs])
@@ -139,11 +148,8 @@ def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, devic
             metrics["node_id"] = node_id
         if "calibration" in t.job:
             metrics |= t.job["calibration"]
-        sae = t.sae
-        if sae.normalize_inputs:  # the saved SAE acts on raw activations; training goes on with the scaled copy
-            sae = copy.deepcopy(sae)
-            sae.fold_input_scale(scale)
-        save_sae_folder(folder, sae.state_dict(), cfg, metrics, firing_frequency=frequency)
+        metrics |= extra or {}
+        save_sae_folder(folder, raw_sae(t).state_dict(), cfg, metrics, firing_frequency=frequency)
         return {"job": t.job, "metrics": metrics, "data_digest": cfg["data_digest"]}
 
     start = time.perf_counter()
@@ -164,7 +170,26 @@ def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, devic
                 bar.update(1)
     if bar is not None:
         bar.close()
-    return [save(t, Path(t.job["path"])) for group in trainers.values() for t in group]
+    finals = [t for group in trainers.values() for t in group]
+    lm = [{}] * len(finals)
+    if hp.get("lm_eval_chunks"):
+        model, input_ids = _lm_eval_inputs(manifest, hp, device)
+        lm = spliced_lm_metrics(model, hookpoint, [raw_sae(t) for t in finals], input_ids)
+    return [save(t, Path(t.job["path"]), extra) for t, extra in zip(finals, lm)]
+
+
+def _lm_eval_inputs(manifest: dict, hp: dict, device: torch.device) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The generate stage's model and its first `lm_eval_chunks` token chunks (seen in training too: the
+    activations cover the whole corpus sample)."""
+    import pyarrow.parquet as pq
+
+    from .models import load_model
+
+    m = manifest["model"]
+    model = load_model(m["path"], m.get("revision"), m["dtype"], hp.get("trust_remote_code", False), str(device))
+    chunks = pq.read_table(Path(manifest["root"]) / "tokens.parquet", columns=["input_ids"]).slice(
+        0, hp["lm_eval_chunks"]).column("input_ids").to_pylist()
+    return model, torch.tensor(chunks, dtype=torch.long, device=device)
 
 
 def _calibrate_sparsity(jobs: list[dict], streams: dict, d_in: int, hp: dict, device: torch.device) -> list[dict]:

@@ -123,6 +123,8 @@ class TrainConfig(_Strict):
     checkpoint_tokens: list[int] = Field(
         default_factory=list, description="Training tokens at which an intermediate SAE is saved (overlap through "
         "training, e.g. log-spaced); the final SAE is always saved.")
+    lm_eval_chunks: int = Field(8, ge=0, description="Token chunks on which the LM loss with each SAE spliced in "
+                                "is measured (delta CE, CE recovered); 0 turns it off.")
     log_every: int = Field(50, gt=0, description="Steps between metric reports.")
     num_workers: int = Field(1, gt=0, description="Ray Train workers; configurations are split across them.")
     cpus_per_worker: int = Field(1, gt=0, description="CPUs (and torch threads) per training worker.")

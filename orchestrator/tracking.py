@@ -86,7 +86,8 @@ class ExperimentTracker:
                        "chance_shared_rotation": conf["chance"].get("rotation_shared", float("nan")),
                        "train_tokens": m["train_tokens"],
                        # L1-style SAEs trained for a target L0: the coefficient calibration found
-                       **{k: m[k] for k in ("calibrated_l1_coefficient", "calibration_probe_l0") if k in m}}
+                       **{k: m[k] for k in ("calibrated_l1_coefficient", "calibration_probe_l0", "ce_delta",
+                                            "ce_recovered") if k in m}}
             # Through training: step = training tokens, so the run's chart plots shared fraction against tokens.
             curve = [Metric("shared_fraction_vs_tokens", p["shared"], now, p["tokens"])
                      for p in conf.get("through_training_per_seed", {}).get(sae["seed"], [])]

@@ -75,6 +75,21 @@ def test_parent_overlap_equals_cli_match(tiny_run, capsys):
             assert row[key] == pytest.approx(value, abs=1e-9), key
 
 
+def test_lm_loss_with_each_sae_spliced_in(tiny_run):
+    cfg, result = tiny_run
+    saes = json.loads((cfg.output_path / "saes" / "manifest.json").read_text())["saes"]
+    metrics = [s["metrics"] for s in saes]
+    # One model, the same chunks: the clean and zero-ablated losses are shared by every SAE.
+    assert len({m["ce_clean"] for m in metrics}) == 1 and len({m["ce_zero_ablated"] for m in metrics}) == 1
+    for m in metrics:
+        assert m["ce_delta"] == pytest.approx(m["ce_spliced"] - m["ce_clean"])
+        assert m["ce_recovered"] == pytest.approx(
+            (m["ce_zero_ablated"] - m["ce_spliced"]) / (m["ce_zero_ablated"] - m["ce_clean"]))
+    client = MlflowClient(result["tracking_uri"])
+    run = client.get_run(saes[0]["run_id"])
+    assert run.data.metrics["ce_recovered"] == pytest.approx(metrics[0]["ce_recovered"])
+
+
 def test_seeds_share_batches_and_differ_in_weights(tiny_run):
     cfg, _ = tiny_run
     saes = json.loads((cfg.output_path / "saes" / "manifest.json").read_text())["saes"]

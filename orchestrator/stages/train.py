@@ -30,7 +30,8 @@ def train_manifest_path(cfg: ExperimentConfig) -> Path:
 
 def train_hash(cfg: ExperimentConfig, manifest: dict) -> str:
     """What decides an SAE's weights besides its own job: the activations and the training settings."""
-    settings = cfg.train.model_dump(exclude={"num_workers", "cpus_per_worker", "use_gpu", "log_every"})
+    # Settings that only decide where training runs or what is measured do not retrain an SAE.
+    settings = cfg.train.model_dump(exclude={"num_workers", "cpus_per_worker", "use_gpu", "log_every", "lm_eval_chunks"})
     data = json.dumps({"activations": manifest["config_hash"], "train": settings}, sort_keys=True)
     return hashlib.sha256(data.encode()).hexdigest()[:16]
 
@@ -49,7 +50,8 @@ def run_train(cfg: ExperimentConfig, manifest: dict, configurations: list[SAECon
     t = cfg.train
     use_gpu = t.use_gpu if t.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
     expected = train_hash(cfg, manifest)
-    hp = t.model_dump() | {"eval_tokens": 65536, "train_hash": expected}
+    hp = t.model_dump() | {"eval_tokens": 65536, "train_hash": expected,
+                           "trust_remote_code": cfg.model.trust_remote_code}
     for hookpoint in manifest["hookpoints"]:
         groups = [c.jobs() for c in configurations if c.hookpoint == hookpoint]
         # A configuration is retrained whole if any seed is missing: seeds must share one stream.
