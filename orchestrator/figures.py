@@ -143,6 +143,19 @@ def shared_vs_tokens(configurations: dict) -> dict[str, plt.Figure]:
     return {"figures/shared_vs_tokens.png": fig}
 
 
+def log_density(frequency: np.ndarray, title: str) -> plt.Figure:
+    """Histogram of log10 firing frequency over the evaluation set; latents that never fired are counted apart."""
+    fig, ax = plt.subplots(figsize=(5, 3))
+    fired = frequency[frequency > 0]
+    if fired.size:
+        ax.hist(np.log10(fired), bins=50)
+    ax.set_xlabel("log10 firing frequency")
+    ax.set_ylabel("latents")
+    ax.set_title(f"{title}\n{int((frequency <= 0).sum())} of {frequency.size} latents never fired", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def all_figures(configurations: dict, threshold: float) -> dict[str, plt.Figure]:
     return heatmaps(configurations) | matched_cosine_histograms(configurations, threshold) | nway_figures(
         configurations) | shared_vs_tokens(configurations) | {

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
+from actors.checkpoint import FREQUENCY, load_firing_frequency
+
 from .config import ExperimentConfig
-from .figures import all_figures
+from .figures import all_figures, log_density
 from .plan import SAEConfiguration
 
 
@@ -93,6 +96,12 @@ class ExperimentTracker:
                      for p in conf.get("through_training_per_seed", {}).get(sae["seed"], [])]
             self.client.log_batch(sae["run_id"], metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()]
                                   + curve)
+            frequency = load_firing_frequency(sae["path"])
+            if frequency is not None:  # per-latent firing frequency: the file and its log-density histogram
+                self.client.log_artifact(sae["run_id"], str(Path(sae["path"]) / FREQUENCY))
+                fig = log_density(frequency, f"{sae['configuration']}/seed{sae['seed']}")
+                self.client.log_figure(sae["run_id"], fig, "log_density.png")
+                plt.close(fig)
             self.client.set_terminated(sae["run_id"], RunStatus.to_string(RunStatus.FINISHED))
 
         for name, frame in compare["tables"].items():

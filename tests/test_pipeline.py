@@ -75,7 +75,7 @@ def test_parent_overlap_equals_cli_match(tiny_run, capsys):
             assert row[key] == pytest.approx(value, abs=1e-9), key
 
 
-def test_lm_loss_with_each_sae_spliced_in(tiny_run):
+def test_child_runs_have_lm_loss_and_firing_frequencies(tiny_run):
     cfg, result = tiny_run
     saes = json.loads((cfg.output_path / "saes" / "manifest.json").read_text())["saes"]
     metrics = [s["metrics"] for s in saes]
@@ -88,6 +88,9 @@ def test_lm_loss_with_each_sae_spliced_in(tiny_run):
     client = MlflowClient(result["tracking_uri"])
     run = client.get_run(saes[0]["run_id"])
     assert run.data.metrics["ce_recovered"] == pytest.approx(metrics[0]["ce_recovered"])
+    # The per-latent firing frequencies and their log-density histogram are artifacts of each child run.
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"firing_frequency.safetensors",
+                                                                         "log_density.png"}
 
 
 def test_seeds_share_batches_and_differ_in_weights(tiny_run):
