@@ -78,7 +78,10 @@ class SparseAutoencoder(nn.Module):
 
     @classmethod
     def label(cls, params: dict[str, Any]) -> str:
-        return cls.name + "".join(f"-{k}{v}" for k, v in sorted(params.items()))
+        """Folder and run name: the architecture and the hyper-parameters that differ from their defaults."""
+        fields = cls.Params.model_fields
+        shown = {k: v for k, v in params.items() if fields[k].is_required() or v != fields[k].default}
+        return cls.name + "".join(f"-{k}{v}" for k, v in sorted(shown.items()))
 
     # ---- training hooks ----
     def activations(self, x: torch.Tensor) -> torch.Tensor:

@@ -52,10 +52,6 @@ class ReluL1SAE(SparseAutoencoder):
         return None
 
     @classmethod
-    def label(cls, params):
-        return super().label({k: v for k, v in params.items() if v is not None})
-
-    @classmethod
     def recipe_lr(cls, num_latents: int) -> float:
         return 2e-4
 
