@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,8 @@ from .data import ActivationStream
 from .lm_eval import spliced_lm_metrics
 from .sae import ARCHITECTURES, SparseAutoencoder
 from .sae.topk import TopKSAE
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -207,6 +211,11 @@ def _calibrate_sparsity(jobs: list[dict], streams: dict, d_in: int, hp: dict, de
             seed = min(j["seed"] for j in jobs if j.get("configuration", "") == conf)
             stream = streams[ARCHITECTURES[job["architecture"]].normalize_inputs]
             found[conf] = calibrate_l1_coefficient(job | {"seed": seed}, stream, d_in, hp, device)
+            reached = found[conf][1]
+            if abs(math.log(max(reached, 1e-9) / params["target_l0"])) > math.log(1.25):
+                log.warning("%s: no L1 coefficient reaches L0 %s in the calibration probes (closest: %.1f); "
+                            "more training tokens or a higher train.lr let the penalty act sooner",
+                            conf, params["target_l0"], reached)
         coefficient, probe_l0 = found[conf]
         out.append(job | {"params": params | {"l1_coefficient": coefficient},
                           "calibration": {"calibrated_l1_coefficient": coefficient, "calibration_probe_l0": probe_l0}})
