@@ -38,9 +38,6 @@ def test_mlflow_has_parent_and_child_runs(tiny_run):
                        "chance_shared_rotation", "config_mean_equal_fraction", "config_mean_maxcos_shared_fraction"):
             assert metric in run.data.metrics, (metric, run.info.run_name)
         assert 0 < run.data.metrics["fvu"] < 1.5
-        if run.data.params["architecture"] == "relu_l1":  # tiny.yaml: calibrated to target_l0 = 24
-            assert run.data.params["target_l0"] == "24.0" and run.data.metrics["calibrated_l1_coefficient"] > 0
-            assert 24 / 1.25 <= run.data.metrics["calibration_probe_l0"] <= 24 * 1.25
         assert set(run.data.params) >= {"hookpoint", "architecture", "width", "seed", "k", "l1_coefficient"}
         keys = keys or set(run.data.params)
         assert set(run.data.params) == keys  # identical keys: MLflow's compare view needs them
