@@ -72,7 +72,8 @@ def match_through_training(checkpoints: list[tuple[str, str]], threshold: float)
     for path_a, path_b in checkpoints:
         a, b = load_sae_weights(path_a), load_sae_weights(path_b)
         m = match_pair(a.encoder, a.decoder, b.encoder, b.decoder, threshold)
-        rows.append({"tokens": int(a.cfg["tokens"]), **m.statistics(), "shared_fraction_b": float(m.shared_of_b().mean())})
+        rows.append({"tokens": int(a.cfg["tokens"]), **m.statistics(),
+                     "shared_fraction_b": float(m.shared_of_b().mean())})
     return rows
 
 
