@@ -142,7 +142,7 @@ def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, devic
         sae.fold_input_scale(scale)
         return sae
 
-    def save(t: SAETrainer, folder: Path, extra: dict | None = None) -> dict:
+    def save(t: SAETrainer, folder: Path, extra: dict | None = None, raw: SparseAutoencoder | None = None) -> dict:
         cfg = sae_folder_cfg(t.job, d_in, hookpoint, hp, num_steps, t.dead_window)
         cfg |= {"data_digest": t.digest.hexdigest(), "tokens": t.tokens_seen}
         metrics, frequency = evaluate(t.sae, eval_sets[t.sae.normalize_inputs])
@@ -153,7 +153,7 @@ def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, devic
         if "calibration" in t.job:
             metrics |= t.job["calibration"]
         metrics |= extra or {}
-        save_sae_folder(folder, raw_sae(t).state_dict(), cfg, metrics, firing_frequency=frequency)
+        save_sae_folder(folder, (raw or raw_sae(t)).state_dict(), cfg, metrics, firing_frequency=frequency)
         return {"job": t.job, "metrics": metrics, "data_digest": cfg["data_digest"]}
 
     start = time.perf_counter()
@@ -175,11 +175,12 @@ def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, devic
     if bar is not None:
         bar.close()
     finals = [t for group in trainers.values() for t in group]
+    raws = [raw_sae(t) for t in finals]  # folded once, for the LM loss and for the saved weights
     lm = [{}] * len(finals)
     if hp.get("lm_eval_chunks"):
         model, input_ids = _lm_eval_inputs(manifest, hp, device)
-        lm = spliced_lm_metrics(model, hookpoint, [raw_sae(t) for t in finals], input_ids)
-    return [save(t, Path(t.job["path"]), extra) for t, extra in zip(finals, lm)]
+        lm = spliced_lm_metrics(model, hookpoint, raws, input_ids)
+    return [save(t, Path(t.job["path"]), extra, raw) for t, extra, raw in zip(finals, lm, raws)]
 
 
 def _lm_eval_inputs(manifest: dict, hp: dict, device: torch.device) -> tuple[torch.nn.Module, torch.Tensor]:
