@@ -1,134 +1,262 @@
-"""Activation actors: one model per actor, forward hooks at the hookpoints, one Parquet file per shard.
+"""Activation actors: one model per actor, every hookpoint captured in one forward pass, Parquet shards.
 
-The Ray Data pipeline hands each actor one shard descriptor at a time (`shard_id`, chunk range); the actor
-reads those token chunks, runs the model, and commits one Parquet file per hookpoint with an atomic rename.
-Every file is committed whole (temp file, then rename), so an interrupted run never leaves a partial shard
-that looks valid; the stage is reused as a whole once its manifest is written.
+The Ray Data pipeline hands each actor one planned shard at a time (`shard_id`, chunk range). The actor runs
+the model over the shard's token chunks batch by batch; a background thread appends each batch to one Parquet
+file per hookpoint (a row group per batch) while the next batch computes. Files are written under temporary
+names and moved into place when complete; the shard's record (`shards/shard-NNNNN.json`, rows, checksums,
+norms, non-finite counts, timing) is written last and is what marks the shard committed.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
 import os
-import uuid
-from pathlib import Path
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from .models import load_model, resolve_hookpoints
+from .storage import ActivationStore
 
 ACTIVATION_COLUMN = "activation"
-STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}
+STORAGE_DTYPES = ("float32", "float16", "bfloat16")
+_DTYPE_KEY = b"sae_seeds.dtype"  # field metadata: how to read the activation column back
+_ARROW_VALUE = {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.uint16()}
 
 
-def shard_path(root: Path, hookpoint: str, shard_id: int) -> Path:
-    return Path(root) / hookpoint / f"shard-{shard_id:05d}.parquet"
+def shard_rel(hookpoint: str, shard_id: int) -> str:
+    return f"{hookpoint}/shard-{shard_id:05d}.parquet"
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+def record_rel(shard_id: int) -> str:
+    return f"shards/shard-{shard_id:05d}.json"
 
 
-def activation_table(acts: np.ndarray, chunk_ids: np.ndarray, token_ids: np.ndarray) -> pa.Table:
-    """Rows are tokens: provenance (chunk, position, token) plus a fixed-size activation vector."""
-    n_chunks, ctx_len = token_ids.shape
-    d = acts.shape[-1]
-    flat = pa.array(acts.reshape(-1))
-    return pa.table({
-        "chunk_id": pa.array(np.repeat(chunk_ids, ctx_len).astype(np.int64)),
-        "position": pa.array(np.tile(np.arange(ctx_len, dtype=np.int32), n_chunks)),
-        "token_id": pa.array(token_ids.reshape(-1).astype(np.int32)),
-        ACTIVATION_COLUMN: pa.FixedSizeListArray.from_arrays(flat, d),
-    })
+def activation_schema(d_in: int, dtype: str) -> pa.Schema:
+    """Rows are tokens: provenance (chunk, position, token) plus a fixed-size activation vector.
+
+    bfloat16 has no Arrow type; its bit patterns are stored as uint16, which keeps them exactly.
+    """
+    value = pa.field("item", _ARROW_VALUE[dtype])
+    return pa.schema([
+        pa.field("chunk_id", pa.int64()),
+        pa.field("position", pa.int32()),
+        pa.field("token_id", pa.int32()),
+        pa.field(ACTIVATION_COLUMN, pa.list_(value, d_in), metadata={_DTYPE_KEY: dtype.encode()}),
+    ])
 
 
-def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+def to_storage(acts: torch.Tensor, dtype: str) -> np.ndarray:
+    """[rows, d] tensor on the CPU -> numpy in the storage layout (bfloat16 as its raw bits)."""
+    if dtype == "bfloat16":
+        return acts.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return acts.to(getattr(torch, dtype)).numpy()
 
 
-def read_activations(path: Path, expected_sha256: str | None = None) -> np.ndarray:
+def from_storage(values: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored values -> float32 (exact: every float16 and bfloat16 value is a float32 value)."""
+    if dtype == "bfloat16":
+        return (values.astype(np.uint32) << 16).view(np.float32)
+    return values.astype(np.float32, copy=False)
+
+
+def activation_table(stored: np.ndarray, chunk_ids: np.ndarray, positions: np.ndarray, token_ids: np.ndarray,
+                     dtype: str) -> pa.Table:
+    d = stored.shape[-1]
+    return pa.Table.from_arrays([
+        pa.array(chunk_ids.astype(np.int64)),
+        pa.array(positions.astype(np.int32)),
+        pa.array(token_ids.astype(np.int32)),
+        pa.FixedSizeListArray.from_arrays(pa.array(stored.reshape(-1)), d),
+    ], schema=activation_schema(d, dtype))
+
+
+def decode_activation_column(table: pa.Table) -> np.ndarray:
+    field = table.schema.field(ACTIVATION_COLUMN)
+    dtype = (field.metadata or {}).get(_DTYPE_KEY, b"float32").decode()
+    col = table.column(ACTIVATION_COLUMN).combine_chunks()
+    values = col.flatten().to_numpy(zero_copy_only=False)
+    return from_storage(values, dtype).reshape(-1, col.type.list_size)
+
+
+def read_activations(store: ActivationStore, rel: str, expected_sha256: str | None = None) -> np.ndarray:
     """[rows, d_in] float32; checks the file against the manifest's checksum when given."""
-    if expected_sha256 is not None and file_sha256(path) != expected_sha256:
-        raise ValueError(f"activation shard {path} does not match its manifest checksum: corrupt or replaced")
-    col = pq.read_table(path, columns=[ACTIVATION_COLUMN]).column(ACTIVATION_COLUMN).combine_chunks()
-    d = col.type.list_size
-    return col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, d)
+    if expected_sha256 is not None and store.sha256(rel) != expected_sha256:
+        raise ValueError(f"activation shard {store.display(rel)} does not match its manifest checksum "
+                         f"(expected sha256 {expected_sha256[:12]}...): corrupt or replaced; delete it and re-run "
+                         "the generate stage to rewrite it")
+    return decode_activation_column(store.read_table(rel, columns=[ACTIVATION_COLUMN]))
+
+
+FAULT_ENV = "SAE_SEEDS_FAULT"
+
+
+def fault_point(point: str, shard_id: int) -> None:
+    """Test hook for resumption tests: with $SAE_SEEDS_FAULT = {"point", "shard", "action": "exit"|"hang",
+    "marker"}, the actor dies (or hangs, for a driver to be killed meanwhile) once at that point of that shard."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    fault = json.loads(spec)
+    if fault["point"] != point or fault["shard"] != shard_id or os.path.exists(fault["marker"]):
+        return
+    with open(fault["marker"], "w") as f:  # fire once: the restarted actor must get through
+        f.write(str(os.getpid()))
+    if fault["action"] == "exit":
+        os._exit(1)
+    time.sleep(3600)
+
+
+class _StopForward(Exception):
+    """Raised by the last hookpoint's hook: nothing after it is needed."""
+
+
+class HookpointCapture:
+    """Forward hooks on the resolved hookpoints; a forward pass stops as soon as every one has fired."""
+
+    def __init__(self, model: torch.nn.Module, patterns: list[str]):
+        self.model = model
+        self.hookpoints = resolve_hookpoints(model, patterns)
+        modules = dict(model.named_modules())
+        self.captured: dict[str, torch.Tensor] = {}
+        for name in self.hookpoints:
+            modules[name].register_forward_hook(self._hook(name))
+
+    def _hook(self, name: str):
+        def fn(_module, _inputs, output):
+            if name in self.captured:  # a module run twice in one forward: the first call is the hookpoint
+                return
+            self.captured[name] = output[0] if isinstance(output, tuple) else output
+            if len(self.captured) == len(self.hookpoints):
+                raise _StopForward
+        return fn
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.captured = {}
+        try:
+            self.model(input_ids)
+        except _StopForward:
+            pass
+        missing = [h for h in self.hookpoints if h not in self.captured]
+        if missing:
+            raise RuntimeError(f"hookpoints {missing} did not run in the model's forward pass")
+        return {h: self.captured[h] for h in self.hookpoints}
+
+
+def screen_nonfinite(stored: np.ndarray, dtype: str, policy: str, where: str) -> np.ndarray | None:
+    """Rows to keep (None: all). Counts rows with any NaN/inf; 'fail' raises naming the shard, 'drop' drops."""
+    bad = ~np.isfinite(from_storage(stored, dtype)).all(axis=-1)
+    if not bad.any():
+        return None
+    if policy == "fail":
+        raise ValueError(f"{where}: {int(bad.sum())} activation rows contain NaN or inf; set "
+                         "generate.nonfinite: drop to skip such rows (they are counted in the manifest)")
+    return ~bad
 
 
 class ActivationShardWriter:
-    """Ray Data callable class: `__init__` loads the model once per actor, `__call__` writes shards."""
+    """Ray Data callable class: `__init__` loads the model once per actor, `__call__` writes whole shards."""
 
     def __init__(self, model_path: str, revision: str | None, model_dtype: str, trust_remote_code: bool,
-                 hookpoints: list[str], tokens_path: str, out_dir: str, storage_dtype: str, batch_size: int):
+                 device_map: str | None, hookpoints: list[str], store_uri: str, storage_dtype: str, batch_size: int,
+                 nonfinite: str, plan_hash: str, torch_threads: int = 0):
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = load_model(model_path, revision, model_dtype, trust_remote_code, self.device)
-        self.hookpoints = resolve_hookpoints(self.model, hookpoints)
-        self.modules = dict(self.model.named_modules())
-        self.tokens = pq.read_table(tokens_path)
-        self.out_dir = Path(out_dir)
-        self.storage_dtype = STORAGE_DTYPES[storage_dtype]
-        self.batch_size = batch_size
+        self.model = load_model(model_path, revision, model_dtype, trust_remote_code, self.device, device_map)
+        self.input_device = self.model.get_input_embeddings().weight.device
+        self.capture = HookpointCapture(self.model, hookpoints)
+        self.store = ActivationStore(store_uri)
+        self.tokens = self.store.read_table("tokens.parquet")
+        self.storage_dtype, self.batch_size, self.nonfinite = storage_dtype, batch_size, nonfinite
+        self.plan_hash = plan_hash
+        # One writer thread: Parquet encoding and upload of batch i overlap the forward pass of batch i + 1,
+        # and row groups are appended in order.
+        self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
         import ray
 
         # The node that wrote each shard goes into the manifest, so where a multi-node run worked is checkable.
-        self.node_id = ray.get_runtime_context().get_node_id()
+        # Outside Ray (tests, benchmarks) there is none; asking would start a Ray instance.
+        self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
-    @torch.inference_mode()
-    def _forward(self, input_ids: torch.Tensor) -> dict[str, np.ndarray]:
-        captured: dict[str, torch.Tensor] = {}
+    def _to_host(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Device -> host copy into pinned memory without blocking the next forward; CPU tensors pass through."""
+        if t.device.type != "cuda":
+            return t, None
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
 
-        def hook(name):
-            def fn(_module, _inputs, output):
-                out = output[0] if isinstance(output, tuple) else output
-                captured[name] = out.detach()
-            return fn
+    def write_shard(self, shard_id: int, start: int, stop: int) -> dict:
+        t0 = time.perf_counter()
+        rows = self.tokens.slice(start, stop - start)
+        chunk_ids = rows.column("chunk_id").to_numpy()
+        token_ids = np.stack(rows.column("input_ids").to_numpy(zero_copy_only=False)).astype(np.int64)
+        ctx_len = token_ids.shape[1]
+        stats = {h: {"path": shard_rel(h, shard_id), "rows": 0, "sum_norm": 0.0, "nonfinite_rows": 0}
+                 for h in self.capture.hookpoints}
+        writers: dict = {}
+        pending: list[Future] = []
 
-        handles = [self.modules[h].register_forward_hook(hook(h)) for h in self.hookpoints]
+        def write_batch(h, acts, event, ids, cids):
+            if event is not None:
+                event.synchronize()
+            stored = to_storage(acts.reshape(-1, acts.shape[-1]), self.storage_dtype)
+            chunk_col, pos_col, tok_col = (np.repeat(cids, ctx_len), np.tile(np.arange(ctx_len), len(cids)),
+                                           ids.reshape(-1))
+            if h not in writers:
+                writers[h] = self.store.open_parquet_writer(stats[h]["path"],
+                                                            activation_schema(stored.shape[-1], self.storage_dtype))
+                stats[h]["d_in"] = int(stored.shape[-1])
+            keep = screen_nonfinite(stored, self.storage_dtype, self.nonfinite, f"shard {shard_id}, hookpoint {h}")
+            if keep is not None:
+                stats[h]["nonfinite_rows"] += int((~keep).sum())
+                stored, chunk_col, pos_col, tok_col = stored[keep], chunk_col[keep], pos_col[keep], tok_col[keep]
+            writers[h].write(activation_table(stored, chunk_col, pos_col, tok_col, self.storage_dtype))
+            stats[h]["rows"] += len(stored)
+            stats[h]["sum_norm"] += float(np.linalg.norm(from_storage(stored, self.storage_dtype), axis=-1).sum())
+
         try:
-            self.model(input_ids.to(self.device))
-        finally:
-            for handle in handles:
-                handle.remove()
-        return {h: captured[h].float().cpu().numpy().astype(self.storage_dtype) for h in self.hookpoints}
+            for i in range(0, len(token_ids), self.batch_size):
+                ids = token_ids[i:i + self.batch_size]
+                captured = self.capture(torch.from_numpy(ids).to(self.input_device))
+                for h, acts in captured.items():
+                    host, event = self._to_host(acts)
+                    pending.append(self.io.submit(write_batch, h, host, event, ids, chunk_ids[i:i + self.batch_size]))
+                # Keep at most one batch in flight, so host memory stays bounded by two batches.
+                while len(pending) > len(captured):
+                    pending.pop(0).result()
+            for f in pending:
+                f.result()
+            for w in writers.values():
+                w.commit()
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            for f in pending:  # let a write already running finish before its file is removed
+                if not f.cancelled():
+                    f.exception()
+            for w in writers.values():
+                w.abort()
+            raise
+        fault_point("files_written", shard_id)
+        for h, s in stats.items():
+            s["sha256"] = self.store.sha256(s["path"])
+        seconds = time.perf_counter() - t0
+        record = {"shard_id": shard_id, "start": start, "stop": stop, "tokens": int(token_ids.size),
+                  "seconds": seconds, "tokens_per_s": token_ids.size / seconds, "node_id": self.node_id,
+                  "plan_hash": self.plan_hash, "hookpoints": stats}
+        self.store.write_json(record_rel(shard_id), record)  # the commit marker: written last
+        fault_point("committed", shard_id)
+        return record
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        out: dict[str, list] = {k: [] for k in ("shard_id", "hookpoint", "path", "rows", "sha256", "sum_norm", "d_in",
-                                                "node_id")}
-        from ray.experimental.tqdm_ray import tqdm  # renders on the driver's terminal
-
-        for shard_id, start, stop in zip(batch["shard_id"], batch["start"], batch["stop"]):
-            rows = self.tokens.slice(int(start), int(stop) - int(start))
-            chunk_ids = rows.column("chunk_id").to_numpy()
-            token_ids = np.stack(rows.column("input_ids").to_numpy(zero_copy_only=False)).astype(np.int64)
-            # One bar per shard, closed once the shard is committed: an open bar would be redrawn on the driver's
-            # terminal for as long as the actor lives (through the later stages).
-            progress = tqdm(desc=f"generate shard {int(shard_id)}", unit="tok", total=int(token_ids.size))
-            pieces: dict[str, list[np.ndarray]] = {h: [] for h in self.hookpoints}
-            for i in range(0, len(token_ids), self.batch_size):
-                for h, a in self._forward(torch.from_numpy(token_ids[i:i + self.batch_size])).items():
-                    pieces[h].append(a)
-                progress.update(int(token_ids[i:i + self.batch_size].size))
-            for h in self.hookpoints:
-                acts = np.concatenate(pieces[h])
-                path = shard_path(self.out_dir, h, int(shard_id))
-                write_parquet_atomic(activation_table(acts, chunk_ids, token_ids), path)
-                out["shard_id"].append(int(shard_id))
-                out["hookpoint"].append(h)
-                out["path"].append(str(path.relative_to(self.out_dir)))
-                out["rows"].append(int(token_ids.size))
-                out["sha256"].append(file_sha256(path))
-                out["sum_norm"].append(float(np.linalg.norm(acts.reshape(-1, acts.shape[-1]).astype(np.float32), axis=-1).sum()))
-                out["d_in"].append(int(acts.shape[-1]))
-                out["node_id"].append(self.node_id)
-            progress.close()
-        return out
+        records = [self.write_shard(int(s), int(a), int(b))
+                   for s, a, b in zip(batch["shard_id"], batch["start"], batch["stop"])]
+        return {"record": [json.dumps(r) for r in records]}

@@ -57,12 +57,15 @@ def load_documents(dataset_cfg):
 
 
 def pack_chunks(documents, tokenizer, text_column: str, ctx_len: int, num_chunks: int,
-                batch_docs: int = 256) -> list[list[int]]:
+                batch_docs: int = 256, counts: dict | None = None) -> list[list[int]]:
     """The first `num_chunks` chunks of `ctx_len` tokens; empty documents are skipped.
 
     As in sparsify, each batch of documents is joined with EOS and the remainder shorter than `ctx_len` is
-    dropped, so a chunk never depends on how later documents tokenise.
+    dropped, so a chunk never depends on how later documents tokenise. `counts`, when given, receives the
+    documents read and the empty ones skipped.
     """
+    counts = {} if counts is None else counts
+    counts.update(documents=0, empty_documents=0)
     first = next(iter(documents.take(1)), None)
     if first is not None and text_column not in first:
         raise KeyError(f"text column {text_column!r} not in the dataset; columns: {sorted(first)}")
@@ -71,8 +74,11 @@ def pack_chunks(documents, tokenizer, text_column: str, ctx_len: int, num_chunks
     def pack(batch):
         ids: list[int] = []
         for text in batch[text_column]:
-            if text:
+            counts["documents"] += 1
+            if text and not text.isspace():
                 ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
+            else:
+                counts["empty_documents"] += 1
         n = len(ids) // ctx_len
         return {"input_ids": [ids[i * ctx_len:(i + 1) * ctx_len] for i in range(n)]}
 

@@ -1,24 +1,30 @@
 """The activation stream every seed of a configuration trains on: same batches, same order.
 
-Order depends only on the manifest and `data_seed`: per epoch, shards are visited in a seeded permutation and
-each shard's rows in a seeded permutation; batches run across shard boundaries. Memory holds one shard.
+Order depends only on the manifest, `data_seed` and the shuffle-buffer size: per epoch, shards are visited in a
+seeded permutation; each shard's rows join the rows carried over in the shuffle buffer, the pool is permuted
+with the seeded generator, and batches are taken from it, keeping `shuffle_buffer` rows back to mix with the
+next shard. Batches run across shard and epoch boundaries. The next shard is read (and its checksum checked)
+on a background thread while the current one is consumed, so the trainer, not the reader, sets the pace.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from .activations import read_activations
+from .storage import ActivationStore
 
 
 class ActivationStream:
-    def __init__(self, root: str | Path, shards: list[dict], batch_size: int, data_seed: int, total_tokens: int,
-                 scale: float = 1.0):
-        self.root, self.shards = Path(root), shards
+    def __init__(self, root: str, shards: list[dict], batch_size: int, data_seed: int, total_tokens: int,
+                 scale: float = 1.0, shuffle_buffer: int = 0):
+        self.store, self.shards = ActivationStore(root), shards
         self.batch_size, self.data_seed, self.scale = batch_size, data_seed, scale
+        # A buffer as large as the data would only grow the carried pool, epoch after epoch.
+        self.shuffle_buffer = min(shuffle_buffer, max(0, sum(s["rows"] for s in shards) - batch_size))
         self.num_steps = total_tokens // batch_size
         if self.num_steps == 0:
             raise ValueError(f"train.tokens ({total_tokens}) is smaller than one batch ({batch_size})")
@@ -26,23 +32,33 @@ class ActivationStream:
     def __len__(self) -> int:
         return self.num_steps
 
-    def _epoch(self, epoch: int) -> Iterator[np.ndarray]:
-        rng = np.random.default_rng([self.data_seed, epoch])
-        for shard_idx in rng.permutation(len(self.shards)):
-            shard = self.shards[shard_idx]
-            acts = read_activations(self.root / shard["path"], shard.get("sha256"))
-            yield acts[rng.permutation(len(acts))]
+    def _read(self, shard: dict) -> np.ndarray:
+        return read_activations(self.store, shard["path"], shard.get("sha256"))
+
+    def _shards(self, order: np.ndarray) -> Iterator[np.ndarray]:
+        """The shards in `order`, each read while the previous one is being consumed."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-reader") as pool:
+            pending = pool.submit(self._read, self.shards[order[0]])
+            for i in range(len(order)):
+                rows = pending.result()
+                if i + 1 < len(order):
+                    pending = pool.submit(self._read, self.shards[order[i + 1]])
+                yield rows
 
     def __iter__(self) -> Iterator[np.ndarray]:
         emitted, epoch = 0, 0
-        buffer = np.empty((0, 0), dtype=np.float32)
+        carry = None
         while True:
-            for rows in self._epoch(epoch):
-                buffer = rows if buffer.size == 0 else np.concatenate([buffer, rows])
-                while len(buffer) >= self.batch_size:
-                    batch, buffer = buffer[: self.batch_size], buffer[self.batch_size:]
+            rng = np.random.default_rng([self.data_seed, epoch])
+            for rows in self._shards(rng.permutation(len(self.shards))):
+                pool = rows if carry is None or len(carry) == 0 else np.concatenate([carry, rows])
+                pool = pool[rng.permutation(len(pool))]
+                usable = max(0, len(pool) - self.shuffle_buffer) // self.batch_size * self.batch_size
+                for start in range(0, usable, self.batch_size):
+                    batch = pool[start:start + self.batch_size]
                     yield batch * self.scale if self.scale != 1.0 else batch
                     emitted += 1
                     if emitted == self.num_steps:
                         return
+                carry = pool[usable:]
             epoch += 1

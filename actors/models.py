@@ -63,20 +63,32 @@ def build_local_model(build: dict, init_seed: int, folder: Path) -> Path:
     return folder
 
 
-def load_model(name_or_path: str, revision: str | None, dtype: str, trust_remote_code: bool, device: str):
+def load_model(name_or_path: str, revision: str | None, dtype: str, trust_remote_code: bool, device: str,
+               device_map: str | dict | None = None):
+    """A causal LM in eval mode, from safetensors only; `device_map` (e.g. "auto") spreads a model too large for
+    one GPU over several (through accelerate), otherwise the whole model goes to `device`."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
         name_or_path, revision=revision, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
-        use_safetensors=True,
+        use_safetensors=True, device_map=device_map,
     )
-    return model.to(device).eval()
+    return (model if device_map is not None else model.to(device)).eval()
 
 
 def load_tokenizer(name_or_path: str, revision: str | None, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+
+
+def skeleton_model(name_or_path: str, revision: str | None, trust_remote_code: bool) -> nn.Module:
+    """The model's module tree on the meta device: no weights loaded, so hookpoints are checked in a second."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def resolve_hookpoints(model: nn.Module, patterns: list[str]) -> list[str]:

@@ -6,7 +6,6 @@ seeds of a configuration (always on one worker) see identical batches in identic
 
 from __future__ import annotations
 
-import json
 import time
 
 import ray
@@ -15,6 +14,7 @@ import ray.train.torch
 import torch
 from ray.experimental.tqdm_ray import tqdm
 
+from .storage import ActivationStore
 from .training import train_saes
 
 
@@ -43,7 +43,7 @@ def train_loop_per_worker(config: dict) -> None:
     jobs = [job for i, group in enumerate(groups) if i % world == rank for job in group]
     if not jobs:
         return
-    manifest = json.loads(open(config["manifest_path"]).read())
+    manifest = ActivationStore(config["activations_uri"]).read_json("manifest.json")
     device = ray.train.torch.get_device()
     results = train_saes(jobs, manifest, config["hookpoint"], config["hp"], device,
                          report=_mlflow_reporter(config.get("tracking_uri")),

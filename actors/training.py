@@ -23,6 +23,7 @@ from .data import ActivationStream
 from .lm_eval import spliced_lm_metrics
 from .sae import ARCHITECTURES, SparseAutoencoder
 from .sae.topk import TopKSAE
+from .storage import ActivationStore
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, devic
     # Architectures that train on normalised inputs see x * sqrt(d_in) / mean-norm; folded back on save.
     scale = float(np.sqrt(d_in) / entry["mean_norm"])
     streams = {norm: ActivationStream(manifest["root"], entry["shards"], hp["batch_size"], hp["data_seed"],
-                                      tokens, scale if norm else 1.0)
+                                      tokens, scale if norm else 1.0, hp.get("shuffle_buffer_tokens", 0))
                for norm in {ARCHITECTURES[j["architecture"]].normalize_inputs for j in jobs}}
     num_steps = next(iter(streams.values())).num_steps
     jobs = _calibrate_sparsity(jobs, streams, d_in, hp, device)
@@ -186,13 +187,11 @@ def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, devic
 def _lm_eval_inputs(manifest: dict, hp: dict, device: torch.device) -> tuple[torch.nn.Module, torch.Tensor]:
     """The generate stage's model and its first `lm_eval_chunks` token chunks (seen in training too: the
     activations cover the whole corpus sample)."""
-    import pyarrow.parquet as pq
-
     from .models import load_model
 
     m = manifest["model"]
     model = load_model(m["path"], m.get("revision"), m["dtype"], hp.get("trust_remote_code", False), str(device))
-    chunks = pq.read_table(Path(manifest["root"]) / "tokens.parquet", columns=["input_ids"]).slice(
+    chunks = ActivationStore(manifest["root"]).read_table("tokens.parquet", columns=["input_ids"]).slice(
         0, hp["lm_eval_chunks"]).column("input_ids").to_pylist()
     return model, torch.tensor(chunks, dtype=torch.long, device=device)
 
@@ -227,11 +226,12 @@ def _first_rows(root: str, shards: list[dict], n: int, scale: float, device: tor
                 batch_size: int = 4096) -> list[torch.Tensor]:
     from .activations import read_activations
 
+    store = ActivationStore(root)
     parts, have = [], 0
     for shard in shards:
         if have >= n:
             break
-        acts = read_activations(Path(root) / shard["path"], shard.get("sha256"))[: n - have]
+        acts = read_activations(store, shard["path"], shard.get("sha256"))[: n - have]
         parts.append(acts)
         have += len(acts)
     rows = torch.from_numpy(np.concatenate(parts) * scale).to(device)

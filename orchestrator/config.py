@@ -64,14 +64,25 @@ class DatasetConfig(_Strict):
 
 
 class GenerateConfig(_Strict):
-    hookpoints: list[str] = Field(..., min_length=1, description="Module-name patterns, e.g. 'layers.1.mlp'.")
+    hookpoints: list[str] = Field(..., min_length=1, description="Module-name patterns, e.g. 'layers.1.mlp', "
+                                  "'layers.*.mlp'; all are captured in one forward pass.")
     ctx_len: int = Field(128, gt=1, description="Tokens per packed chunk (documents joined with EOS).")
     num_tokens: int = Field(..., gt=0, description="Tokens of activations to generate.")
-    shard_tokens: int = Field(65536, gt=0, description="Target tokens per Parquet shard.")
-    batch_size: int = Field(16, gt=0, description="Chunks per forward pass.")
-    dtype: Literal["float32", "float16"] = Field("float32", description="Storage dtype of activations.")
-    num_actors: int = Field(1, gt=0, description="Model actors in the Ray Data actor pool.")
+    shard_tokens: int = Field(65536, gt=0, description="Target tokens per Parquet shard (the unit of resumption).")
+    batch_size: int = Field(16, gt=0, description="Chunks per forward pass (batch_size x ctx_len tokens).")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="Storage dtype of activations; bfloat16 is stored as its exact bits.")
+    output_uri: str | None = Field(
+        None, description="Where shards go: a folder or a pyarrow.fs URI (s3://bucket/prefix, gs://..., "
+        "file://...) every node can reach; None: <output_dir>/activations.")
+    num_actors: int | None = Field(None, gt=0, description="Model actors in the pool; None: one per GPU in the "
+                                   "cluster, else 1.")
     gpus_per_actor: float | None = Field(None, ge=0, description="GPUs per actor; None: 1 if the cluster has GPUs.")
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs per actor (also its torch threads on CPU).")
+    device_map: str | None = Field(None, description="transformers device_map (e.g. 'auto') for a model larger "
+                                   "than one GPU; give each actor that many GPUs with gpus_per_actor.")
+    nonfinite: Literal["fail", "drop"] = Field(
+        "fail", description="Activation rows with NaN or inf: fail naming the shard, or drop them (counted).")
 
 
 class SAEGridConfig(_Strict):
@@ -114,6 +125,8 @@ class TrainConfig(_Strict):
     batch_size: int = Field(1024, gt=0, description="Activation vectors (tokens) per step.")
     tokens: int | None = Field(None, gt=0, description="Training tokens per SAE; None: one pass over the activations.")
     data_seed: int = Field(0, description="Seed of the batch order; the same for every init seed.")
+    shuffle_buffer_tokens: int = Field(65536, ge=0, description="Rows carried from shard to shard and shuffled "
+                                       "with the next one (0: shuffle within each shard only).")
     lr: float | None = Field(None, gt=0, description="Learning rate; None: the architecture's recipe.")
     warmup_steps: int = Field(100, ge=0, description="Linear lr warm-up steps, then linear decay to 0.")
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")

@@ -67,6 +67,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
             t0 = time.perf_counter()
             manifest = run_generate(cfg)
             timings["generate"] = time.perf_counter() - t0
+            tracker.log_generate(manifest)
 
             configurations = plan_configurations(cfg, list(manifest["hookpoints"]))
             tracker.create_child_runs(configurations)

@@ -76,6 +76,25 @@ class ExperimentTracker:
                 c.run_ids[seed] = run.info.run_id
                 self.child_ids.append(run.info.run_id)
 
+    def log_generate(self, manifest: dict) -> None:
+        """Generate-stage throughput and data counts on the parent run; per-shard tokens/s with step = shard id."""
+        now = int(time.time() * 1000)
+        t = manifest.get("throughput", {})
+        metrics = [Metric(f"generate.{k}", float(v), now, 0) for k, v in t.items() if v is not None]
+        metrics += [Metric(f"generate.corpus_{k}", float(v), now, 0) for k, v in manifest.get("corpus", {}).items()]
+        metrics.append(Metric("generate.num_tokens", float(manifest["num_tokens"]), now, 0))
+        for h, entry in manifest["hookpoints"].items():
+            key = h.replace("/", ".")
+            metrics += [Metric(f"generate.mean_norm.{key}", float(entry["mean_norm"]), now, 0),
+                        Metric(f"generate.nonfinite_rows.{key}", float(entry["nonfinite_rows"]), now, 0)]
+        # Shards are recorded under every hookpoint with the same timing; one hookpoint's list has them all.
+        first = next(iter(manifest["hookpoints"].values()))
+        metrics += [Metric("generate.shard_tokens_per_s", float(s["tokens_per_s"]), now, s["shard_id"])
+                    for s in first["shards"]]
+        for i in range(0, len(metrics), 1000):  # MLflow's log_batch limit
+            self.client.log_batch(self.parent_id, metrics=metrics[i:i + 1000])
+        self.client.log_dict(self.parent_id, manifest, "activations/manifest.json")
+
     def log_results(self, train_manifest: dict, compare: dict) -> None:
         now = int(time.time() * 1000)
         confs = compare["manifest"]["configurations"]

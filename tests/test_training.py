@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from actors.activations import activation_table, file_sha256, shard_path, write_parquet_atomic
+from actors.activations import activation_table, shard_rel, to_storage
+from actors.storage import ActivationStore
 from actors.checkpoint import checkpoint_folder, load_sae_weights
 from actors.data import ActivationStream
 from actors.sae import ARCHITECTURES
@@ -29,15 +30,16 @@ def planted_data(n_rows, d=32, n_features=48, active=3, seed=0):
 
 
 def write_manifest(root, acts, rows_per_shard=2048, hookpoint="layers.0.mlp"):
+    store = ActivationStore(root)
     shards = []
     for sid, start in enumerate(range(0, len(acts), rows_per_shard)):
         part = acts[start:start + rows_per_shard]
-        path = shard_path(root, hookpoint, sid)
+        rel = shard_rel(hookpoint, sid)
         # One "chunk" per row keeps provenance columns valid for this synthetic data.
-        write_parquet_atomic(activation_table(part[:, None, :], np.arange(start, start + len(part)),
-                                              np.zeros((len(part), 1), dtype=np.int64)), path)
-        shards.append({"shard_id": sid, "path": str(path.relative_to(root)), "rows": len(part),
-                       "sha256": file_sha256(path)})
+        store.write_table(rel, activation_table(to_storage(torch.from_numpy(part), "float32"),
+                                                np.arange(start, start + len(part)), np.zeros(len(part)),
+                                                np.zeros(len(part)), "float32"))
+        shards.append({"shard_id": sid, "path": rel, "rows": len(part), "sha256": store.sha256(rel)})
     mean_norm = float(np.linalg.norm(acts, axis=1).mean())
     return {"root": str(root), "hookpoints": {hookpoint: {"d_in": acts.shape[1], "rows": len(acts),
                                                           "mean_norm": mean_norm, "shards": shards}}}

@@ -1,31 +1,57 @@
-"""Generate stage: corpus -> token chunks -> Ray Data actor pool -> Parquet shards + manifest.
+"""Generate stage: corpus -> token chunks -> shard plan -> Ray Data actor pool -> Parquet shards + manifest.
 
-Reads only the config; writes `activations/manifest.json`, the one thing the train stage reads.
+Reads only the config; writes, in the activation store (a folder or object-store URI):
+  tokens.parquet   the packed token chunks (what every shard reads)
+  plan.json        which chunks go in which shard; written before any activation is computed
+  shards/*.json    one record per committed shard (rows, checksums, norms, timing), written after its files
+  manifest.json    the one thing the train stage reads, assembled from the records
+A re-run with the same config skips every shard that has a record and computes only the rest, so a run killed
+anywhere (actor, node or driver) resumes with each row written exactly once and identical checksums.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
-from pathlib import Path
+import time
 
 import numpy as np
 import pyarrow as pa
 import ray
+from tqdm.auto import tqdm
 
-from actors.activations import ActivationShardWriter, write_parquet_atomic
-from actors.checkpoint import write_json_atomic
+from actors.activations import ActivationShardWriter, record_rel
 from actors.corpus import load_documents, pack_chunks
-from actors.models import build_local_model, load_tokenizer
+from actors.models import build_local_model, load_tokenizer, resolve_hookpoints, skeleton_model
+from actors.storage import ActivationStore
 
 from ..config import ExperimentConfig
 
 log = logging.getLogger(__name__)
 
+MANIFEST, PLAN, TOKENS = "manifest.json", "plan.json", "tokens.parquet"
 
-def manifest_path(cfg: ExperimentConfig) -> Path:
-    return cfg.output_path / "activations" / "manifest.json"
+
+def activation_uri(cfg: ExperimentConfig) -> str:
+    return cfg.generate.output_uri or str(cfg.output_path / "activations")
+
+
+def generate_hash(cfg: ExperimentConfig) -> str:
+    """Everything that decides the activations' bytes; not where or on how many actors they are computed."""
+    data = json.dumps({"model": cfg.model.model_dump(), "dataset": cfg.dataset.model_dump(),
+                       "generate": cfg.generate.model_dump(exclude={"num_actors", "gpus_per_actor", "cpus_per_actor",
+                                                                    "device_map", "output_uri"})},
+                      sort_keys=True)
+    return hashlib.sha256(data.encode()).hexdigest()[:16]
+
+
+def shard_plan(num_chunks: int, ctx_len: int, shard_tokens: int) -> list[dict]:
+    """Consecutive chunk ranges of about `shard_tokens` tokens; a function of the config alone."""
+    per_shard = max(1, shard_tokens // ctx_len)
+    return [{"shard_id": i, "start": i * per_shard, "stop": min(num_chunks, (i + 1) * per_shard)}
+            for i in range(math.ceil(num_chunks / per_shard))]
 
 
 def _model_source(cfg: ExperimentConfig) -> tuple[str, str | None]:
@@ -35,80 +61,159 @@ def _model_source(cfg: ExperimentConfig) -> tuple[str, str | None]:
     return cfg.model.name, cfg.model.revision
 
 
-def _gpus_per_actor(cfg: ExperimentConfig) -> float:
-    if cfg.generate.gpus_per_actor is not None:
-        return cfg.generate.gpus_per_actor
-    return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-
-
-def run_generate(cfg: ExperimentConfig) -> dict:
-    path = manifest_path(cfg)
-    if path.is_file():
-        manifest = json.loads(path.read_text())
-        if manifest.get("config_hash") == _generate_hash(cfg):
-            log.info("generate: reusing %s", path)
-            return manifest
-    root = path.parent
-    root.mkdir(parents=True, exist_ok=True)
-    model_path, revision = _model_source(cfg)
+def _make_plan(cfg: ExperimentConfig, store: ActivationStore, model_path: str, revision: str | None) -> dict:
+    """Tokenise and pack on the driver (cheap next to the forward passes) and write tokens + plan."""
     g = cfg.generate
-
-    # Tokenise and pack on the driver (cheap next to the forward passes); the chunk table is the shard plan.
-    tokenizer = load_tokenizer(model_path, revision, cfg.model.trust_remote_code)
     num_chunks = g.num_tokens // g.ctx_len
     if num_chunks == 0:
         raise ValueError(f"generate.num_tokens ({g.num_tokens}) is smaller than one chunk (ctx_len {g.ctx_len})")
-    chunks = pack_chunks(load_documents(cfg.dataset), tokenizer, cfg.dataset.text_column, g.ctx_len, num_chunks)
-    tokens_path = root / "tokens.parquet"
-    write_parquet_atomic(pa.table({
+    tokenizer = load_tokenizer(model_path, revision, cfg.model.trust_remote_code)
+    counts: dict = {}
+    chunks = pack_chunks(load_documents(cfg.dataset), tokenizer, cfg.dataset.text_column, g.ctx_len, num_chunks,
+                         counts=counts)
+    store.write_table(TOKENS, pa.table({
         "chunk_id": pa.array(np.arange(num_chunks, dtype=np.int64)),
         "input_ids": pa.array(chunks, pa.list_(pa.int32())),
-    }), tokens_path)
-    per_shard = max(1, g.shard_tokens // g.ctx_len)
-    plan = [{"shard_id": i, "start": i * per_shard, "stop": min(num_chunks, (i + 1) * per_shard)}
-            for i in range(math.ceil(num_chunks / per_shard))]
-
-    gpus = _gpus_per_actor(cfg)
-    results = ray.data.from_items(plan, override_num_blocks=len(plan)).map_batches(
-        ActivationShardWriter,
-        fn_constructor_kwargs=dict(
-            model_path=model_path, revision=revision, model_dtype=cfg.model.dtype,
-            trust_remote_code=cfg.model.trust_remote_code, hookpoints=g.hookpoints, tokens_path=str(tokens_path),
-            out_dir=str(root), storage_dtype=g.dtype, batch_size=g.batch_size),
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=g.num_actors),
-        num_gpus=gpus,
-        num_cpus=0.5 if gpus == 0 else 1,
-    ).take_all()
-
-    hookpoints: dict[str, dict] = {}
-    for r in sorted(results, key=lambda r: (r["hookpoint"], r["shard_id"])):
-        entry = hookpoints.setdefault(r["hookpoint"], {"d_in": int(r["d_in"]), "rows": 0, "sum_norm": 0.0,
-                                                       "shards": []})
-        entry["rows"] += int(r["rows"])
-        entry["sum_norm"] += float(r["sum_norm"])
-        entry["shards"].append({"shard_id": int(r["shard_id"]), "path": r["path"], "rows": int(r["rows"]),
-                                "sha256": r["sha256"], "node_id": r["node_id"]})
-    for entry in hookpoints.values():
-        entry["mean_norm"] = entry.pop("sum_norm") / entry["rows"]
-    manifest = {
-        "config_hash": _generate_hash(cfg),
-        "root": str(root),
-        "model": {"name": cfg.model.name, "path": model_path, "revision": revision, "dtype": cfg.model.dtype},
-        "dataset": cfg.dataset.model_dump(),
+    }))
+    plan = {
+        "generate_hash": generate_hash(cfg),
+        "tokens_sha256": store.sha256(TOKENS),
+        "num_chunks": num_chunks,
         "ctx_len": g.ctx_len,
-        "num_tokens": num_chunks * g.ctx_len,
-        "dtype": g.dtype,
-        "hookpoints": hookpoints,
+        "corpus": counts,
+        "tokenizer": {"name_or_path": tokenizer.name_or_path, "class": type(tokenizer).__name__,
+                      "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id},
+        "shards": shard_plan(num_chunks, g.ctx_len, g.shard_tokens),
     }
-    write_json_atomic(path, manifest)
+    store.write_json(PLAN, plan)
+    return plan
+
+
+def _load_plan(cfg: ExperimentConfig, store: ActivationStore, model_path: str, revision: str | None) -> dict:
+    if store.exists(PLAN) and store.exists(TOKENS):
+        plan = store.read_json(PLAN)
+        if plan.get("generate_hash") == generate_hash(cfg) and store.sha256(TOKENS) == plan["tokens_sha256"]:
+            return plan
+    return _make_plan(cfg, store, model_path, revision)
+
+
+def committed_records(store: ActivationStore, plan: dict) -> dict[int, dict]:
+    """Records of shards already committed under this plan (a record from another plan is stale)."""
+    planned = {s["shard_id"] for s in plan["shards"]}
+    records = {}
+    for name in store.listdir("shards"):
+        if name.startswith("shard-") and name.endswith(".json"):
+            record = store.read_json(f"shards/{name}")
+            if record.get("plan_hash") == plan["generate_hash"] and record["shard_id"] in planned:
+                records[record["shard_id"]] = record
+    return records
+
+
+def _actor_count(cfg: ExperimentConfig, gpus_per_actor: float, todo: int) -> int:
+    if cfg.generate.num_actors is not None:
+        n = cfg.generate.num_actors
+    elif gpus_per_actor > 0:
+        n = int(ray.cluster_resources().get("GPU", 0) // gpus_per_actor)
+    else:
+        n = 1
+    return max(1, min(n, todo))
+
+
+def _model_revision(model_path: str, revision: str | None, trust_remote_code: bool) -> str | None:
+    """The commit a Hub model resolved to (provenance); None for a local folder."""
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(model_path, revision=revision, trust_remote_code=trust_remote_code),
+                   "_commit_hash", None)
+
+
+def run_generate(cfg: ExperimentConfig) -> dict:
+    store = ActivationStore(activation_uri(cfg))
+    if store.exists(MANIFEST):
+        manifest = store.read_json(MANIFEST)
+        if manifest.get("config_hash") == generate_hash(cfg):
+            log.info("generate: reusing %s", store.display(MANIFEST))
+            return manifest
+    model_path, revision = _model_source(cfg)
+    g = cfg.generate
+    # A hookpoint pattern that matches nothing fails here, before tokenising or starting any actor.
+    hookpoints = resolve_hookpoints(skeleton_model(model_path, revision, cfg.model.trust_remote_code), g.hookpoints)
+    log.info("generate: hookpoints %s", hookpoints)
+    plan = _load_plan(cfg, store, model_path, revision)
+    records = committed_records(store, plan)
+    todo = [s for s in plan["shards"] if s["shard_id"] not in records]
+    if records:
+        log.info("generate: %d of %d shards already committed; computing %d", len(records), len(plan["shards"]),
+                 len(todo))
+
+    t0 = time.perf_counter()
+    if todo:
+        gpus = g.gpus_per_actor if g.gpus_per_actor is not None else (
+            1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0)
+        results = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
+            ActivationShardWriter,
+            fn_constructor_kwargs=dict(
+                model_path=model_path, revision=revision, model_dtype=cfg.model.dtype,
+                trust_remote_code=cfg.model.trust_remote_code, device_map=g.device_map, hookpoints=g.hookpoints,
+                store_uri=store.uri, storage_dtype=g.dtype, batch_size=g.batch_size, nonfinite=g.nonfinite,
+                plan_hash=plan["generate_hash"], torch_threads=max(1, int(g.cpus_per_actor)) if gpus == 0 else 0),
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=_actor_count(cfg, gpus, len(todo))),
+            num_gpus=gpus,
+            num_cpus=g.cpus_per_actor,
+        )
+        # Records stream back as shards commit: the bar counts tokens, so it shows tokens/s and an ETA.
+        total = sum(s["stop"] - s["start"] for s in todo) * plan["ctx_len"]
+        with tqdm(total=total, unit="tok", unit_scale=True, desc="generate activations") as bar:
+            for row in results.iter_rows():
+                record = json.loads(row["record"])
+                records[record["shard_id"]] = record
+                bar.update(record["tokens"])
+    seconds = time.perf_counter() - t0
+
+    manifest = assemble_manifest(cfg, store, plan, records, model_path, revision)
+    computed = [records[s["shard_id"]] for s in todo]
+    manifest["throughput"] = {
+        "shards_computed": len(computed), "shards_reused": len(plan["shards"]) - len(computed),
+        "seconds": seconds, "tokens_per_s": sum(r["tokens"] for r in computed) / seconds if computed else None,
+    }
+    store.write_json(MANIFEST, manifest)
     return manifest
 
 
-def _generate_hash(cfg: ExperimentConfig) -> str:
-    import hashlib
-
-    data = json.dumps({"model": cfg.model.model_dump(), "dataset": cfg.dataset.model_dump(),
-                       "generate": cfg.generate.model_dump(exclude={"num_actors", "gpus_per_actor", "batch_size"})},
-                      sort_keys=True)
-    return hashlib.sha256(data.encode()).hexdigest()[:16]
+def assemble_manifest(cfg: ExperimentConfig, store: ActivationStore, plan: dict, records: dict[int, dict],
+                      model_path: str, revision: str | None) -> dict:
+    missing = [s["shard_id"] for s in plan["shards"] if s["shard_id"] not in records]
+    if missing:
+        raise RuntimeError(f"generate: shards {missing[:10]} were planned but not committed")
+    hookpoints: dict[str, dict] = {}
+    for shard_id in sorted(records):
+        r = records[shard_id]
+        for h, s in r["hookpoints"].items():
+            entry = hookpoints.setdefault(h, {"d_in": s["d_in"], "rows": 0, "sum_norm": 0.0, "nonfinite_rows": 0,
+                                              "shards": []})
+            entry["rows"] += s["rows"]
+            entry["sum_norm"] += s["sum_norm"]
+            entry["nonfinite_rows"] += s["nonfinite_rows"]
+            entry["shards"].append({"shard_id": shard_id, "path": s["path"], "rows": s["rows"], "sha256": s["sha256"],
+                                    "nonfinite_rows": s["nonfinite_rows"], "node_id": r["node_id"],
+                                    "seconds": r["seconds"], "tokens_per_s": r["tokens_per_s"]})
+    for h, entry in hookpoints.items():
+        entry["mean_norm"] = entry.pop("sum_norm") / max(1, entry["rows"])
+        if entry["nonfinite_rows"]:
+            log.warning("generate: %d rows of %s had NaN/inf activations and were dropped", entry["nonfinite_rows"], h)
+    return {
+        "config_hash": plan["generate_hash"],
+        "root": store.uri,
+        "model": {"name": cfg.model.name, "path": model_path, "revision": revision, "dtype": cfg.model.dtype,
+                  "resolved_revision": _model_revision(model_path, revision, cfg.model.trust_remote_code)},
+        "tokenizer": plan["tokenizer"],
+        "dataset": cfg.dataset.model_dump(),
+        "corpus": plan["corpus"],
+        "ctx_len": plan["ctx_len"],
+        "num_tokens": plan["num_chunks"] * plan["ctx_len"],
+        "dtype": cfg.generate.dtype,
+        "hookpoint_patterns": cfg.generate.hookpoints,
+        "plan": {"shards": len(plan["shards"]), "tokens_sha256": plan["tokens_sha256"]},
+        "hookpoints": hookpoints,
+    }

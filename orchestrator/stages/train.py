@@ -63,7 +63,7 @@ def run_train(cfg: ExperimentConfig, manifest: dict, configurations: list[SAECon
             train_loop_per_worker,
             train_loop_config={
                 "groups": groups, "hookpoint": hookpoint, "hp": hp, "tracking_uri": tracking_uri,
-                "manifest_path": str(cfg.output_path / "activations" / "manifest.json"),
+                "activations_uri": manifest["root"],
                 "torch_threads": t.cpus_per_worker,
             },
             scaling_config=ScalingConfig(num_workers=min(t.num_workers, len(groups)), use_gpu=use_gpu,
