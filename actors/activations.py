@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -251,7 +252,9 @@ class ActivationShardWriter:
         seconds = time.perf_counter() - t0
         record = {"shard_id": shard_id, "start": start, "stop": stop, "tokens": int(token_ids.size),
                   "seconds": seconds, "tokens_per_s": token_ids.size / seconds, "node_id": self.node_id,
-                  "plan_hash": self.plan_hash, "hookpoints": stats}
+                  "plan_hash": self.plan_hash, "hookpoints": stats,
+                  # peak resident memory of this actor so far (KiB on Linux): sizing actors needs it
+                  "actor_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
         self.store.write_json(record_rel(shard_id), record)  # the commit marker: written last
         fault_point("committed", shard_id)
         return record
