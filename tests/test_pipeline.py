@@ -109,6 +109,13 @@ def test_outputs_are_complete_and_rerun_reuses_them(tiny_run):
     assert hookpoint == "gpt_neox.layers.0.mlp" and entry["d_in"] == 32
     assert entry["rows"] == manifest["num_tokens"] == 16384
     assert sum(s["rows"] for s in entry["shards"]) == 16384 and len(entry["shards"]) == 4
+    # Generate throughput on the parent run: the total, and one point per shard (step = shard id).
+    client = MlflowClient(result["tracking_uri"])
+    parent = client.get_run(result["parent_run_id"]).data.metrics
+    assert parent["generate.tokens_per_s"] == pytest.approx(manifest["throughput"]["tokens_per_s"])
+    assert parent["generate.num_tokens"] == 16384 and parent["generate.corpus_empty_documents"] == 0
+    shards = client.get_metric_history(result["parent_run_id"], "generate.shard_tokens_per_s")
+    assert sorted(m.step for m in shards) == [0, 1, 2, 3] and all(m.value > 0 for m in shards)
     nway = pq.read_table(cfg.output_path / "overlap" / "nway.parquet").to_pandas()
     per_base = nway.groupby(["configuration", "base_seed"])["latents"].sum()
     widths = {c: int(c.rsplit("-w", 1)[1]) for c in nway["configuration"]}
