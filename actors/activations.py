@@ -28,6 +28,13 @@ _DTYPE_KEY = b"sae_seeds.dtype"  # field metadata: how to read the activation co
 _ARROW_VALUE = {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.uint16()}
 
 
+# Activations are noise-like floats: dictionary encoding, compression and statistics cost time on both ends
+# and save almost nothing (measured: reading a 100 MB shard 2.5 s with pyarrow's defaults, 0.5 s without).
+_PROVENANCE = ["chunk_id", "position", "token_id"]
+PARQUET_OPTIONS = {"use_dictionary": _PROVENANCE, "write_statistics": _PROVENANCE,
+                   "compression": {**{c: "snappy" for c in _PROVENANCE}, f"{ACTIVATION_COLUMN}.list.item": "none"}}
+
+
 def shard_rel(hookpoint: str, shard_id: int) -> str:
     return f"{hookpoint}/shard-{shard_id:05d}.parquet"
 
@@ -212,8 +219,8 @@ class ActivationShardWriter:
             chunk_col, pos_col, tok_col = (np.repeat(cids, ctx_len), np.tile(np.arange(ctx_len), len(cids)),
                                            ids.reshape(-1))
             if h not in writers:
-                writers[h] = self.store.open_parquet_writer(stats[h]["path"],
-                                                            activation_schema(stored.shape[-1], self.storage_dtype))
+                writers[h] = self.store.open_parquet_writer(
+                    stats[h]["path"], activation_schema(stored.shape[-1], self.storage_dtype), **PARQUET_OPTIONS)
                 stats[h]["d_in"] = int(stored.shape[-1])
             keep = screen_nonfinite(stored, self.storage_dtype, self.nonfinite, f"shard {shard_id}, hookpoint {h}")
             if keep is not None:

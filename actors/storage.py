@@ -78,13 +78,13 @@ class ActivationStore:
     def read_json(self, rel: str):
         return json.loads(self.read_bytes(rel))
 
-    def write_table(self, rel: str, table: pa.Table) -> None:
+    def write_table(self, rel: str, table: pa.Table, **parquet_options) -> None:
         tmp = self._tmp(rel)
-        pq.write_table(table, tmp, filesystem=self.fs)
+        pq.write_table(table, tmp, filesystem=self.fs, **parquet_options)
         self._commit(tmp, rel)
 
-    def open_parquet_writer(self, rel: str, schema: pa.Schema) -> "AtomicParquetWriter":
-        return AtomicParquetWriter(self, rel, schema)
+    def open_parquet_writer(self, rel: str, schema: pa.Schema, **parquet_options) -> "AtomicParquetWriter":
+        return AtomicParquetWriter(self, rel, schema, **parquet_options)
 
     def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(self.path(rel), columns=columns, filesystem=self.fs)
@@ -100,9 +100,9 @@ class ActivationStore:
 class AtomicParquetWriter:
     """A Parquet file written one row group at a time under a temporary name, moved into place on `commit`."""
 
-    def __init__(self, store: ActivationStore, rel: str, schema: pa.Schema):
+    def __init__(self, store: ActivationStore, rel: str, schema: pa.Schema, **parquet_options):
         self.store, self.rel, self.tmp = store, rel, store._tmp(rel)
-        self.writer = pq.ParquetWriter(self.tmp, schema, filesystem=store.fs)
+        self.writer = pq.ParquetWriter(self.tmp, schema, filesystem=store.fs, **parquet_options)
 
     def write(self, table: pa.Table) -> None:
         self.writer.write_table(table)
