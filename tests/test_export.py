@@ -170,3 +170,21 @@ def test_cli_export(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["export", str(folder), "--layout", "onnx", "--out", str(tmp_path / "x")])
     assert exit_.value.code == 2
+
+
+def test_a_folder_saved_by_sparsify_loads_as_topk(tmp_path):
+    sparsify = pytest.importorskip("sparsify")
+    torch.manual_seed(0)
+    coder = sparsify.SparseCoder(D, sparsify.SparseCoderConfig(num_latents=N, k=4))
+    with torch.no_grad():
+        coder.encoder.bias.normal_()
+        coder.b_dec.normal_()
+    coder.save_to_disk(tmp_path / "sparsify")
+    sae = load_sae(tmp_path / "sparsify")
+    assert (sae.name, sae.params.k) == ("topk", 4)
+    x = inputs()
+    with torch.no_grad():
+        top_acts, top_indices, _ = coder.encode(x)
+        z = sae.activations(x)
+        torch.testing.assert_close(z, torch.zeros_like(z).scatter_(-1, top_indices, top_acts), **CLOSE)
+        torch.testing.assert_close(sae.decode(z), coder.decode(top_acts, top_indices), **CLOSE)
