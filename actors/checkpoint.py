@@ -99,8 +99,10 @@ def load_sae_cfg(folder: str | Path) -> dict[str, Any]:
         return cfg[EXPORTED_CFG]
     if "architecture" not in cfg and cfg.get("activation", "topk") == "topk" and cfg.get("k") \
             and not (cfg.get("transcode") or cfg.get("skip_connection")):
-        # Trained by sparsify itself: a TopK SAE that computes what this project's does.
-        cfg = cfg | {"architecture": "topk", "params": {"k": cfg["k"]}}
+        # Trained by sparsify itself: a TopK SAE that computes what this project's does. Its width is num_latents,
+        # or d_in x expansion_factor (default 32) when num_latents is 0.
+        width = cfg.get("num_latents") or cfg["d_in"] * cfg.get("expansion_factor", 32)
+        cfg = cfg | {"architecture": "topk", "params": {"k": cfg["k"]}, "num_latents": int(width)}
     return cfg
 
 

@@ -175,7 +175,7 @@ def test_cli_export(tmp_path, capsys):
 def test_a_folder_saved_by_sparsify_loads_as_topk(tmp_path):
     sparsify = pytest.importorskip("sparsify")
     torch.manual_seed(0)
-    coder = sparsify.SparseCoder(D, sparsify.SparseCoderConfig(num_latents=N, k=4))
+    coder = sparsify.SparseCoder(D, sparsify.SparseCoderConfig(expansion_factor=N // D, k=4))  # width implied
     with torch.no_grad():
         coder.encoder.bias.normal_()
         coder.b_dec.normal_()
