@@ -2,7 +2,8 @@
 
 Reading accepts this project's and sparsify's tensor names, and SAELens' (`W_enc` [d, n]). Weights come from
 safetensors only: nothing is unpickled. Writes go to a temporary folder that is renamed into place, so an
-interrupted save never leaves a folder that looks complete.
+interrupted save never leaves a folder that looks complete. `load_sae` rebuilds the SAE module itself, from this
+project's folders and from their exports (actors/export.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ CONFIG = "cfg.json"
 METRICS = "metrics.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 FREQUENCY = "firing_frequency.safetensors"  # per-latent firing frequency over the evaluation set
+EXPORTED_CFG = "sae_seeds"  # key under which an export's cfg.json keeps this project's cfg
 
 
 @dataclass
@@ -54,15 +56,25 @@ def write_parquet_atomic(table, path: Path) -> None:
 def save_sae_folder(folder: Path, tensors: dict[str, torch.Tensor], cfg: dict[str, Any],
                     metrics: dict[str, Any] | None = None, firing_frequency: torch.Tensor | None = None) -> None:
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.tmp")
-    tmp.mkdir()
+    tmp = temporary_folder(folder)
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS))
     (tmp / CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True))
     if firing_frequency is not None:
         save_file({"firing_frequency": firing_frequency.detach().cpu().float()}, str(tmp / FREQUENCY))
     if metrics is not None:
         (tmp / METRICS).write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    replace_folder(tmp, folder)
+
+
+def temporary_folder(folder: Path) -> Path:
+    """An empty hidden sibling of `folder` to write into before `replace_folder` renames it into place."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.tmp")
+    tmp.mkdir()
+    return tmp
+
+
+def replace_folder(tmp: Path, folder: Path) -> None:
     if folder.exists():
         old = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.old")
         os.replace(folder, old)
@@ -79,13 +91,59 @@ def checkpoint_folder(sae_folder: str | Path, tokens: int) -> Path:
     return sae_folder.parent / "checkpoints" / f"tokens{tokens}" / sae_folder.name
 
 
-def load_sae_weights(folder: str | Path) -> SAEWeights:
-    folder = Path(folder)
-    cfg_path = folder / CONFIG
+def _weights_path(folder: Path) -> Path:
     # sparsify and this project write sae.safetensors; SAELens writes sae_weights.safetensors.
     weights_path = next((folder / n for n in (WEIGHTS, SAELENS_WEIGHTS) if (folder / n).is_file()), None)
     if weights_path is None:
         raise FileNotFoundError(f"{folder} is not an SAE folder: no {WEIGHTS} or {SAELENS_WEIGHTS}")
+    return weights_path
+
+
+def load_sae_cfg(folder: str | Path) -> dict[str, Any]:
+    """This project's cfg of an SAE folder: its cfg.json, or the copy an export keeps inside its own."""
+    path = Path(folder) / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not an SAE folder: no {CONFIG}")
+    cfg = json.loads(path.read_text())
+    if EXPORTED_CFG in cfg:
+        return cfg[EXPORTED_CFG]
+    if "architecture" not in cfg and cfg.get("activation", "topk") == "topk" and cfg.get("k") \
+            and not (cfg.get("transcode") or cfg.get("skip_connection")):
+        # Trained by sparsify itself: a TopK SAE that computes what this project's does. Its width is num_latents,
+        # or d_in x expansion_factor (default 32) when num_latents is 0.
+        width = cfg.get("num_latents") or cfg["d_in"] * cfg.get("expansion_factor", 32)
+        cfg = cfg | {"architecture": "topk", "params": {"k": cfg["k"]}, "num_latents": int(width)}
+    return cfg
+
+
+def load_sae(folder: str | Path):
+    """The SAE module a folder holds (this project's, an export of one, or a plain sparsify TopK SAE), in eval
+    mode and on the CPU."""
+    from .sae import ARCHITECTURES
+
+    folder = Path(folder)
+    cfg = load_sae_cfg(folder)
+    arch = ARCHITECTURES.get(cfg.get("architecture"))
+    if arch is None:
+        raise ValueError(f"{folder / CONFIG}: architecture {cfg.get('architecture')!r} is not one of "
+                         f"{sorted(ARCHITECTURES)}")
+    with torch.random.fork_rng(devices=[]):  # the random init is overwritten; leave the caller's RNG alone
+        sae = arch(cfg["d_in"], cfg["num_latents"], arch.Params.model_validate(cfg["params"]))
+    tensors = load_file(str(_weights_path(folder)))
+    if "W_enc" in tensors:  # SAELens names
+        tensors["encoder.weight"] = tensors.pop("W_enc").T.contiguous()
+        tensors["encoder.bias"] = tensors.pop("b_enc")
+    try:
+        sae.load_exported_state(tensors)
+    except RuntimeError as err:  # load_state_dict's message lists the missing, unexpected and mis-shaped tensors
+        raise ValueError(f"{folder}: weights do not fit a {arch.name} SAE: {err}") from None
+    return sae.eval()
+
+
+def load_sae_weights(folder: str | Path) -> SAEWeights:
+    folder = Path(folder)
+    cfg_path = folder / CONFIG
+    weights_path = _weights_path(folder)
     cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
     t = load_file(str(weights_path))
     if "encoder.weight" in t:  # this project and sparsify

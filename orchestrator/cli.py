@@ -1,4 +1,5 @@
-"""`sae-seeds run` (the whole experiment) and `sae-seeds match` (two SAE folders)."""
+"""`sae-seeds run` (the whole experiment), `sae-seeds match` (two SAE folders) and `sae-seeds export` (an SAE
+folder in sparsify's or SAELens' layout)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,14 @@ def _match(args) -> int:
     return 0 if m.certified else 1
 
 
+def _export(args) -> int:
+    from actors.export import export_sae
+
+    out = export_sae(args.folder, args.layout, args.out, overwrite=args.force)
+    print(f"{args.layout} SAE: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sae-seeds", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -61,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "(auto: dense up to 4096x4096)")
     match.add_argument("--device", default="cpu", help="torch device for the cosine blocks, e.g. cuda")
     match.set_defaults(func=_match)
+    export = sub.add_parser("export", help="write an SAE folder in EleutherAI sparsify's or SAELens' layout")
+    export.add_argument("folder", help="SAE folder (sae.safetensors + cfg.json) written by sae-seeds")
+    export.add_argument("--layout", required=True, choices=["sparsify", "saelens"])
+    export.add_argument("--out", required=True, help="folder to create")
+    export.add_argument("--force", action="store_true", help="replace --out if it exists")
+    export.set_defaults(func=_export)
     return parser
 
 
@@ -71,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"sae-seeds: {err}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        if args.command != "match":
+    except (FileNotFoundError, FileExistsError, KeyError, ValueError) as err:
+        if args.command not in ("match", "export"):
             raise
-        print(f"sae-seeds match: {err}", file=sys.stderr)
+        print(f"sae-seeds {args.command}: {err}", file=sys.stderr)
         return 2

@@ -118,6 +118,24 @@ class SparseAutoencoder(nn.Module):
             fired=nonzero.any(0),
         )
 
+    # ---- export to other libraries' layouts (actors/export.py) ----
+    # An architecture declares how each library can compute exactly its latents; None means it cannot, and the
+    # export refuses rather than writing an SAE that loads but encodes differently.
+    def sparsify_cfg(self) -> dict[str, Any] | None:
+        """sparsify `SparseCoderConfig` keys (besides d_in, num_latents) under which its SparseCoder computes this
+        SAE's latents from encoder.weight, encoder.bias, W_dec, b_dec; or None."""
+        return None
+
+    def saelens_cfg(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+        """SAELens cfg keys (`architecture` and its options) and the tensors beyond W_enc, b_enc, W_dec, b_dec
+        (e.g. a JumpReLU `threshold`) under which its inference SAE computes this SAE's latents; or None."""
+        return None
+
+    def load_exported_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """The inverse of the exports: load weights named as this project names them (after renaming SAELens'
+        W_enc/b_enc), where an export may have dropped or reshaped training-only state."""
+        self.load_state_dict(tensors)
+
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> None:
         """Rewrite the weights so the SAE trained on scale*x acts on raw x with identical latents."""

@@ -37,3 +37,22 @@ class BatchTopKSAE(TopKSAE):
                     self.threshold.lerp_(smallest, w)
                     self.threshold_steps += 1
         return z
+
+    def sparsify_cfg(self):
+        return None  # sparsify keeps k latents per token; at inference this SAE thresholds instead
+
+    def saelens_cfg(self):
+        # As SAELens itself saves a trained BatchTopK SAE for inference: JumpReLU, the one threshold on every latent.
+        return {"architecture": "jumprelu"}, {"threshold": self.threshold.expand(self.num_latents).clone()}
+
+    def load_exported_state(self, tensors):
+        tensors = dict(tensors)
+        threshold = tensors.get("threshold")
+        if threshold is not None and threshold.ndim == 1:
+            if not torch.equal(threshold, threshold[:1].expand_as(threshold)):
+                raise ValueError("per-latent thresholds differ: a JumpReLU SAE, not a BatchTopK one")
+            tensors["threshold"] = threshold[0]
+        # Exports drop the step count; any nonzero count keeps a learned threshold from being overwritten by the
+        # next training batch (see activations).
+        tensors.setdefault("threshold_steps", torch.ones((), dtype=torch.long))
+        self.load_state_dict(tensors)

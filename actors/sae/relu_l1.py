@@ -58,6 +58,14 @@ class ReluL1SAE(SparseAutoencoder):
     def activations(self, x):
         return F.relu(self.encoder(x - self.b_dec))
 
+    def sparsify_cfg(self):
+        # sparsify always keeps the top k of ReLU(pre-activations): with k = every latent it drops nothing, which is
+        # this SAE exactly (slower than a plain ReLU there). The decoder is not unit-norm, hence the flag.
+        return {"activation": "topk", "k": self.num_latents, "normalize_decoder": False}
+
+    def saelens_cfg(self):
+        return {"architecture": "standard"}, {}
+
     def loss(self, x, x_hat, z, fvu):
         if self.params.l1_coefficient is None:
             raise RuntimeError("relu_l1 with target_l0: calibrate the L1 coefficient before training")

@@ -72,6 +72,14 @@ class TopKSAE(SparseAutoencoder):
         scale = min(num_dead / (self.d_in // 2), 1.0)
         return scale * fraction_of_variance_unexplained(x - x_hat.detach(), residual_hat)
 
+    def sparsify_cfg(self):
+        return {"activation": "topk", "k": self.params.k, "normalize_decoder": True}
+
+    def saelens_cfg(self):
+        # SAELens' TopK keeps the k largest pre-activations and then applies ReLU; this one applies ReLU first.
+        # Either way the latents are the positive part of the k largest, so they agree.
+        return {"architecture": "topk", "k": self.params.k, "rescale_acts_by_decoder_norm": False}, {}
+
     def before_optimizer_step(self):
         remove_parallel_gradient(self.W_dec)
 
