@@ -11,6 +11,7 @@ hands the last complete state back, from which training continues exactly.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import time
@@ -24,6 +25,8 @@ from ray.experimental.tqdm_ray import tqdm
 
 from .train_state import read_training_state
 from .training import train_saes
+
+log = logging.getLogger(__name__)
 
 
 def _mlflow_reporter(tracking_uri: str | None):
@@ -58,6 +61,9 @@ def train_loop_per_worker(config: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             resume = read_training_state(Path(folder), jobs)
+        if resume is None:
+            log.warning("checkpoint %s lacks the state of some of this worker's SAEs: training from the start",
+                        checkpoint.path)
     results = train_saes(jobs, manifest, config["hookpoint"], config["hp"], device,
                          report=_mlflow_reporter(config.get("tracking_uri")),
                          progress=lambda total: tqdm(desc=f"train {config['hookpoint']} (worker {rank})",
@@ -75,7 +81,8 @@ def _report_state(folder: Path, step: int) -> None:
 
 def _fault_injection(spec: dict | None):
     """Test hook: SIGKILL this worker after `spec["after_steps"]` steps, once per `spec["marker"]` file (the
-    restarted worker finds the marker and carries on)."""
+    restarted worker finds the marker and carries on). It first waits until Ray Train has committed the last
+    reported state, so that the restart deterministically resumes from it."""
     if not spec:
         return None
 
@@ -86,5 +93,6 @@ def _fault_injection(spec: dict | None):
             os.close(os.open(spec["marker"], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
             return
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
         os.kill(os.getpid(), signal.SIGKILL)
     return after_step

@@ -109,34 +109,40 @@ def _experiment(tmp_path, name, x):
         "sae.architectures=[{name: topk, k: 4}, {name: batchtopk, k: 4}, {name: relu_l1, target_l0: 6}]",
         "sae.widths=[32]", "sae.seeds=[0,1]", "train.tokens=6144", "train.state_every_tokens=2048",
         "train.checkpoint_tokens=[1024,4096]", "train.lm_eval_chunks=0", "train.num_workers=2",
-        "train.max_failures=2"], str(tmp_path / name))
+        "train.max_failures=3"], str(tmp_path / name))
     manifest = write_manifest(cfg.output_path / "activations", x, rows_per_shard=1024, hookpoint=HOOKPOINT)
     manifest["config_hash"] = "planted"
     (cfg.output_path / "activations" / "manifest.json").write_text(json.dumps(manifest))
     return cfg, manifest, plan_configurations(cfg, [HOOKPOINT])
 
 
-def test_worker_killed_mid_training_resumes_to_identical_weights(ray_local, tmp_path, monkeypatch):
+def test_worker_killed_mid_training_resumes_to_identical_weights(ray_local, tmp_path, monkeypatch, one_thread):
     x, _ = planted_data(3072, seed=3)
+    # The uninterrupted reference, in this process (one torch thread, as in the workers): each SAE's training is
+    # independent of which worker runs it and of the other SAEs there.
     cfg, manifest, configurations = _experiment(tmp_path, "reference", x)
-    reference = train_stage.run_train(cfg, manifest, configurations, None)
+    reference = train_saes([j for c in configurations for j in c.jobs()], manifest, HOOKPOINT,
+                           train_stage.train_hparams(cfg, manifest), torch.device("cpu"))
 
     cfg, manifest, configurations = _experiment(tmp_path, "killed", x)
     marker = tmp_path / "killed-once"
-    # SIGKILL a worker after 11 of 24 steps: the states of step 8 are the last ones reported.
+    # SIGKILL a worker after 11 of 24 steps, once the state of step 8 is committed.
     killed = train_stage.run_train(cfg, manifest, configurations, None,
                                    fault={"after_steps": 11, "marker": str(marker)})
     assert marker.exists()  # the fault did fire
 
-    assert len(killed["saes"]) == len(reference["saes"]) == 6
-    for ref, res in zip(reference["saes"], killed["saes"]):
-        assert (res["configuration"], res["seed"]) == (ref["configuration"], ref["seed"])
-        assert res["data_digest"] == ref["data_digest"]
-        # Resumed from the state of step 8 on every worker (the group restarts together), not from scratch.
-        assert res["metrics"]["resumed_from_tokens"] == 8 * 256 and ref["metrics"]["resumed_from_tokens"] == 0
-        assert_same_weights(Path(ref["path"]), Path(res["path"]))
-        for a, b in zip(ref["checkpoints"], res["checkpoints"]):
-            assert_same_weights(Path(a["path"]), Path(b["path"]))
+    assert len(killed["saes"]) == len(reference) == 6
+    # Every worker resumed from one state (the group restarts together), not from scratch. Normally that of step 8;
+    # a later one if Ray restarted the group once more (Ray's placement-group cleaner can misjudge the controller
+    # dead on a busy machine and tear a live group down; max_failures absorbs that).
+    resumed = {s["metrics"]["resumed_from_tokens"] for s in killed["saes"]}
+    assert len(resumed) == 1 and 8 * 256 <= resumed.pop() < 24 * 256
+    for ref, res in zip(reference, killed["saes"]):
+        assert (res["configuration"], res["seed"]) == (ref["job"]["configuration"], ref["job"]["seed"])
+        assert res["data_digest"] == ref["data_digest"] and ref["metrics"]["resumed_from_tokens"] == 0
+        assert_same_weights(Path(ref["job"]["path"]), Path(res["path"]))
+        for tokens in cfg.train.checkpoint_tokens:
+            assert_same_weights(checkpoint_folder(ref["job"]["path"], tokens), checkpoint_folder(res["path"], tokens))
 
     # Re-running the finished experiment trains nothing.
     def no_training(*args, **kwargs):

@@ -38,6 +38,12 @@ def train_hash(cfg: ExperimentConfig, manifest: dict) -> str:
     return hashlib.sha256(data.encode()).hexdigest()[:16]
 
 
+def train_hparams(cfg: ExperimentConfig, manifest: dict) -> dict:
+    """The settings `actors.training.train_saes` gets."""
+    return cfg.train.model_dump() | {"eval_tokens": 65536, "train_hash": train_hash(cfg, manifest),
+                                     "trust_remote_code": cfg.model.trust_remote_code}
+
+
 def _is_trained(path: str, expected_hash: str, checkpoint_tokens: list[int] = ()) -> bool:
     """Complete (metrics written last, intermediate checkpoints too) and trained with these activations and
     settings."""
@@ -53,8 +59,7 @@ def run_train(cfg: ExperimentConfig, manifest: dict, configurations: list[SAECon
     t = cfg.train
     use_gpu = t.use_gpu if t.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
     expected = train_hash(cfg, manifest)
-    hp = t.model_dump() | {"eval_tokens": 65536, "train_hash": expected,
-                           "trust_remote_code": cfg.model.trust_remote_code}
+    hp = train_hparams(cfg, manifest)
     for hookpoint in manifest["hookpoints"]:
         groups = [c.jobs() for c in configurations if c.hookpoint == hookpoint]
         # A configuration is retrained whole if any seed is missing: seeds must share one stream.
