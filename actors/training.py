@@ -182,9 +182,9 @@ def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, devic
     if resume:
         for t in (t for group in trainers.values() for t in group):
             t.load_state(resume[t.job["path"]])
-        any_meta = next(iter(resume.values()))[1]
-        start_step, elapsed = any_meta["step"], any_meta["train_seconds"]
-        _set_rng_state(next(iter(resume.values()))[0], device)
+        tensors, meta = next(iter(resume.values()))  # the worker-wide entries are alike in every SAE's state
+        start_step, elapsed = meta["step"], meta["train_seconds"]
+        _set_rng_state(tensors, device)
         log.info("resuming %d SAEs of %s at step %d of %d", len(jobs), hookpoint, start_step, num_steps)
 
     # Evaluation set: the first rows in manifest order, unshuffled, identical for every SAE.
