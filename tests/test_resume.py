@@ -49,7 +49,8 @@ def test_resume_in_process_is_bit_identical(tmp_path, one_thread):
     stopped (weights, digest, and the intermediate SAE saved after the resume point)."""
     x, _ = planted_data(3072)
     manifest = write_manifest(tmp_path / "acts", x, rows_per_shard=1024)
-    hp = HP | {"tokens": 6144, "state_every_tokens": 2048, "checkpoint_tokens": [1024, 4096], "train_hash": "h"}  # 256-row batches
+    # 24 batches of 256 rows; a state every 8 steps.
+    hp = HP | {"tokens": 6144, "state_every_tokens": 2048, "checkpoint_tokens": [1024, 4096], "train_hash": "h"}
 
     def jobs(out):
         return [{"configuration": arch, "architecture": arch, "params": params, "width": 32, "seed": seed,
