@@ -2,11 +2,19 @@
 
 Configurations are dealt round-robin over the workers; every worker reads the same activation stream, so all
 seeds of a configuration (always on one worker) see identical batches in identical order.
+
+Fault tolerance: each worker reports its training state as a Ray Train checkpoint every `train.state_every_tokens`;
+when a worker dies, Ray Train restarts the worker group (`FailureConfig(max_failures)`) and `get_checkpoint()`
+hands the last complete state back, from which training continues exactly.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
 import time
+from pathlib import Path
 
 import ray
 import ray.train
@@ -15,7 +23,10 @@ import torch
 from ray.experimental.tqdm_ray import tqdm
 
 from .storage import ActivationStore
+from .train_state import read_training_state
 from .training import train_saes
+
+log = logging.getLogger(__name__)
 
 
 def _mlflow_reporter(tracking_uri: str | None):
@@ -45,9 +56,43 @@ def train_loop_per_worker(config: dict) -> None:
         return
     manifest = ActivationStore(config["activations_uri"]).read_json("manifest.json")
     device = ray.train.torch.get_device()
+    resume = None
+    checkpoint = ray.train.get_checkpoint()  # the last state every worker reported, after a restart
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            resume = read_training_state(Path(folder), jobs)
+        if resume is None:
+            log.warning("checkpoint %s lacks the state of some of this worker's SAEs: training from the start",
+                        checkpoint.path)
     results = train_saes(jobs, manifest, config["hookpoint"], config["hp"], device,
                          report=_mlflow_reporter(config.get("tracking_uri")),
                          progress=lambda total: tqdm(desc=f"train {config['hookpoint']} (worker {rank})",
                                                      total=total, unit="step"),
-                         node_id=ray.get_runtime_context().get_node_id())
+                         node_id=ray.get_runtime_context().get_node_id(),
+                         resume=resume, save_state=_report_state, after_step=_fault_injection(config.get("fault")))
     ray.train.report({"done": len(results)})
+
+
+def _report_state(folder: Path, step: int) -> None:
+    # Every worker reports at the same steps (report is a barrier); Ray Train merges their folders into one
+    # checkpoint and registers it only once all have been persisted.
+    ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
+
+
+def _fault_injection(spec: dict | None):
+    """Test hook: SIGKILL this worker after `spec["after_steps"]` steps, once per `spec["marker"]` file (the
+    restarted worker finds the marker and carries on). It first waits until Ray Train has committed the last
+    reported state, so that the restart deterministically resumes from it."""
+    if not spec:
+        return None
+
+    def after_step(step: int) -> None:
+        if step != spec["after_steps"]:
+            return
+        try:
+            os.close(os.open(spec["marker"], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return after_step

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import logging
 import math
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,8 +27,27 @@ from .lm_eval import spliced_lm_metrics
 from .sae import ARCHITECTURES, SparseAutoencoder
 from .sae.topk import TopKSAE
 from .storage import ActivationStore
+from .train_state import SAEState, pack, state_key, unpack, write_training_state
 
 log = logging.getLogger(__name__)
+
+
+class BatchDigest:
+    """SHA-256 chained over the batches (h = sha256(h || batch)): which data an SAE saw, in which order.
+
+    Unlike a running hashlib object, its whole state is the current 32-byte value, so a run resumed from a
+    checkpoint ends with the digest of an uninterrupted one."""
+
+    def __init__(self, value: str | None = None):
+        self.value = bytes.fromhex(value) if value else bytes(32)
+
+    def update(self, data: bytes) -> None:
+        h = hashlib.sha256(self.value)
+        h.update(data)
+        self.value = h.digest()
+
+    def hexdigest(self) -> str:
+        return self.value.hex()
 
 
 @dataclass
@@ -39,7 +61,7 @@ class SAETrainer:
     grad_clip: float
     dead_window: int  # tokens without firing after which a latent is dead
     last_fired: torch.Tensor  # tokens seen when each latent last fired
-    digest: "hashlib._Hash" = field(default_factory=hashlib.sha256)
+    digest: BatchDigest = field(default_factory=BatchDigest)
     tokens_seen: int = 0
     initialised: bool = False
 
@@ -60,6 +82,25 @@ class SAETrainer:
         self.tokens_seen += x.shape[0]
         self.last_fired[out.fired] = self.tokens_seen
         return {"loss": out.loss.item(), "fvu": out.fvu.item(), "l0": out.l0.item()}
+
+    def state(self) -> SAEState:
+        """Everything that decides the rest of this SAE's training. Architectures keep their training state
+        (e.g. BatchTopK's threshold) in buffers, so the state dict covers it."""
+        tensors = {f"sae.{k}": v for k, v in self.sae.state_dict().items()} | {"last_fired": self.last_fired}
+        meta = {"optimizer": pack(self.optimizer.state_dict(), tensors, "optimizer"),
+                "scheduler": pack(self.scheduler.state_dict(), tensors, "scheduler"),
+                "digest": self.digest.hexdigest(), "tokens_seen": self.tokens_seen, "initialised": self.initialised}
+        return tensors, meta
+
+    def load_state(self, state: SAEState) -> None:
+        tensors, meta = state
+        device = self.last_fired.device
+        self.sae.load_state_dict({k.removeprefix("sae."): v for k, v in tensors.items() if k.startswith("sae.")})
+        self.optimizer.load_state_dict(unpack(meta["optimizer"], tensors))
+        self.scheduler.load_state_dict(unpack(meta["scheduler"], tensors))
+        self.last_fired = tensors["last_fired"].to(device)
+        self.digest = BatchDigest(meta["digest"])
+        self.tokens_seen, self.initialised = meta["tokens_seen"], meta["initialised"]
 
 
 def build_trainer(job: dict, d_in: int, num_steps: int, hp: dict, device: torch.device) -> SAETrainer:
@@ -110,12 +151,19 @@ def evaluate(sae: SparseAutoencoder, batches: list[torch.Tensor]) -> tuple[dict[
 
 
 def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, device: torch.device,
-               report=None, progress=None, node_id: str | None = None) -> list[dict]:
+               report=None, progress=None, node_id: str | None = None,
+               resume: dict[str, SAEState] | None = None, save_state: Callable[[Path, int], None] | None = None,
+               after_step: Callable[[int], None] | None = None) -> list[dict]:
     """Train `jobs` (SAEs of one hookpoint) on one shared stream; save each; return their metrics.
 
     `report(step, [(job, metrics), ...])` is called every `log_every` steps; `progress(total)` makes a bar.
     `node_id` (the Ray node training them), when given, is saved with the metrics. With `hp["checkpoint_tokens"]`,
     an intermediate SAE folder (weights, cfg, metrics) is saved at each of those token counts too.
+
+    Fault tolerance: every `hp["state_every_tokens"]` (and after the last step) the full training state is written
+    to a fresh folder and handed to `save_state(folder, step)`, which must copy what it keeps (the folder is
+    removed afterwards). `resume` (from `read_training_state`) continues such a state: the result is identical
+    to an uninterrupted run's. `after_step(step)` is called after every step (tests use it to inject failures).
     """
     entry = manifest["hookpoints"][hookpoint]
     d_in, total_rows = entry["d_in"], entry["rows"]
@@ -126,9 +174,19 @@ def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, devic
                                       tokens, scale if norm else 1.0, hp.get("shuffle_buffer_tokens", 0))
                for norm in {ARCHITECTURES[j["architecture"]].normalize_inputs for j in jobs}}
     num_steps = next(iter(streams.values())).num_steps
-    jobs = _calibrate_sparsity(jobs, streams, d_in, hp, device)
+    resume = _usable_state(resume, jobs, hp, num_steps)
+    # The calibrated coefficients come back with a resumed state: calibrating again would only repeat it.
+    jobs = _restore_calibration(jobs, resume) if resume else _calibrate_sparsity(jobs, streams, d_in, hp, device)
     trainers = {norm: [build_trainer(j, d_in, num_steps, hp, device) for j in jobs
                        if ARCHITECTURES[j["architecture"]].normalize_inputs == norm] for norm in streams}
+    start_step, elapsed = 0, 0.0
+    if resume:
+        for t in (t for group in trainers.values() for t in group):
+            t.load_state(resume[t.job["path"]])
+        tensors, meta = next(iter(resume.values()))  # the worker-wide entries are alike in every SAE's state
+        start_step, elapsed = meta["step"], meta["train_seconds"]
+        _set_rng_state(tensors, device)
+        log.info("resuming %d SAEs of %s at step %d of %d", len(jobs), hookpoint, start_step, num_steps)
 
     # Evaluation set: the first rows in manifest order, unshuffled, identical for every SAE.
     eval_rows = min(total_rows, hp["eval_tokens"])
@@ -148,7 +206,8 @@ def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, devic
         cfg |= {"data_digest": t.digest.hexdigest(), "tokens": t.tokens_seen}
         metrics, frequency = evaluate(t.sae, eval_sets[t.sae.normalize_inputs])
         metrics["dead_fraction"] = float(((t.tokens_seen - t.last_fired) >= t.dead_window).float().mean())
-        metrics |= {"train_tokens": t.tokens_seen, "train_seconds": time.perf_counter() - start}
+        metrics |= {"train_tokens": t.tokens_seen, "train_seconds": time.perf_counter() - start,
+                    "resumed_from_tokens": start_step * hp["batch_size"]}
         if node_id is not None:
             metrics["node_id"] = node_id
         if "calibration" in t.job:
@@ -157,22 +216,44 @@ def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, devic
         save_sae_folder(folder, (raw or raw_sae(t)).state_dict(), cfg, metrics, firing_frequency=frequency)
         return {"job": t.job, "metrics": metrics, "data_digest": cfg["data_digest"]}
 
-    start = time.perf_counter()
-    bar = progress(num_steps * len(streams)) if progress else None
-    for norm, stream in streams.items():
-        pending = list(hp.get("checkpoint_tokens") or [])
-        for step, batch in enumerate(stream):
+    def snapshot(step: int) -> None:
+        states = {state_key(t.job): _sae_state(t, step, hp, time.perf_counter() - start, device)
+                  for group in trainers.values() for t in group}
+        with tempfile.TemporaryDirectory(prefix="sae-train-state-") as tmp:
+            folder = Path(tmp) / f"step{step:09d}"
+            write_training_state(folder, states)
+            save_state(folder, step)
+
+    start = time.perf_counter() - elapsed  # a resumed run counts the seconds trained before the failure
+    bar = progress(num_steps) if progress else None
+    if bar is not None and start_step:
+        bar.update(start_step)
+    # Checkpoints already saved before the resumed step are on disk; the first step reaching each one saves it.
+    pending = [n for n in hp.get("checkpoint_tokens") or [] if n > start_step * hp["batch_size"]]
+    state_every = max(1, (hp.get("state_every_tokens") or num_steps * hp["batch_size"] // 10) // hp["batch_size"])
+    # The streams (raw and scaled inputs) advance together, one batch each per step, so that every Ray Train
+    # worker reaches its state checkpoints (a barrier across workers) at the same steps, whatever it trains.
+    # A resumed run re-reads the stream and skips the batches it has trained on: the order depends only on
+    # the manifest and the data seed.
+    batches = zip(*(itertools.islice(stream, start_step, None) for stream in streams.values()))
+    for step, per_stream in enumerate(batches, start=start_step):
+        logs = []
+        for norm, batch in zip(streams, per_stream):
             x = torch.from_numpy(batch).to(device)
-            logs = [t.step(x) for t in trainers[norm]]
-            if report and ((step + 1) % hp["log_every"] == 0 or step + 1 == num_steps):
-                report(step + 1, [(t.job, m) for t, m in zip(trainers[norm], logs)])
-            # Intermediate SAEs: saved at the first step that reaches each requested token count.
-            while pending and (step + 1) * hp["batch_size"] >= pending[0]:
-                for t in trainers[norm]:
-                    save(t, checkpoint_folder(t.job["path"], pending[0]))
-                pending.pop(0)
-            if bar is not None:
-                bar.update(1)
+            logs += [(t.job, t.step(x)) for t in trainers[norm]]
+        if report and ((step + 1) % hp["log_every"] == 0 or step + 1 == num_steps):
+            report(step + 1, logs)
+        # Intermediate SAEs: saved at the first step that reaches each requested token count.
+        while pending and (step + 1) * hp["batch_size"] >= pending[0]:
+            for t in (t for group in trainers.values() for t in group):
+                save(t, checkpoint_folder(t.job["path"], pending[0]))
+            pending.pop(0)
+        if save_state and ((step + 1) % state_every == 0 or step + 1 == num_steps):
+            snapshot(step + 1)
+        if bar is not None:
+            bar.update(1)
+        if after_step:
+            after_step(step + 1)
     if bar is not None:
         bar.close()
     finals = [t for group in trainers.values() for t in group]
@@ -182,6 +263,68 @@ def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, devic
         model, input_ids = _lm_eval_inputs(manifest, hp, device)
         lm = spliced_lm_metrics(model, hookpoint, raws, input_ids)
     return [save(t, Path(t.job["path"]), extra, raw) for t, extra, raw in zip(finals, lm, raws)]
+
+
+def _sae_state(t: SAETrainer, step: int, hp: dict, seconds: float, device: torch.device) -> SAEState:
+    """One SAE's training state plus what the whole worker resumes from: the step (the data position), the RNG
+    state (no step draws random numbers today; an architecture that does must still continue identically),
+    the job as calibrated, and the settings the state is valid for."""
+    tensors, meta = t.state()
+    tensors["rng.torch"] = torch.get_rng_state()
+    if device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+    meta |= {"step": step, "train_seconds": seconds,
+             "train_hash": hp.get("train_hash"), "batch_size": hp["batch_size"], "data_seed": hp["data_seed"],
+             "job": {k: t.job.get(k) for k in _JOB_IDENTITY}, "params": t.job["params"],
+             "calibration": t.job.get("calibration")}
+    return tensors, meta
+
+
+# What identifies an SAE across restarts; besides these its given `params` must match (calibration may have filled
+# in a coefficient the job leaves open).
+_JOB_IDENTITY = ("path", "configuration", "architecture", "width", "seed")
+
+
+def _usable_state(resume: dict[str, SAEState] | None, jobs: list[dict], hp: dict,
+                  num_steps: int) -> dict[str, SAEState] | None:
+    """`resume` if it continues exactly these jobs with these settings, else None (train from the start)."""
+    if not resume:
+        return None
+    problems = []
+    steps = {meta["step"] for _, meta in resume.values()}
+    if len(steps) != 1 or not 0 < next(iter(steps)) <= num_steps:
+        problems.append(f"steps {sorted(steps)} (of {num_steps})")
+    for job in jobs:
+        meta = resume[job["path"]][1] if job["path"] in resume else None
+        if meta is None:
+            problems.append(f"no state for {job['path']}")
+            continue
+        if meta["job"] != {k: job.get(k) for k in _JOB_IDENTITY}:
+            problems.append(f"{job['path']}: another job")
+        if any(meta["params"].get(k) != v for k, v in job["params"].items() if v is not None):
+            problems.append(f"{job['path']}: other parameters")
+        if (meta["train_hash"], meta["batch_size"], meta["data_seed"]) != (
+                hp.get("train_hash"), hp["batch_size"], hp["data_seed"]):
+            problems.append(f"{job['path']}: other training settings")
+    if problems:
+        log.warning("training state not resumed, training from the start: %s", "; ".join(problems))
+        return None
+    return resume
+
+
+def _restore_calibration(jobs: list[dict], resume: dict[str, SAEState]) -> list[dict]:
+    out = []
+    for job in jobs:
+        meta = resume[job["path"]][1]
+        calibrated = {"params": meta["params"]} | ({"calibration": meta["calibration"]} if meta["calibration"] else {})
+        out.append(job | calibrated)
+    return out
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    if device.type == "cuda" and "rng.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
 
 
 def _lm_eval_inputs(manifest: dict, hp: dict, device: torch.device) -> tuple[torch.nn.Module, torch.Tensor]:

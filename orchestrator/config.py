@@ -138,11 +138,15 @@ class TrainConfig(_Strict):
         "training, e.g. log-spaced); the final SAE is always saved.")
     lm_eval_chunks: int = Field(8, ge=0, description="Token chunks on which the LM loss with each SAE spliced in "
                                 "is measured (delta CE, CE recovered); 0 turns it off.")
+    state_every_tokens: int | None = Field(
+        None, gt=0, description="Training tokens between checkpoints of the full training state, from which a "
+        "failed worker resumes; None: a tenth of the budget. At least one batch.")
+    max_failures: int = Field(3, ge=-1, description="Worker failures Ray Train recovers from by restarting the "
+                              "workers from the last training state; -1: unlimited, 0: fail at once.")
     log_every: int = Field(50, gt=0, description="Steps between metric reports.")
     num_workers: int = Field(1, gt=0, description="Ray Train workers; configurations are split across them.")
     cpus_per_worker: int = Field(1, gt=0, description="CPUs (and torch threads) per training worker.")
     use_gpu: bool | None = Field(None, description="Train on GPU; None: when the cluster has one.")
-
 
     @field_validator("checkpoint_tokens")
     @classmethod
@@ -150,6 +154,14 @@ class TrainConfig(_Strict):
         if any(t <= 0 for t in v) or any(b <= a for a, b in zip(v, v[1:])):
             raise ValueError(f"checkpoint_tokens must be positive and strictly increasing, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _state_every_whole_batch(self):
+        # Below one batch every step would write the whole training state.
+        if self.state_every_tokens is not None and self.state_every_tokens < self.batch_size:
+            raise ValueError(f"train.state_every_tokens ({self.state_every_tokens}) must be at least one batch "
+                             f"(train.batch_size = {self.batch_size})")
+        return self
 
 
 class CompareConfig(_Strict):

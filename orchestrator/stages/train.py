@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 import ray
-from ray.train import RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from actors.checkpoint import METRICS, checkpoint_folder, write_json_atomic
@@ -31,9 +31,17 @@ def train_manifest_path(cfg: ExperimentConfig) -> Path:
 def train_hash(cfg: ExperimentConfig, manifest: dict) -> str:
     """What decides an SAE's weights besides its own job: the activations and the training settings."""
     # Settings that only decide where training runs or what is measured do not retrain an SAE.
-    settings = cfg.train.model_dump(exclude={"num_workers", "cpus_per_worker", "use_gpu", "log_every", "lm_eval_chunks"})
+    # Nor do checkpoints of the training state: a resumed run ends with the weights of an uninterrupted one.
+    settings = cfg.train.model_dump(exclude={"num_workers", "cpus_per_worker", "use_gpu", "log_every", "lm_eval_chunks",
+                                             "state_every_tokens", "max_failures"})
     data = json.dumps({"activations": manifest["config_hash"], "train": settings}, sort_keys=True)
     return hashlib.sha256(data.encode()).hexdigest()[:16]
+
+
+def train_hparams(cfg: ExperimentConfig, manifest: dict) -> dict:
+    """The settings `actors.training.train_saes` gets."""
+    return cfg.train.model_dump() | {"eval_tokens": 65536, "train_hash": train_hash(cfg, manifest),
+                                     "trust_remote_code": cfg.model.trust_remote_code}
 
 
 def _is_trained(path: str, expected_hash: str, checkpoint_tokens: list[int] = ()) -> bool:
@@ -46,12 +54,12 @@ def _is_trained(path: str, expected_hash: str, checkpoint_tokens: list[int] = ()
 
 
 def run_train(cfg: ExperimentConfig, manifest: dict, configurations: list[SAEConfiguration],
-              tracking_uri: str | None) -> dict:
+              tracking_uri: str | None, fault: dict | None = None) -> dict:
+    """`fault` is a test hook: {"after_steps": n, "marker": path} kills a training worker once (see train_worker)."""
     t = cfg.train
     use_gpu = t.use_gpu if t.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
     expected = train_hash(cfg, manifest)
-    hp = t.model_dump() | {"eval_tokens": 65536, "train_hash": expected,
-                           "trust_remote_code": cfg.model.trust_remote_code}
+    hp = train_hparams(cfg, manifest)
     for hookpoint in manifest["hookpoints"]:
         groups = [c.jobs() for c in configurations if c.hookpoint == hookpoint]
         # A configuration is retrained whole if any seed is missing: seeds must share one stream.
@@ -64,12 +72,16 @@ def run_train(cfg: ExperimentConfig, manifest: dict, configurations: list[SAECon
             train_loop_config={
                 "groups": groups, "hookpoint": hookpoint, "hp": hp, "tracking_uri": tracking_uri,
                 "activations_uri": manifest["root"],
-                "torch_threads": t.cpus_per_worker,
+                "torch_threads": t.cpus_per_worker, "fault": fault,
             },
             scaling_config=ScalingConfig(num_workers=min(t.num_workers, len(groups)), use_gpu=use_gpu,
                                          resources_per_worker={"CPU": t.cpus_per_worker}),
+            # A worker failure restarts the workers from the last training state they reported; re-running the
+            # experiment after the driver died resumes from it too (same run name and storage).
             run_config=RunConfig(name=f"train-{cfg.content_hash()}-{slug(hookpoint)}",
-                                 storage_path=str(cfg.output_path / "ray_train")),
+                                 storage_path=str(cfg.output_path / "ray_train"),
+                                 failure_config=FailureConfig(max_failures=t.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
         )
         trainer.fit()
 
