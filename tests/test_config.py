@@ -16,7 +16,7 @@ BASE = yaml.safe_load(TINY.read_text())
     ("sae.widths=[64,-8]", "widths must be positive"),
     ("sae.widths=[2]", "k=4 must be at most the width (2)"),
     ("sae.seeds=[]", "sae.seeds"),
-    ("sae.architectures=[{name: magic}]", "allowed: ['batchtopk', 'relu_l1', 'topk']"),
+    ("sae.architectures=[{name: magic}]", "allowed: ['batchtopk', 'gated', 'jumprelu', 'matryoshka', 'relu_l1', 'topk']"),
     ("sae.architectures=[{name: topk, kk: 3}]", "unknown hyper-parameter 'kk' for topk; allowed: ['auxk_alpha', 'k']"),
     ("sae.architectures=[{name: topk, k: 0}]", "architectures[0].k"),
     ("train.batch_size=many", "train.batch_size"),

@@ -66,3 +66,7 @@ class GatedSAE(SparseAutoencoder):
         via_gate = gate @ frozen + self.b_dec.detach()
         aux = (x - via_gate).pow(2).sum(-1).mean()
         return mse + self.params.l1_coefficient * l1 + aux
+
+    @torch.no_grad()
+    def after_optimizer_step(self):
+        self._gate = None  # drop the step's graph (and let the SAE be deep-copied)

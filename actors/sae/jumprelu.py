@@ -113,3 +113,4 @@ class JumpReLUSAE(SparseAutoencoder):
     def after_optimizer_step(self):
         self.W_dec.copy_(unit_rows(self.W_dec))
         self.steps_done += 1
+        self._pre = None  # drop the step's graph (and let the SAE be deep-copied)
