@@ -90,7 +90,7 @@ class JumpReLUSAE(SparseAutoencoder):
         return self.log_threshold.exp()
 
     def pre_activations(self, x):
-        return self.encoder(x)
+        return self.encoder(x)  # W_enc x + b_enc: the paper does not centre x on b_dec
 
     def activations(self, x):
         pre = self.pre_activations(x)
