@@ -110,7 +110,7 @@ def build_trainer(job: dict, d_in: int, num_steps: int, hp: dict, device: torch.
         sae = arch(d_in, job["width"], arch.Params.model_validate(job["params"]))
     sae = sae.to(device)
     lr = hp["lr"] or arch.recipe_lr(job["width"])
-    optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=arch.adam_betas)
     warmup = max(1, min(hp["warmup_steps"], num_steps // 2))
     scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [
         torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / warmup, total_iters=warmup),

@@ -67,7 +67,9 @@ def test_topk_recovers_planted_directions():
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_loss_decreases(name):
     x, _ = planted_data(8192)
-    params = {"topk": {"k": 3}, "relu_l1": {"l1_coefficient": 0.05}, "batchtopk": {"k": 3}}[name]
+    params = {"topk": {"k": 3}, "relu_l1": {"l1_coefficient": 0.05}, "batchtopk": {"k": 3},
+              "matryoshka": {"k": 3, "group_sizes": [32, 32]}, "jumprelu": {"l0_coefficient": 1.0},
+              "gated": {"l1_coefficient": 1.0}}[name]
     job = {"architecture": name, "params": params, "width": 64, "seed": 0}
     trainer = build_trainer(job, x.shape[1], 300, HP | {"lr": 1e-3}, torch.device("cpu"))
     batches = [torch.from_numpy(x[i:i + 256]) for i in range(0, 8192, 256)]

@@ -2,6 +2,9 @@
 
 from .base import SparseAutoencoder
 from .batchtopk import BatchTopKSAE
+from .gated import GatedSAE
+from .jumprelu import JumpReLUSAE
+from .matryoshka import MatryoshkaSAE
 from .relu_l1 import ReluL1SAE
 from .topk import TopKSAE
 
@@ -9,6 +12,9 @@ ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {
     TopKSAE.name: TopKSAE,
     ReluL1SAE.name: ReluL1SAE,
     BatchTopKSAE.name: BatchTopKSAE,
+    MatryoshkaSAE.name: MatryoshkaSAE,
+    JumpReLUSAE.name: JumpReLUSAE,
+    GatedSAE.name: GatedSAE,
 }
 
 __all__ = ["ARCHITECTURES", "SparseAutoencoder"]

@@ -36,6 +36,9 @@ class SparseAutoencoder(nn.Module):
     # saved weights, so a saved SAE always acts on raw activations.
     normalize_inputs: ClassVar[bool] = False
     default_lr: ClassVar[float] = 2e-4
+    adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
+    # Hyper-parameters whose single value is a list (e.g. Matryoshka group sizes): a sweep of them is a list of lists.
+    list_params: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, d_in: int, num_latents: int, params: BaseModel):
         super().__init__()
@@ -52,9 +55,16 @@ class SparseAutoencoder(nn.Module):
     def expand_sweep(cls, spec: dict[str, Any]) -> list[dict[str, Any]]:
         """{'k': [8, 16]} -> [{'k': 8}, {'k': 16}]; scalars are one-element sweeps."""
         keys = sorted(spec)
-        values = [v if isinstance(v, list) else [v] for v in (spec[k] for k in keys)]
+        values = [spec[k] if cls._is_sweep(k, spec[k]) else [spec[k]] for k in keys]
         combos = [dict(zip(keys, combo)) for combo in itertools.product(*values)]
         return [cls.Params.model_validate(c).model_dump() for c in combos]
+
+    @classmethod
+    def _is_sweep(cls, key: str, value: Any) -> bool:
+        if key in cls.list_params:
+            return isinstance(value, list) and bool(value) and all(v is None or isinstance(v, (list, tuple))
+                                                                   for v in value)
+        return isinstance(value, list)
 
     @classmethod
     def validate_sweep(cls, spec: dict[str, Any], where: str) -> None:
@@ -63,7 +73,7 @@ class SparseAutoencoder(nn.Module):
                 raise ValueError(
                     f"{where}: unknown hyper-parameter {key!r} for {cls.name}; allowed: {sorted(cls.Params.model_fields)}"
                 )
-            if isinstance(value, list) and not value:
+            if isinstance(value, list) and not value and key not in cls.list_params:
                 raise ValueError(f"{where}.{key}: empty sweep list")
         try:
             cls.expand_sweep(spec)
@@ -81,7 +91,9 @@ class SparseAutoencoder(nn.Module):
         """Folder and run name: the architecture and the hyper-parameters that differ from their defaults."""
         fields = cls.Params.model_fields
         shown = {k: v for k, v in params.items() if fields[k].is_required() or v != fields[k].default}
-        return cls.name + "".join(f"-{k}{v}" for k, v in sorted(shown.items()))
+        # A list value reads 0.25_0.75: no brackets, commas or spaces in folder names.
+        text = {k: "_".join(map(str, v)) if isinstance(v, (list, tuple)) else v for k, v in shown.items()}
+        return cls.name + "".join(f"-{k}{v}" for k, v in sorted(text.items()))
 
     # ---- training hooks ----
     def activations(self, x: torch.Tensor) -> torch.Tensor:
