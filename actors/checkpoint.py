@@ -160,23 +160,6 @@ def load_sae_weights(folder: str | Path) -> SAEWeights:
     return SAEWeights(encoder=encoder.float(), decoder=decoder.float(), cfg=cfg)
 
 
-def load_sae(folder: str | Path):
-    """The trained SAE module of a folder this project wrote, in eval mode, acting on raw activations: cfg.json
-    names the architecture and its hyper-parameters, sae.safetensors holds every tensor it needs (thresholds,
-    r_mag, ...); a missing or unexpected tensor is an error."""
-    from .sae import ARCHITECTURES  # the registry imports torch modules only this loader needs
-
-    folder = Path(folder)
-    cfg = json.loads((folder / CONFIG).read_text())
-    if cfg.get("architecture") not in ARCHITECTURES:
-        raise ValueError(f"{folder}: cfg.json names no registered architecture ({cfg.get('architecture')!r}); "
-                         f"load_sae_weights reads the directions of other projects' SAEs")
-    arch = ARCHITECTURES[cfg["architecture"]]
-    sae = arch(cfg["d_in"], cfg["num_latents"], arch.Params.model_validate(cfg["params"]))
-    sae.load_state_dict(load_file(str(folder / WEIGHTS)))
-    return sae.eval()
-
-
 def load_firing_frequency(folder: str | Path):
     """Per-latent firing frequency measured after training (numpy float32), or None if not recorded."""
     path = Path(folder) / FREQUENCY
