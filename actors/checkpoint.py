@@ -132,7 +132,8 @@ def load_sae(folder: str | Path):
     tensors = load_file(str(_weights_path(folder)))
     if "W_enc" in tensors:  # SAELens names
         tensors["encoder.weight"] = tensors.pop("W_enc").T.contiguous()
-        tensors["encoder.bias"] = tensors.pop("b_enc")
+        if "b_enc" in tensors:  # SAELens' Gated SAE has b_gate instead; its load_exported_state renames that
+            tensors["encoder.bias"] = tensors.pop("b_enc")
     try:
         sae.load_exported_state(tensors)
     except RuntimeError as err:  # load_state_dict's message lists the missing, unexpected and mis-shaped tensors

@@ -3,9 +3,10 @@
 sparsify (`SparseCoder.load_from_disk`): `sae.safetensors` with encoder.weight [n, d], encoder.bias [n], W_dec
 [n, d], b_dec [d] (this project's names already), and `cfg.json` with `SparseCoderConfig`'s keys plus d_in.
 
-SAELens >= 6 (`SAE.load_from_disk`): `sae_weights.safetensors` with W_enc [d, n], b_enc [n], W_dec [n, d], b_dec
-[d] and any tensors its architecture adds (JumpReLU's `threshold` [n]), and `cfg.json` in its 6.x format: d_in,
-d_sae, dtype, architecture and that architecture's options, and a `metadata` object.
+SAELens >= 6 (`SAE.load_from_disk`): `sae_weights.safetensors` with W_enc [d, n], b_enc [n] (Gated: b_gate),
+W_dec [n, d], b_dec [d] and any tensors its architecture adds (JumpReLU's `threshold` [n], Gated's r_mag, b_mag),
+and `cfg.json` in its 6.x format: d_in, d_sae, dtype, architecture and that architecture's options, and a
+`metadata` object.
 
 Each architecture declares how a library can compute exactly its latents (`SparseAutoencoder.sparsify_cfg`,
 `saelens_cfg`); one that declares nothing for a layout is refused with an error, not written approximately. Saved
@@ -55,6 +56,9 @@ def _saelens(sae, cfg: dict[str, Any]) -> tuple[str, dict[str, torch.Tensor], di
     keys, extra = spec
     tensors = {"W_enc": sae.encoder.weight.T, "b_enc": sae.encoder.bias, "W_dec": sae.W_dec, "b_dec": sae.b_dec,
                **extra}
+    # An architecture drops a tensor its SAELens class does not have (Gated: b_gate instead of b_enc) by mapping it
+    # to None: SAELens loads state dicts strictly, so an extra tensor would fail the load.
+    tensors = {k: v for k, v in tensors.items() if v is not None}
     metadata = {"sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": None}
     if cfg.get("hookpoint"):
         metadata["hf_hook_name"] = cfg["hookpoint"]  # a Hugging Face module name, not a TransformerLens hook

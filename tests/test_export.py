@@ -18,9 +18,15 @@ CASES = {
     "relu_l1": ("relu_l1", {"l1_coefficient": 1e-3}, None),
     "relu_l1-folded": ("relu_l1", {"target_l0": 8, "l1_coefficient": 1e-3}, 3.7),
     "batchtopk": ("batchtopk", {"k": 4}, None),
+    "matryoshka": ("matryoshka", {"k": 4, "group_sizes": [8, 8, 16]}, None),
+    "jumprelu": ("jumprelu", {"l0_coefficient": 1e-3}, 3.7),
+    "gated": ("gated", {"l1_coefficient": 1e-3}, 3.7),
 }
-# Which layout holds which architecture (BatchTopK thresholds at inference, which sparsify cannot express).
-HOLDS = {"sparsify": {"topk", "relu_l1"}, "saelens": {"topk", "relu_l1", "batchtopk"}}
+# Which layout holds which architecture: sparsify keeps the top k of ReLU(W (x - b_dec) + b) per token, so it cannot
+# threshold (BatchTopK, Matryoshka and JumpReLU at inference), skip centring (JumpReLU) or gate (Gated).
+HOLDS = {"sparsify": {"topk", "relu_l1"},
+         "saelens": {"topk", "relu_l1", "batchtopk", "matryoshka", "jumprelu", "gated"}}
+THRESHOLDED = {"batchtopk", "matryoshka"}  # one learned threshold for every latent at inference
 # Folding the input scale into the weights reorders float32 arithmetic: errors of ~1e-5 on values of ~10.
 CLOSE = {"rtol": 1e-5, "atol": 1e-4}
 
@@ -40,10 +46,17 @@ def build(case, seed=0):
     with torch.no_grad():
         for p in (sae.encoder.weight, sae.encoder.bias, sae.W_dec, sae.b_dec):
             p.copy_(torch.randn(p.shape, generator=g) * (0.5 if p.ndim == 1 else 1.0))
-        if name == "batchtopk":  # a threshold that keeps about half of the positive pre-activations
+        if name in THRESHOLDED:  # a threshold that keeps about half of the positive pre-activations
             pre = sae.pre_activations(inputs() * (scale or 1.0))
             sae.threshold.copy_(pre[pre > 0].median())
             sae.threshold_steps.fill_(100)
+        if name == "jumprelu":  # per-latent thresholds around that median, so that they differ
+            pre = sae.pre_activations(inputs() * (scale or 1.0))
+            spread = 0.5 + torch.rand(N, generator=g)
+            sae.log_threshold.copy_((pre[pre > 0].median() * spread).log())
+        if name == "gated":
+            for p in (sae.r_mag, sae.b_mag):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     return sae.eval()
 
 
@@ -84,7 +97,9 @@ def test_folders_load_back_and_exports_round_trip(tmp_path, case):
         back = load_sae(out).state_dict()
         assert set(back) == set(saved), layout
         for key in saved:
-            if key != "threshold_steps":  # a training counter, not part of any export
+            if key == "log_threshold":  # float32 exp is many-to-one: the threshold, all the SAE uses, is identical
+                assert torch.equal(back[key].exp(), saved[key].exp()), (layout, key)
+            elif key != "threshold_steps":  # a training counter, not part of any export
                 assert torch.equal(back[key], saved[key]), (layout, key)
         # The loader the matching stage uses reads the exports' directions identically too.
         weights, original = load_sae_weights(out), load_sae_weights(folder)
@@ -113,7 +128,8 @@ def test_saelens_loads_the_export_and_reconstructs_the_same(tmp_path, case):
     sae, scale = build(case), CASES[case][2]
     out = export_sae(save(sae, tmp_path / "sae", scale), "saelens", tmp_path / "export")
     lens = sae_lens.SAE.load_from_disk(str(out), device="cpu")
-    expected = {"topk": "topk", "relu_l1": "standard", "batchtopk": "jumprelu"}[sae.name]
+    expected = {"topk": "topk", "relu_l1": "standard", "batchtopk": "jumprelu", "matryoshka": "jumprelu",
+                "jumprelu": "jumprelu", "gated": "gated"}[sae.name]
     assert lens.cfg.architecture() == expected
     x = inputs()
     z, x_hat = reference(sae, scale, x)
@@ -123,6 +139,15 @@ def test_saelens_loads_the_export_and_reconstructs_the_same(tmp_path, case):
         torch.testing.assert_close(lens.decode(got), x_hat, **CLOSE)
         torch.testing.assert_close(lens(x), x_hat, **CLOSE)
     assert (z > 0).any() and ((z > 0).sum(-1) < N).all()
+
+
+@pytest.mark.parametrize("case", sorted(c for c in CASES if CASES[c][0] not in HOLDS["sparsify"]))
+def test_sparsify_refuses_what_it_cannot_compute(tmp_path, case):
+    folder = save(build(case), tmp_path / "sae", CASES[case][2])
+    with pytest.raises(ExportError, match=rf"{CASES[case][0]} SAEs cannot be written faithfully in the sparsify "
+                                          r"layout.*layouts that can hold them: saelens$"):
+        export_sae(folder, "sparsify", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_export_refuses_what_a_layout_cannot_hold_and_bad_targets(tmp_path):

@@ -138,9 +138,10 @@ class SparseAutoencoder(nn.Module):
         SAE's latents from encoder.weight, encoder.bias, W_dec, b_dec; or None."""
         return None
 
-    def saelens_cfg(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+    def saelens_cfg(self) -> tuple[dict[str, Any], dict[str, torch.Tensor | None]] | None:
         """SAELens cfg keys (`architecture` and its options) and the tensors beyond W_enc, b_enc, W_dec, b_dec
-        (e.g. a JumpReLU `threshold`) under which its inference SAE computes this SAE's latents; or None."""
+        (e.g. a JumpReLU `threshold`; a tensor mapped to None is left out) under which its inference SAE computes
+        this SAE's latents; or None."""
         return None
 
     def load_exported_state(self, tensors: dict[str, torch.Tensor]) -> None:

@@ -56,6 +56,18 @@ class GatedSAE(SparseAutoencoder):
         magnitude = self.r_mag.exp() * (gate - self.encoder.bias) + self.b_mag
         return (gate > 0) * F.relu(magnitude)
 
+    def saelens_cfg(self):
+        # SAELens' Gated SAE computes [(x - b_dec) W_enc + b_gate > 0] * ReLU((x - b_dec)(W_enc exp(r_mag)) + b_mag):
+        # these latents. It has b_gate where others have b_enc (and no b_enc, which its strict load would reject).
+        return {"architecture": "gated"}, {"b_enc": None, "b_gate": self.encoder.bias, "r_mag": self.r_mag,
+                                           "b_mag": self.b_mag}
+
+    def load_exported_state(self, tensors):
+        tensors = dict(tensors)
+        if "b_gate" in tensors:
+            tensors["encoder.bias"] = tensors.pop("b_gate")
+        self.load_state_dict(tensors)
+
     def loss(self, x, x_hat, z, fvu):
         mse = (x - x_hat).pow(2).sum(-1).mean()
         if self._gate is None:

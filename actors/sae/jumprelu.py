@@ -53,6 +53,21 @@ class _Step(torch.autograd.Function):
         return None, -(_near(pre, threshold, ctx.bandwidth) * grad).flatten(0, -2).sum(0), None
 
 
+def _log_exactly(threshold: torch.Tensor) -> torch.Tensor:
+    """A log_threshold whose exp() is exactly `threshold`, so an export loads back thresholding identically.
+
+    float32 exp maps several neighbouring logs to one value and log(exp(l)) can land an ulp off; step towards the
+    exact value. The log itself may come back as another of those neighbours: the SAE only ever uses its exp."""
+    log = threshold.double().log().to(threshold.dtype)
+    for _ in range(8):
+        e = log.exp()
+        if torch.equal(e, threshold):
+            break
+        log = torch.where(e < threshold, log.nextafter(torch.tensor(math.inf, dtype=log.dtype)),
+                          torch.where(e > threshold, log.nextafter(torch.tensor(-math.inf, dtype=log.dtype)), log))
+    return log
+
+
 class JumpReLUParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     l0_coefficient: float = Field(..., gt=0, description="Weight lambda of the L0 penalty (per token, on inputs "
@@ -105,6 +120,17 @@ class JumpReLUSAE(SparseAutoencoder):
         warm = self.params.l0_warmup_steps
         ramp = min(1.0, (self.steps_done + 1) / warm) if warm else 1.0
         return mse + ramp * self.params.l0_coefficient * l0
+
+    def saelens_cfg(self):
+        # SAELens' JumpReLU: ReLU(pre) * [pre > threshold], which is pre * [pre > threshold] as threshold > 0. It
+        # must not centre the input on b_dec, as pre_activations does not.
+        return {"architecture": "jumprelu", "apply_b_dec_to_input": False}, {"threshold": self.threshold.detach()}
+
+    def load_exported_state(self, tensors):
+        tensors = dict(tensors)
+        if "threshold" in tensors:
+            tensors["log_threshold"] = _log_exactly(tensors.pop("threshold"))
+        self.load_state_dict(tensors)
 
     def before_optimizer_step(self):
         remove_parallel_gradient(self.W_dec)

@@ -3,7 +3,8 @@
 The latents are split into groups; each prefix of groups (the first group, the first two, ..., all) must
 reconstruct the input on its own. The loss is the mean over prefixes of their FVU (dictionary_learning averages
 the prefix losses with equal weights), so early latents learn general features and later ones refine them.
-Activations, threshold, decoder constraint and AuxK are BatchTopK's.
+Activations, threshold, decoder constraint and AuxK are BatchTopK's, and so are its exports: at inference the
+nesting is gone and it thresholds every latent exactly as BatchTopK does (SAELens `jumprelu`; sparsify refused).
 """
 
 from __future__ import annotations
