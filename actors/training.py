@@ -1,7 +1,8 @@
 """The training loop that runs inside each Ray Train worker, readable top to bottom.
 
 One worker trains several SAEs on the same batch stream: all seeds of a configuration (and, here, all
-configurations of a hookpoint assigned to this worker). Each SAE keeps its own optimizer and schedule.
+configurations of a hookpoint assigned to this worker). Each SAE keeps its own optimizer and schedule; the seeds of
+a configuration step together as one stack of parameters (actors/stacked.py) with the same per-seed results.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .data import ActivationStream
 from .lm_eval import spliced_lm_metrics
 from .sae import ARCHITECTURES, SparseAutoencoder
 from .sae.topk import TopKSAE
+from .stacked import group_trainers
 from .storage import ActivationStore
 
 log = logging.getLogger(__name__)
@@ -70,15 +72,20 @@ def build_trainer(job: dict, d_in: int, num_steps: int, hp: dict, device: torch.
     sae = sae.to(device)
     lr = hp["lr"] or arch.recipe_lr(job["width"])
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
+    scheduler = lr_schedule(optimizer, hp, num_steps)
+    return SAETrainer(job=job, sae=sae, optimizer=optimizer, scheduler=scheduler, grad_clip=hp["grad_clip"],
+                      dead_window=dead_window_tokens(hp, num_steps * hp["batch_size"]),
+                      last_fired=torch.zeros(job["width"], dtype=torch.long, device=device))
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, hp: dict, num_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up, then linear decay to 0 at the last step."""
     warmup = max(1, min(hp["warmup_steps"], num_steps // 2))
-    scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [
         torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / warmup, total_iters=warmup),
         torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.0,
                                           total_iters=max(1, num_steps - warmup)),
     ], milestones=[warmup])
-    return SAETrainer(job=job, sae=sae, optimizer=optimizer, scheduler=scheduler, grad_clip=hp["grad_clip"],
-                      dead_window=dead_window_tokens(hp, num_steps * hp["batch_size"]),
-                      last_fired=torch.zeros(job["width"], dtype=torch.long, device=device))
 
 
 def dead_window_tokens(hp: dict, tokens: int) -> int:
@@ -129,6 +136,9 @@ def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, devic
     jobs = _calibrate_sparsity(jobs, streams, d_in, hp, device)
     trainers = {norm: [build_trainer(j, d_in, num_steps, hp, device) for j in jobs
                        if ARCHITECTURES[j["architecture"]].normalize_inputs == norm] for norm in streams}
+    # Seeds of a configuration step as one stack (actors/stacked.py); `trainers` stays the per-seed view.
+    groups = {norm: group_trainers(ts, hp, d_in, lambda opt: lr_schedule(opt, hp, num_steps))
+              for norm, ts in trainers.items()}
 
     # Evaluation set: the first rows in manifest order, unshuffled, identical for every SAE.
     eval_rows = min(total_rows, hp["eval_tokens"])
@@ -163,9 +173,9 @@ def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, devic
         pending = list(hp.get("checkpoint_tokens") or [])
         for step, batch in enumerate(stream):
             x = torch.from_numpy(batch).to(device)
-            logs = [t.step(x) for t in trainers[norm]]
+            logs = [(t.job, m) for g in groups[norm] for t, m in zip(g.trainers, g.step(x))]
             if report and ((step + 1) % hp["log_every"] == 0 or step + 1 == num_steps):
-                report(step + 1, [(t.job, m) for t, m in zip(trainers[norm], logs)])
+                report(step + 1, logs)
             # Intermediate SAEs: saved at the first step that reaches each requested token count.
             while pending and (step + 1) * hp["batch_size"] >= pending[0]:
                 for t in trainers[norm]:
