@@ -218,7 +218,8 @@ def _calibrate_sparsity(jobs: list[dict], streams: dict, d_in: int, hp: dict, de
             continue
         conf = job.get("configuration", "")
         if conf not in found:
-            seed = min(j["seed"] for j in jobs if j.get("configuration", "") == conf)
+            # (`calibration_seed`: the configuration's seeds were split over workers; see orchestrator train stage)
+            seed = job.get("calibration_seed", min(j["seed"] for j in jobs if j.get("configuration", "") == conf))
             stream = streams[ARCHITECTURES[job["architecture"]].normalize_inputs]
             found[conf] = calibrate_l1_coefficient(job | {"seed": seed}, stream, d_in, hp, device)
             reached = found[conf][1]

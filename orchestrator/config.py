@@ -138,6 +138,12 @@ class TrainConfig(_Strict):
         "training, e.g. log-spaced); the final SAE is always saved.")
     lm_eval_chunks: int = Field(8, ge=0, description="Token chunks on which the LM loss with each SAE spliced in "
                                 "is measured (delta CE, CE recovered); 0 turns it off.")
+    stack_seeds: bool = Field(True, description="Train the seeds of a configuration as one stack: parameters stacked "
+                              "so one batched matmul serves all seeds on each batch; each seed's weights are those it "
+                              "gets trained alone (bitwise on CPU). Off: seed by seed.")
+    max_stack_bytes: int = Field(8 * 2**30, gt=0, description="Estimated memory (weights, gradients, Adam moments, "
+                                 "batch activations) one stack of seeds may use; a configuration whose seeds need more "
+                                 "is split into several stacks, which the train stage deals to different workers.")
     log_every: int = Field(50, gt=0, description="Steps between metric reports.")
     num_workers: int = Field(1, gt=0, description="Ray Train workers; configurations are split across them.")
     cpus_per_worker: int = Field(1, gt=0, description="CPUs (and torch threads) per training worker.")

@@ -139,15 +139,30 @@ def test_grouping_stacks_supported_seeds_and_falls_back_for_the_rest(monkeypatch
     assert all(isinstance(g, SingleTrainer) for g in groups) and len(groups) == len(jobs)
     # The memory budget: width 64 seeds cost more than width 32 ones, so a budget of two width-32 seeds
     # stacks those in 2 + 1 and the width-64 ones alone.
-    trainers = [build_trainer(j, 32, 10, hp, cpu) for j in jobs]
     budget = 2 * stack_bytes_per_seed(32, 32, hp["batch_size"])
     assert budget < 2 * stack_bytes_per_seed(32, 64, hp["batch_size"])
-    seeds = {(g.trainers[0].job["architecture"], g.trainers[0].job["width"], g.trainers[0].job["params"]["k"]):
-             [] for g in group_trainers(trainers, hp | {"max_stack_bytes": budget}, 32, schedule)}
-    groups = group_trainers([build_trainer(j, 32, 10, hp, cpu) for j in jobs], hp | {"max_stack_bytes": budget},
-                            32, schedule)
-    for g in groups:
-        seeds[(g.trainers[0].job["architecture"], g.trainers[0].job["width"],
-               g.trainers[0].job["params"]["k"])].append(tuple(t.job["seed"] for t in g.trainers))
-    assert seeds[("topk", 32, 4)] == [(0, 1), (2,)]
-    assert seeds[("topk", 64, 4)] == [(0,), (1,), (2,)]
+    trainers = [build_trainer(j, 32, 10, hp, cpu) for j in jobs]
+    assert shape(group_trainers(trainers, hp | {"max_stack_bytes": budget}, 32, schedule)) == sorted([
+        ("StackedTrainer", "topk", 32, (0, 1)), ("SingleTrainer", "topk", 32, (2,)),
+        *[("SingleTrainer", "topk", 64, (s,)) for s in (0, 1, 2)], ("SingleTrainer", "topk", 32, (0,)),
+        *[("SingleTrainer", _UnstackedTopK.name, 32, (s,)) for s in (0, 1, 2)]])
+
+
+def test_train_stage_deals_split_stacks_as_groups_and_keeps_the_hash():
+    from orchestrator.config import load_config
+    from orchestrator.stages.train import _split_groups, train_hash
+
+    from .conftest import TINY
+
+    group = [{"configuration": "c", "architecture": "relu_l1", "params": {"target_l0": 4}, "width": 64, "seed": s}
+             for s in (3, 1, 2)]
+    budget = 2 * stack_bytes_per_seed(16, 64, 256)
+    parts = _split_groups([group], 16, 256, budget)
+    assert [[j["seed"] for j in p] for p in parts] == [[3, 1], [2]]
+    # Wherever its seeds train, the configuration's L1 coefficient is calibrated with its smallest seed.
+    assert {j["calibration_seed"] for p in parts for j in p} == {1}
+    assert _split_groups([group], 16, 256, 10 * budget) == [[j | {"calibration_seed": 1} for j in group]]
+    manifest = {"config_hash": "x"}
+    hashes = {train_hash(load_config(TINY, over), manifest)
+              for over in ([], ["train.stack_seeds=false"], ["train.max_stack_bytes=1000"])}
+    assert len(hashes) == 1  # results are the same bits, so stacking settings do not retrain
