@@ -156,11 +156,11 @@ class StackedTrainer:
         self.trainers = trainers
         self.saes = [t.sae for t in trainers]
         self.forward = STACKED_FORWARD[type(self.saes[0])]
-        first = dict(self.saes[0].named_parameters())
+        names = {name for name, _ in self.saes[0].named_parameters()}
+        assert names == set(PARAM_NAMES), f"a stacked forward expects parameters {PARAM_NAMES}, got {names}"
         self.params = {name: torch.nn.Parameter(torch.stack([dict(s.named_parameters())[name].detach()
                                                              for s in self.saes]))
                        for name in PARAM_NAMES}
-        assert set(first) == set(PARAM_NAMES), f"stacked forward expects parameters {PARAM_NAMES}, got {set(first)}"
         self._own = []  # (seed's parameter, stacked name, seed index)
         for s, sae in enumerate(self.saes):
             for name, param in sae.named_parameters():
