@@ -1,7 +1,8 @@
 """The training loop that runs inside each Ray Train worker, readable top to bottom.
 
 One worker trains several SAEs on the same batch stream: all seeds of a configuration (and, here, all
-configurations of a hookpoint assigned to this worker). Each SAE keeps its own optimizer and schedule.
+configurations of a hookpoint assigned to this worker). Each SAE keeps its own optimizer and schedule; the seeds of
+a configuration step together as one stack of parameters (actors/stacked.py) with the same per-seed results.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .data import ActivationStream
 from .lm_eval import spliced_lm_metrics
 from .sae import ARCHITECTURES, SparseAutoencoder
 from .sae.topk import TopKSAE
+from .stacked import group_trainers
 from .storage import ActivationStore
 from .train_state import SAEState, pack, state_key, unpack, write_training_state
 
@@ -111,15 +113,20 @@ def build_trainer(job: dict, d_in: int, num_steps: int, hp: dict, device: torch.
     sae = sae.to(device)
     lr = hp["lr"] or arch.recipe_lr(job["width"])
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=arch.adam_betas)
+    scheduler = lr_schedule(optimizer, hp, num_steps)
+    return SAETrainer(job=job, sae=sae, optimizer=optimizer, scheduler=scheduler, grad_clip=hp["grad_clip"],
+                      dead_window=dead_window_tokens(hp, num_steps * hp["batch_size"]),
+                      last_fired=torch.zeros(job["width"], dtype=torch.long, device=device))
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, hp: dict, num_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up, then linear decay to 0 at the last step."""
     warmup = max(1, min(hp["warmup_steps"], num_steps // 2))
-    scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [
         torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / warmup, total_iters=warmup),
         torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.0,
                                           total_iters=max(1, num_steps - warmup)),
     ], milestones=[warmup])
-    return SAETrainer(job=job, sae=sae, optimizer=optimizer, scheduler=scheduler, grad_clip=hp["grad_clip"],
-                      dead_window=dead_window_tokens(hp, num_steps * hp["batch_size"]),
-                      last_fired=torch.zeros(job["width"], dtype=torch.long, device=device))
 
 
 def dead_window_tokens(hp: dict, tokens: int) -> int:
@@ -187,6 +194,10 @@ def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, devic
         start_step, elapsed = meta["step"], meta["train_seconds"]
         _set_rng_state(tensors, device)
         log.info("resuming %d SAEs of %s at step %d of %d", len(jobs), hookpoint, start_step, num_steps)
+    # Seeds of a configuration step as one stack (actors/stacked.py), which takes over each seed's (possibly
+    # resumed) optimizer state; `trainers` stays the per-seed view.
+    groups = {norm: group_trainers(ts, hp, d_in, lambda opt: lr_schedule(opt, hp, num_steps))
+              for norm, ts in trainers.items()}
 
     # Evaluation set: the first rows in manifest order, unshuffled, identical for every SAE.
     eval_rows = min(total_rows, hp["eval_tokens"])
@@ -217,6 +228,8 @@ def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, devic
         return {"job": t.job, "metrics": metrics, "data_digest": cfg["data_digest"]}
 
     def snapshot(step: int) -> None:
+        for group in (g for gs in groups.values() for g in gs):
+            group.sync_seed_state()  # a stack's optimizer and schedule, written back into each seed's
         states = {state_key(t.job): _sae_state(t, step, hp, time.perf_counter() - start, device)
                   for group in trainers.values() for t in group}
         with tempfile.TemporaryDirectory(prefix="sae-train-state-") as tmp:
@@ -240,7 +253,7 @@ def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, devic
         logs = []
         for norm, batch in zip(streams, per_stream):
             x = torch.from_numpy(batch).to(device)
-            logs += [(t.job, t.step(x)) for t in trainers[norm]]
+            logs += [(t.job, m) for g in groups[norm] for t, m in zip(g.trainers, g.step(x))]
         if report and ((step + 1) % hp["log_every"] == 0 or step + 1 == num_steps):
             report(step + 1, logs)
         # Intermediate SAEs: saved at the first step that reaches each requested token count.
@@ -351,7 +364,8 @@ def _calibrate_sparsity(jobs: list[dict], streams: dict, d_in: int, hp: dict, de
             continue
         conf = job.get("configuration", "")
         if conf not in found:
-            seed = min(j["seed"] for j in jobs if j.get("configuration", "") == conf)
+            # (`calibration_seed`: the configuration's seeds were split over workers; see orchestrator train stage)
+            seed = job.get("calibration_seed", min(j["seed"] for j in jobs if j.get("configuration", "") == conf))
             stream = streams[ARCHITECTURES[job["architecture"]].normalize_inputs]
             found[conf] = calibrate_l1_coefficient(job | {"seed": seed}, stream, d_in, hp, device)
             reached = found[conf][1]

@@ -143,6 +143,12 @@ class TrainConfig(_Strict):
         "failed worker resumes; None: a tenth of the budget. At least one batch.")
     max_failures: int = Field(3, ge=-1, description="Worker failures Ray Train recovers from by restarting the "
                               "workers from the last training state; -1: unlimited, 0: fail at once.")
+    stack_seeds: bool = Field(True, description="Train the seeds of a configuration as one stack: parameters stacked "
+                              "so one batched matmul serves all seeds on each batch; each seed's weights are those it "
+                              "gets trained alone (bitwise on CPU). Off: seed by seed.")
+    max_stack_bytes: int = Field(8 * 2**30, gt=0, description="Estimated memory (weights, gradients, Adam moments, "
+                                 "batch activations) one stack of seeds may use; a configuration whose seeds need more "
+                                 "is split into several stacks, which the train stage deals to different workers.")
     log_every: int = Field(50, gt=0, description="Steps between metric reports.")
     num_workers: int = Field(1, gt=0, description="Ray Train workers; configurations are split across them.")
     cpus_per_worker: int = Field(1, gt=0, description="CPUs (and torch threads) per training worker.")

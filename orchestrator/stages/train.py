@@ -16,6 +16,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from actors.checkpoint import METRICS, checkpoint_folder, write_json_atomic
+from actors.stacked import split_seeds
 from actors.train_worker import train_loop_per_worker
 
 from ..config import ExperimentConfig
@@ -30,10 +31,12 @@ def train_manifest_path(cfg: ExperimentConfig) -> Path:
 
 def train_hash(cfg: ExperimentConfig, manifest: dict) -> str:
     """What decides an SAE's weights besides its own job: the activations and the training settings."""
-    # Settings that only decide where training runs or what is measured do not retrain an SAE.
-    # Nor do checkpoints of the training state: a resumed run ends with the weights of an uninterrupted one.
+    # Settings that only decide where training runs or what is measured do not retrain an SAE. Nor do
+    # checkpoints of the training state (a resumed run ends with the weights of an uninterrupted one), nor
+    # stacking seeds and how a configuration's seeds are split into stacks (each seed's weights are bitwise
+    # unchanged on CPU).
     settings = cfg.train.model_dump(exclude={"num_workers", "cpus_per_worker", "use_gpu", "log_every", "lm_eval_chunks",
-                                             "state_every_tokens", "max_failures"})
+                                             "state_every_tokens", "max_failures", "stack_seeds", "max_stack_bytes"})
     data = json.dumps({"activations": manifest["config_hash"], "train": settings}, sort_keys=True)
     return hashlib.sha256(data.encode()).hexdigest()[:16]
 
@@ -53,6 +56,17 @@ def _is_trained(path: str, expected_hash: str, checkpoint_tokens: list[int] = ()
     return json.loads((folder / "cfg.json").read_text()).get("train_hash") == expected_hash
 
 
+def _split_groups(groups: list[list[dict]], d_in: int, batch_size: int, max_stack_bytes: int) -> list[list[dict]]:
+    """Each configuration's seeds in stacks that fit the memory budget (actors/stacked.py), as separate groups,
+    which the workers deal round-robin. Every worker reads the same stream, so split seeds still see the same
+    batches; the L1 calibration still probes with the configuration's smallest seed."""
+    out = []
+    for group in groups:
+        probe = {"calibration_seed": min(j["seed"] for j in group)}
+        out.extend([[j | probe for j in part] for part in split_seeds(group, d_in, batch_size, max_stack_bytes)])
+    return out
+
+
 def run_train(cfg: ExperimentConfig, manifest: dict, configurations: list[SAEConfiguration],
               tracking_uri: str | None, fault: dict | None = None) -> dict:
     """`fault` is a test hook: {"after_steps": n, "marker": path} kills a training worker once (see train_worker)."""
@@ -67,6 +81,8 @@ def run_train(cfg: ExperimentConfig, manifest: dict, configurations: list[SAECon
         if not groups:
             log.info("train: every SAE of %s is already trained", hookpoint)
             continue
+        if t.stack_seeds:  # seeds of a configuration that do not fit one stack go to different workers
+            groups = _split_groups(groups, manifest["hookpoints"][hookpoint]["d_in"], t.batch_size, t.max_stack_bytes)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={

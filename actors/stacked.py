@@ -1,0 +1,296 @@
+"""Many seeds per data pass: the seeds of one configuration trained as one stack.
+
+The S seeds' parameters are stacked along a leading dimension (encoder [S, n, d], bias [S, n], decoder [S, n, d],
+b_dec [S, d]) so one batched matmul encodes (and one decodes) the batch for all of them, and one Adam steps them all.
+Each seed's result is the one it gets trained alone (`SAETrainer`): bitwise on CPU (tests/test_stacked.py), because
+
+- every seed is first built by `build_trainer` (same torch seed, same init), then its tensors are copied into the
+  stack and its own parameters become views of its slice, so saving, evaluation and the architecture's hooks
+  (`init_from_batch`, `before_optimizer_step`, `after_optimizer_step`) run on the seed's own module, unchanged;
+- the batched ops act on each seed's slice exactly as the single-seed ops act on its tensors (matmuls per batch
+  element, top-k per row, elementwise Adam); whatever reduces over a seed's whole tensor (the loss, AuxK's dead
+  count, the gradient-norm clip) is computed per seed on that seed's contiguous slice, with the single-seed code.
+
+An architecture opts in by registering a stacked forward in `STACKED_FORWARD` (keyed by its exact class, so a
+subclass with another loss falls back); any other architecture trains seed by seed as before.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .sae.base import fraction_of_variance_unexplained
+from .sae.batchtopk import BatchTopKSAE
+from .sae.relu_l1 import ReluL1SAE
+from .sae.topk import TopKSAE
+
+# Parameter names as the single-seed modules have them; the stack keeps one tensor per name.
+PARAM_NAMES = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
+
+
+@dataclass
+class StackedOutput:
+    loss: torch.Tensor  # sum of the seeds' losses: each seed's parameters get exactly their own loss's gradient
+    losses: torch.Tensor  # [S], detached
+    fvu: torch.Tensor  # [S]
+    l0: torch.Tensor  # [S]
+    fired: torch.Tensor  # bool [S, n]
+
+
+def _pre_activations(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """relu(encoder(x - b_dec)) for every seed: [S, B, n]. baddbmm on CPU gives, per seed, F.linear's bits."""
+    centred = x.unsqueeze(0) - p["b_dec"].unsqueeze(1)
+    return F.relu(torch.baddbmm(p["encoder.bias"].unsqueeze(1), centred, p["encoder.weight"].mT))
+
+
+def _decode(p: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+    # bmm then add, as `z @ W_dec + b_dec` (a fused baddbmm rounds differently at large sizes).
+    return torch.bmm(z, p["W_dec"]) + p["b_dec"].unsqueeze(1)
+
+
+def _auxk_loss(sae: TopKSAE, pre: torch.Tensor, dead: torch.Tensor, W_dec: torch.Tensor, x: torch.Tensor,
+               x_hat: torch.Tensor) -> torch.Tensor:
+    """TopKSAE.auxk_loss for one seed of the stack (same formula; its W_dec is the stack's slice)."""
+    num_dead = int(dead.sum())
+    if num_dead == 0:
+        return x.new_zeros(())
+    k_aux = min(sae.d_in // 2, num_dead)
+    values, indices = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)
+    residual_hat = torch.zeros_like(pre).scatter_(-1, indices, values) @ W_dec
+    scale = min(num_dead / (sae.d_in // 2), 1.0)
+    return scale * fraction_of_variance_unexplained(x - x_hat.detach(), residual_hat)
+
+
+def _topk_family(saes, p, x, dead, z, pre) -> StackedOutput:
+    """TopK's loss (FVU, plus AuxK on dead latents) per seed, on codes `z` chosen by the caller."""
+    x_hat = _decode(p, z)
+    losses, fvus = [], []
+    for s, (sae, x_hat_s) in enumerate(zip(saes, x_hat.unbind(0))):
+        fvu = fraction_of_variance_unexplained(x, x_hat_s)
+        loss = fvu
+        if sae.params.auxk_alpha > 0:
+            loss = fvu + sae.params.auxk_alpha * _auxk_loss(sae, pre[s], dead[s], p["W_dec"][s], x, x_hat_s)
+        losses.append(loss)
+        fvus.append(fvu.detach())
+    return _output(losses, fvus, z)
+
+
+def _output(losses, fvus, z) -> StackedOutput:
+    nonzero = z > 0
+    losses = torch.stack(losses)
+    return StackedOutput(loss=losses.sum(), losses=losses.detach(), fvu=torch.stack(fvus),
+                         l0=nonzero.sum(-1).float().mean(-1), fired=nonzero.any(1))
+
+
+def topk_forward(saes, p, x, dead) -> StackedOutput:
+    pre = _pre_activations(p, x)
+    values, indices = pre.topk(saes[0].params.k, dim=-1, sorted=False)
+    return _topk_family(saes, p, x, dead, torch.zeros_like(pre).scatter_(-1, indices, values), pre)
+
+
+def batchtopk_forward(saes, p, x, dead) -> StackedOutput:
+    pre = _pre_activations(p, x)
+    flat = pre.flatten(1)  # each seed keeps k x batch activations of its own [B, n]
+    values, indices = flat.topk(min(saes[0].params.k * x.shape[0], flat.shape[1]), dim=-1, sorted=False)
+    z = torch.zeros_like(flat).scatter_(-1, indices, values).view_as(pre)
+    with torch.no_grad():  # each seed's inference threshold, updated as BatchTopKSAE.activations does
+        for sae, v in zip(saes, values):
+            kept = v[v > 0]
+            if kept.numel():
+                w = 1.0 if sae.threshold_steps == 0 else sae.threshold_momentum
+                sae.threshold.lerp_(kept.min(), w)
+                sae.threshold_steps += 1
+    return _topk_family(saes, p, x, dead, z, pre)
+
+
+def relu_l1_forward(saes, p, x, dead) -> StackedOutput:
+    z = _pre_activations(p, x)
+    x_hat = _decode(p, z)
+    losses, fvus = [], []
+    for sae, x_hat_s, z_s, W_dec in zip(saes, x_hat.unbind(0), z.unbind(0), p["W_dec"].unbind(0)):
+        if sae.params.l1_coefficient is None:
+            raise RuntimeError("relu_l1 with target_l0: calibrate the L1 coefficient before training")
+        mse = (x - x_hat_s).pow(2).sum(-1).mean()
+        l1 = (z_s * W_dec.norm(dim=-1)).sum(-1).mean()
+        losses.append(mse + sae.params.l1_coefficient * l1)
+        fvus.append(fraction_of_variance_unexplained(x, x_hat_s).detach())
+    return _output(losses, fvus, z)
+
+
+# Exact classes only: a subclass (another loss or activation) is not covered by its parent's forward.
+STACKED_FORWARD: dict[type, Callable[..., StackedOutput]] = {
+    TopKSAE: topk_forward,
+    BatchTopKSAE: batchtopk_forward,
+    ReluL1SAE: relu_l1_forward,
+}
+
+
+def stackable(trainer) -> bool:
+    return type(trainer.sae) in STACKED_FORWARD
+
+
+class SingleTrainer:
+    """One SAETrainer behind the group interface (architectures without a stacked forward, or stacking off)."""
+
+    def __init__(self, trainer):
+        self.trainers = [trainer]
+
+    def step(self, x: torch.Tensor) -> list[dict[str, float]]:
+        return [self.trainers[0].step(x)]
+
+    def sync_seed_state(self) -> None:
+        """Nothing to do: the trainer's own optimizer is the live one."""
+
+
+class StackedTrainer:
+    """S seeds of one configuration (SAETrainers from `build_trainer`) trained as one stack.
+
+    The SAETrainers stay the seeds' public face: their modules' parameters, `last_fired`, `tokens_seen` and digest
+    always show the current state, so saving and evaluating them needs nothing from this class."""
+
+    def __init__(self, trainers, lr: float, make_schedule):
+        self.trainers = trainers
+        self.saes = [t.sae for t in trainers]
+        self.forward = STACKED_FORWARD[type(self.saes[0])]
+        names = {name for name, _ in self.saes[0].named_parameters()}
+        assert names == set(PARAM_NAMES), f"a stacked forward expects parameters {PARAM_NAMES}, got {names}"
+        self.params = {name: torch.nn.Parameter(torch.stack([dict(s.named_parameters())[name].detach()
+                                                             for s in self.saes]))
+                       for name in PARAM_NAMES}
+        self._own = []  # (seed's parameter, stacked name, seed index)
+        for s, sae in enumerate(self.saes):
+            for name, param in sae.named_parameters():
+                param.data = self.params[name].data[s]  # the seed's module now shows its slice of the stack
+                self._own.append((param, name, s))
+        self.last_fired = torch.stack([t.last_fired for t in trainers])
+        self.digest = trainers[0].digest  # every seed sees the same batches: one digest serves them all
+        for s, t in enumerate(trainers):
+            t.last_fired = self.last_fired[s]
+            t.digest = self.digest
+        self.optimizer = torch.optim.Adam(self.params.values(), lr=lr, betas=trainers[0].optimizer.defaults["betas"])
+        self.scheduler = make_schedule(self.optimizer)
+        self.grad_clip = trainers[0].grad_clip
+        self.dead_window = trainers[0].dead_window
+        self.tokens_seen = trainers[0].tokens_seen
+        self._adopt_seed_optimizers()
+
+    def _seed_param_names(self) -> list[str]:
+        return [name for name, _ in self.saes[0].named_parameters()]  # the order of each seed's optimizer state
+
+    def _adopt_seed_optimizers(self) -> None:
+        """Continue from the seeds' own optimizer and schedule states (a resumed run); fresh ones hold nothing."""
+        states = [t.optimizer.state_dict() for t in self.trainers]
+        if not states[0]["state"]:
+            return
+        for i, name in enumerate(self._seed_param_names()):
+            per_seed = [st["state"][i] for st in states]
+            self.optimizer.state[self.params[name]] = {
+                "step": per_seed[0]["step"].clone(),
+                **{k: torch.stack([p[k] for p in per_seed]) for k in ("exp_avg", "exp_avg_sq")}}
+        self.scheduler.load_state_dict(self.trainers[0].scheduler.state_dict())
+        self.optimizer.param_groups[0]["lr"] = states[0]["param_groups"][0]["lr"]
+
+    def sync_seed_state(self) -> None:
+        """Write the stack's Adam moments (seed s = slice s) and schedule into each seed's own optimizer and
+        scheduler, so a saved training state is per seed and the same whether or not seeds were stacked."""
+        names = self._seed_param_names()
+        for s, t in enumerate(self.trainers):
+            own = t.optimizer.state_dict()
+            own["state"] = {i: {"step": self.optimizer.state[self.params[name]]["step"].clone(),
+                                **{k: self.optimizer.state[self.params[name]][k][s].clone()
+                                   for k in ("exp_avg", "exp_avg_sq")}}
+                            for i, name in enumerate(names) if self.params[name] in self.optimizer.state}
+            own["param_groups"][0]["lr"] = self.optimizer.param_groups[0]["lr"]
+            t.optimizer.load_state_dict(own)
+            t.scheduler.load_state_dict(self.scheduler.state_dict())
+
+    def step(self, x: torch.Tensor) -> list[dict[str, float]]:
+        if not self.trainers[0].initialised:
+            for t in self.trainers:
+                t.sae.init_from_batch(x)  # writes into the seed's slice
+                t.initialised = True
+        self.digest.update(x.detach().cpu().numpy().tobytes())
+        dead = (self.tokens_seen - self.last_fired) >= self.dead_window
+        out = self.forward(self.saes, self.params, x, dead)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        # Per seed, on its own module whose gradients are views of its slice: the architecture's gradient hook and
+        # the gradient-norm clip, each seed's norm its own.
+        for param, name, s in self._own:
+            param.grad = self.params[name].grad[s]
+        for sae in self.saes:
+            sae.before_optimizer_step()
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), self.grad_clip)
+        for param, _, _ in self._own:
+            param.grad = None  # the views would keep this step's gradients alive into the next
+        self.optimizer.step()
+        self.scheduler.step()
+        for sae in self.saes:
+            sae.after_optimizer_step()
+        self.tokens_seen += x.shape[0]
+        self.last_fired[out.fired] = self.tokens_seen
+        for t in self.trainers:
+            t.tokens_seen = self.tokens_seen
+        return [{"loss": loss, "fvu": fvu, "l0": l0}
+                for loss, fvu, l0 in zip(out.losses.tolist(), out.fvu.tolist(), out.l0.tolist())]
+
+
+# ---- grouping seeds into stacks ----
+
+def stack_bytes_per_seed(d_in: int, width: int, batch_size: int) -> int:
+    """Estimated float32 memory one seed adds to a stack: weights, gradients and Adam's two moments (4 copies of
+    the parameters), plus about six [batch, width] tensors alive in a step (pre-activations, codes, their
+    gradients, top-k scratch) and a few [batch, d_in] ones."""
+    params = 2 * width * d_in + width + d_in
+    return 4 * (4 * params + 6 * batch_size * width + 4 * batch_size * d_in)
+
+
+def _configuration_key(job: dict) -> tuple:
+    # Seeds stack when everything but the seed is the same (same loss, learning rate and schedule).
+    return job["architecture"], job["width"], json.dumps(job["params"], sort_keys=True)
+
+
+def split_seeds(jobs: list[dict], d_in: int, batch_size: int, max_stack_bytes: int) -> list[list[dict]]:
+    """The jobs grouped by configuration (in order of first appearance), each group split into as few stacks of
+    near-equal size as keep every stack's estimated memory under `max_stack_bytes` (a seed alone may exceed it)."""
+    groups: dict[tuple, list[dict]] = {}
+    for job in jobs:
+        groups.setdefault(_configuration_key(job), []).append(job)
+    out = []
+    for group in groups.values():
+        per_seed = stack_bytes_per_seed(d_in, group[0]["width"], batch_size)
+        parts = min(len(group), max(1, math.ceil(len(group) * per_seed / max_stack_bytes)))
+        size, extra = divmod(len(group), parts)
+        start = 0
+        for i in range(parts):
+            end = start + size + (i < extra)
+            out.append(group[start:end])
+            start = end
+    return out
+
+
+def group_trainers(trainers: list, hp: dict, d_in: int, make_schedule) -> list:
+    """The trainers as step groups: stacks of seeds where the architecture has a stacked forward and
+    `hp["stack_seeds"]` (default on), split to fit `hp["max_stack_bytes"]`; single trainers otherwise."""
+    if not hp.get("stack_seeds", True):
+        return [SingleTrainer(t) for t in trainers]
+    by_job = {id(t.job): t for t in trainers}
+    stackable_jobs = [t.job for t in trainers if stackable(t)]
+    budget = hp.get("max_stack_bytes") or DEFAULT_MAX_STACK_BYTES
+    groups = [SingleTrainer(t) for t in trainers if not stackable(t)]
+    for jobs in split_seeds(stackable_jobs, d_in, hp["batch_size"], budget):
+        members = [by_job[id(j)] for j in jobs]
+        if len(members) == 1:
+            groups.append(SingleTrainer(members[0]))
+        else:
+            groups.append(StackedTrainer(members, members[0].optimizer.defaults["lr"], make_schedule))
+    return groups
+
+
+DEFAULT_MAX_STACK_BYTES = 8 * 2**30

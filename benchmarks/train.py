@@ -1,0 +1,162 @@
+"""Training benchmark: tokens/s of our TopK training step against EleutherAI sparsify's, and of S seeds trained as
+one stack against S separate trainers, with peak memory; one run, same activations, same machine.
+
+    python benchmarks/train.py                                  # d_in 256, width 4096, k 32, batch 1024, S 8
+    python benchmarks/train.py --d-in 768 --width 16384 --steps 20 --repeats 5
+
+Rows (each measurement in a fresh spawned process, so its peak RSS (ru_maxrss) is its own; modes interleaved
+over repeats so that load from other processes hits them alike; medians over repeats):
+
+- ours:     one `SAETrainer` (actors/training.py) with TopK, no AuxK: forward, backward, decoder-gradient
+            projection, gradient clip, Adam, lr schedule, unit-norm decoder, dead counters, data digest.
+- sparsify: sparsify's `SparseCoder` at the same width, k, batch and lr with torch Adam, stepped as sparsify's
+            trainer steps it (forward, FVU backward, decoder-gradient projection, Adam, unit-norm decoder, dead
+            counters; no AuxK, no clip). Skipped, with a note, when sparsify is not importable.
+- separate: S `SAETrainer`s (seeds 0..S-1) stepping in turn on each batch (train.stack_seeds=false).
+- stacked:  the same S seeds as one `StackedTrainer` (actors/stacked.py), the default.
+
+tokens/s counts batch rows per second of one SAE's training (for S seeds: rows x S / s, i.e. SAE-tokens). The
+activations are synthetic (sparse non-negative combinations of random unit directions plus noise), generated in
+each process from a fixed seed, excluded from the timing; the first `--warmup` steps are not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+MIB = 2**20
+
+
+def batches(n: int, batch: int, d: int, seed: int = 0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.nn.functional.normalize(torch.randn(4 * d, d, generator=g), dim=1)
+    out = []
+    for _ in range(n):
+        idx = torch.randint(0, 4 * d, (batch, 8), generator=g)
+        coef = torch.rand(batch, 8, generator=g) + 0.5
+        out.append(torch.einsum("bk,bkd->bd", coef, dirs[idx]) + 0.05 * torch.randn(batch, d, generator=g))
+    return out
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _run(mode: str, a: dict) -> dict:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import torch
+
+    torch.set_num_threads(a["threads"])
+    steps = a["warmup"] + a["steps"]
+    hp = {"batch_size": a["batch"], "lr": None, "warmup_steps": 10, "grad_clip": 1.0, "dead_window_tokens": None}
+    data = batches(steps, a["batch"], a["d_in"])
+    rss_inputs = _peak_rss()
+    cpu = torch.device("cpu")
+    seeds = a["seeds"] if mode in ("separate", "stacked") else 1
+
+    if mode == "sparsify":
+        from sparsify import SparseCoder, SparseCoderConfig
+
+        torch.manual_seed(0)
+        sae = SparseCoder(a["d_in"], SparseCoderConfig(num_latents=a["width"], k=a["k"]), device=cpu)
+        opt = torch.optim.Adam(sae.parameters(), lr=2e-4 / (a["width"] / 2**14) ** 0.5)  # sparsify's default lr
+        since_fired = torch.zeros(a["width"], dtype=torch.long)
+
+        def step(x):
+            out = sae(x, dead_mask=None)
+            out.fvu.backward()
+            sae.remove_gradient_parallel_to_decoder_directions()
+            opt.step()
+            opt.zero_grad()
+            sae.set_decoder_norm_to_unit_norm()
+            with torch.no_grad():
+                since_fired.add_(x.shape[0])
+                since_fired[out.latent_indices.flatten()] = 0
+    else:
+        from actors.stacked import SingleTrainer, group_trainers
+        from actors.training import build_trainer, lr_schedule
+
+        jobs = [{"architecture": "topk", "params": {"k": a["k"]}, "width": a["width"], "seed": s}
+                for s in range(seeds)]
+        trainers = [build_trainer(j, a["d_in"], steps, hp, cpu) for j in jobs]
+        groups = group_trainers(trainers, hp | {"stack_seeds": mode == "stacked", "max_stack_bytes": 2**62},
+                                a["d_in"], lambda opt: lr_schedule(opt, hp, steps))
+        assert (mode == "stacked") == (len(groups) == 1 and not isinstance(groups[0], SingleTrainer))
+
+        def step(x):
+            for g in groups:
+                g.step(x)
+
+    for x in data[: a["warmup"]]:
+        step(x)
+    t = time.perf_counter()
+    for x in data[a["warmup"]:]:
+        step(x)
+    seconds = time.perf_counter() - t
+    return {"mode": mode, "tokens_per_s": a["steps"] * a["batch"] * seeds / seconds, "seconds": seconds,
+            "rss_peak": _peak_rss(), "rss_inputs": rss_inputs}
+
+
+def measure(mode: str, args: dict) -> dict:
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(_run, mode, args).result()
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--d-in", type=int, default=256)
+    p.add_argument("--width", type=int, default=4096)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--batch", type=int, default=1024)
+    p.add_argument("--seeds", type=int, default=8, help="S: seeds stacked against S separate trainers")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--repeats", type=int, default=3, help="fresh processes per mode; medians are printed")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in each process")
+    p.add_argument("--only", nargs="+", choices=["ours", "sparsify", "separate", "stacked"])
+    args = p.parse_args(argv)
+    a = {k: getattr(args, k) for k in ("d_in", "width", "k", "batch", "seeds", "steps", "warmup", "threads")}
+
+    modes = args.only or ["ours", "sparsify", "separate", "stacked"]
+    if "sparsify" in modes:
+        try:
+            import sparsify  # noqa: F401
+        except ImportError:
+            print("# sparsify is not importable here: the sparsify row is skipped (pip install eai-sparsify)")
+            modes.remove("sparsify")
+    print(f"# {os.cpu_count()} CPUs, {args.threads} torch threads, load average at start {os.getloadavg()[0]:.1f} "
+          f"(other processes share the cores)")
+    print(f"# d_in {args.d_in}, width {args.width}, k {args.k}, batch {args.batch}, S {args.seeds}; "
+          f"{args.steps} timed steps after {args.warmup}; median of {args.repeats} fresh process(es) per row; "
+          f"peak = ru_maxrss of the process (inputs alone: 'in')", flush=True)
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
+    for _ in range(args.repeats):
+        for m in modes:
+            runs[m].append(measure(m, a))
+    med = {m: {key: statistics.median(r[key] for r in rs) for key in ("tokens_per_s", "rss_peak", "rss_inputs")}
+           for m, rs in runs.items()}
+    for m in modes:
+        spread = ", ".join(f"{r['tokens_per_s']:.0f}" for r in runs[m])
+        print(f"{m:>9}: {med[m]['tokens_per_s']:9.0f} tokens/s  peak {med[m]['rss_peak'] / MIB:7.0f} MiB "
+              f"(in {med[m]['rss_inputs'] / MIB:.0f})   runs: {spread}")
+    if "ours" in med and "sparsify" in med:
+        print(f"ours / sparsify tokens/s: {med['ours']['tokens_per_s'] / med['sparsify']['tokens_per_s']:.2f} "
+              f"(goal >= 1.0); peak memory ratio {med['ours']['rss_peak'] / med['sparsify']['rss_peak']:.2f}")
+    if "stacked" in med and "separate" in med:
+        print(f"stacked / separate tokens/s (S={args.seeds}): "
+              f"{med['stacked']['tokens_per_s'] / med['separate']['tokens_per_s']:.2f} (goal >= 2); "
+              f"peak memory ratio {med['stacked']['rss_peak'] / med['separate']['rss_peak']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Stacked multi-seed training equals single-seed training (bitwise on CPU), falls back per seed for architectures
+without a stacked forward, and splits a configuration's seeds into several stacks without changing results."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from actors.sae import ARCHITECTURES
+from actors.sae.topk import TopKSAE
+from actors.stacked import SingleTrainer, StackedTrainer, group_trainers, stack_bytes_per_seed
+from actors.training import build_trainer, lr_schedule, train_saes
+
+from .test_training import HP, planted_data, write_manifest
+
+CASES = [
+    ("topk", {"k": 3, "auxk_alpha": 1 / 32}),
+    ("batchtopk", {"k": 3, "auxk_alpha": 1 / 32}),
+    ("relu_l1", {"l1_coefficient": 0.05}),
+]
+
+
+def _state(t):
+    return {k: v.detach().clone() for k, v in t.sae.state_dict().items()}
+
+
+# d_in 37 and width 45 leave every tensor's size off the SIMD width, so a seed's slice of the stack starts
+# mid-vector: elementwise kernels (Adam) must still round each element as they do on the seed's own tensor.
+@pytest.mark.parametrize("d,width", [(32, 64), (37, 45)])
+@pytest.mark.parametrize("name,params", CASES)
+def test_stacked_steps_equal_single_seed_steps(name, params, d, width):
+    x, _ = planted_data(4096, d=d)
+    steps, seeds = 40, [0, 1, 2]
+    # A short dead window so that latents die and AuxK acts within the test.
+    hp = HP | {"lr": 2e-3, "warmup_steps": 5, "dead_window_tokens": 512}
+    jobs = [{"architecture": name, "params": params, "width": width, "seed": s} for s in seeds]
+    cpu = torch.device("cpu")
+    singles = [build_trainer(j, d, steps, hp, cpu) for j in jobs]
+    stacked = [build_trainer(j, d, steps, hp, cpu) for j in jobs]
+    [group] = group_trainers(stacked, hp, d, lambda opt: lr_schedule(opt, hp, steps))
+    assert isinstance(group, StackedTrainer)
+    batches = [torch.from_numpy(x[i:i + 256]) for i in range(0, len(x), 256)]
+    dead = 0  # the most latents dead before a step: AuxK acts on them
+    for step in range(steps):
+        dead = max(dead, sum(int(((t.tokens_seen - t.last_fired) >= t.dead_window).sum()) for t in singles))
+        b = batches[step % len(batches)]
+        alone = [t.step(b) for t in singles]
+        together = group.step(b)
+        assert together == alone, step  # loss, FVU and L0 to the last bit, every step
+    for a, b in zip(singles, stacked):
+        sa, sb = _state(a), _state(b)
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]), (name, key)
+        assert torch.equal(a.last_fired, b.last_fired)
+        assert a.tokens_seen == b.tokens_seen and a.digest.hexdigest() == b.digest.hexdigest()
+    assert not torch.equal(_state(stacked[0])["W_dec"], _state(stacked[1])["W_dec"])  # seeds stayed distinct
+    if params.get("auxk_alpha") and width > 48:  # more latents than planted features: some die
+        assert dead > 0  # the AuxK path was exercised
+
+
+class _UnstackedTopK(TopKSAE):
+    """A new architecture (here a TopK subclass) without a stacked forward of its own."""
+    name = "unstacked_topk"
+
+
+def _train(tmp_path, manifest, out, hp, archs, seeds=(0, 1, 2), width=32):
+    jobs = [{"configuration": arch, "architecture": arch, "params": params, "width": width, "seed": s,
+             "path": str(tmp_path / out / f"{arch}-seed{s}"), "run_id": None}
+            for arch, params in archs for s in seeds]
+    logs = []
+    results = train_saes(jobs, manifest, "layers.0.mlp", HP | hp, torch.device("cpu"),
+                         report=lambda step, per_sae: logs.append((step, per_sae)))
+    return results, logs
+
+
+def _folder(path):
+    weights = load_file(str(path / "sae.safetensors"))
+    metrics = json.loads((path / "metrics.json").read_text())
+    metrics.pop("train_seconds")
+    return weights, json.loads((path / "cfg.json").read_text()), metrics
+
+
+def test_saved_folders_do_not_depend_on_stacking_or_splitting(tmp_path, monkeypatch):
+    monkeypatch.setitem(ARCHITECTURES, _UnstackedTopK.name, _UnstackedTopK)
+    x, _ = planted_data(4096)
+    manifest = write_manifest(tmp_path / "acts", x)
+    archs = [("topk", {"k": 4, "auxk_alpha": 1 / 32}), ("relu_l1", {"l1_coefficient": 0.1}),
+             (_UnstackedTopK.name, {"k": 4})]
+    hp = {"checkpoint_tokens": [1024], "dead_window_tokens": 512}
+    per_seed = stack_bytes_per_seed(32, 32, HP["batch_size"])
+    runs = {
+        "alone": _train(tmp_path, manifest, "alone", hp | {"stack_seeds": False}, archs),
+        "stacked": _train(tmp_path, manifest, "stacked", hp, archs),
+        # a budget of two seeds: each configuration's three seeds go in stacks of 2 and 1
+        "split": _train(tmp_path, manifest, "split", hp | {"max_stack_bytes": 2 * per_seed}, archs),
+    }
+    for arch, _ in archs:
+        for s in (0, 1, 2):
+            ref = _folder(tmp_path / "alone" / f"{arch}-seed{s}")
+            ref_ckpt = _folder(tmp_path / "alone" / "checkpoints" / "tokens1024" / f"{arch}-seed{s}")
+            for run in ("stacked", "split"):
+                for got, want in [(_folder(tmp_path / run / f"{arch}-seed{s}"), ref),
+                                  (_folder(tmp_path / run / "checkpoints" / "tokens1024" / f"{arch}-seed{s}"),
+                                   ref_ckpt)]:
+                    assert got[0].keys() == want[0].keys()
+                    for key in want[0]:
+                        assert torch.equal(got[0][key], want[0][key]), (run, arch, s, key)
+                    assert got[1] == want[1] and got[2] == want[2], (run, arch, s)
+    # The training curves reported to MLflow are the same numbers too.
+    def curves(logs):
+        return sorted((step, j["architecture"], j["seed"], tuple(sorted(m.items()))) for step, per in logs
+                      for j, m in per)
+    assert curves(runs["stacked"][1]) == curves(runs["alone"][1]) == curves(runs["split"][1])
+
+
+def test_grouping_stacks_supported_seeds_and_falls_back_for_the_rest(monkeypatch):
+    monkeypatch.setitem(ARCHITECTURES, _UnstackedTopK.name, _UnstackedTopK)
+    cpu = torch.device("cpu")
+    hp = HP | {"lr": 1e-3}
+    jobs = [{"architecture": a, "params": {"k": 4}, "width": w, "seed": s}
+            for a, w in [("topk", 32), ("topk", 64), (_UnstackedTopK.name, 32)] for s in (0, 1, 2)]
+    jobs.append({"architecture": "topk", "params": {"k": 5}, "width": 32, "seed": 0})  # a configuration of one
+    trainers = [build_trainer(j, 32, 10, hp, cpu) for j in jobs]
+
+    def shape(groups):
+        return sorted((type(g).__name__, g.trainers[0].job["architecture"], g.trainers[0].job["width"],
+                       tuple(t.job["seed"] for t in g.trainers)) for g in groups)
+
+    schedule = lambda opt: lr_schedule(opt, hp, 10)  # noqa: E731
+    assert shape(group_trainers(trainers, hp, 32, schedule)) == sorted([
+        ("StackedTrainer", "topk", 32, (0, 1, 2)), ("StackedTrainer", "topk", 64, (0, 1, 2)),
+        ("SingleTrainer", "topk", 32, (0,)),
+        *[("SingleTrainer", _UnstackedTopK.name, 32, (s,)) for s in (0, 1, 2)]])
+    trainers = [build_trainer(j, 32, 10, hp, cpu) for j in jobs]
+    groups = group_trainers(trainers, hp | {"stack_seeds": False}, 32, schedule)
+    assert all(isinstance(g, SingleTrainer) for g in groups) and len(groups) == len(jobs)
+    # The memory budget: width 64 seeds cost more than width 32 ones, so a budget of two width-32 seeds
+    # stacks those in 2 + 1 and the width-64 ones alone.
+    budget = 2 * stack_bytes_per_seed(32, 32, hp["batch_size"])
+    assert budget < 2 * stack_bytes_per_seed(32, 64, hp["batch_size"])
+    trainers = [build_trainer(j, 32, 10, hp, cpu) for j in jobs]
+    assert shape(group_trainers(trainers, hp | {"max_stack_bytes": budget}, 32, schedule)) == sorted([
+        ("StackedTrainer", "topk", 32, (0, 1)), ("SingleTrainer", "topk", 32, (2,)),
+        *[("SingleTrainer", "topk", 64, (s,)) for s in (0, 1, 2)], ("SingleTrainer", "topk", 32, (0,)),
+        *[("SingleTrainer", _UnstackedTopK.name, 32, (s,)) for s in (0, 1, 2)]])
+
+
+def test_train_stage_deals_split_stacks_as_groups_and_keeps_the_hash():
+    from orchestrator.config import load_config
+    from orchestrator.stages.train import _split_groups, train_hash
+
+    from .conftest import TINY
+
+    group = [{"configuration": "c", "architecture": "relu_l1", "params": {"target_l0": 4}, "width": 64, "seed": s}
+             for s in (3, 1, 2)]
+    budget = 2 * stack_bytes_per_seed(16, 64, 256)
+    parts = _split_groups([group], 16, 256, budget)
+    assert [[j["seed"] for j in p] for p in parts] == [[3, 1], [2]]
+    # Wherever its seeds train, the configuration's L1 coefficient is calibrated with its smallest seed.
+    assert {j["calibration_seed"] for p in parts for j in p} == {1}
+    assert _split_groups([group], 16, 256, 10 * budget) == [[j | {"calibration_seed": 1} for j in group]]
+    manifest = {"config_hash": "x"}
+    hashes = {train_hash(load_config(TINY, over), manifest)
+              for over in ([], ["train.stack_seeds=false"], ["train.max_stack_bytes=1000"])}
+    assert len(hashes) == 1  # results are the same bits, so stacking settings do not retrain
