@@ -9,7 +9,8 @@ In one run on one machine, alternating, `--repeats` times each:
            hooks, Parquet writes, checksums, records), hookpoint = the last block (no early stop to gain);
   stage-mid  the same with the hookpoint in the middle of the model (the forward stops there).
 Stage tokens/s is taken over the compute phase (actor pool start, model load and every shard; tokenising and
-planning excluded) and, separately, over the whole stage call. Ratios are medians of stage / median bare.
+planning excluded), over the whole stage call, and over the shards alone (the sum of the shards' own times:
+the steady state, without the fixed cost of starting the actor pool). Ratios are medians of stage / median bare.
 Also printed: bytes written per token and per hookpoint, and the actor's peak RSS.
 """
 
@@ -69,6 +70,7 @@ def stage(out: Path, args, hookpoint: str) -> dict:
     written = sum(f.stat().st_size for f in root.glob("*/shard-*.parquet"))
     records = [json_load(p) for p in (root / "shards").glob("*.json")]
     return {"compute_s": manifest["throughput"]["seconds"], "whole_s": whole, "tokens": manifest["num_tokens"],
+            "shards_s": sum(r["seconds"] for r in records),
             "bytes_per_token": written / manifest["num_tokens"],
             "peak_rss": max(r["actor_peak_rss_bytes"] for r in records),
             "d_in": next(iter(manifest["hookpoints"].values()))["d_in"]}
@@ -119,12 +121,12 @@ def main() -> None:
     bare = tokens / statistics.median(results["bare"])
     print(f"\nmodel: GPT-2 style, {args.layers} layers, d {args.hidden}, ctx {args.ctx_len}, batch {args.batch_size} "
           f"chunks; {tokens:,} tokens; {args.cpus} cores; medians of {args.repeats}")
-    print(f"{'':34s}{'tokens/s':>12s}{'ratio vs bare':>15s}")
-    print(f"{'bare forward loop':34s}{bare:12,.0f}{1.0:15.2f}")
+    print(f"{'':50s}{'tokens/s':>12s}{'ratio vs bare':>15s}")
+    print(f"{'bare forward loop':50s}{bare:12,.0f}{1.0:15.2f}")
     for name, label in (("stage", f"stage, hookpoint {last} (last)"), ("stage-mid", f"stage, hookpoint {mid} (mid)")):
-        for key, what in (("compute_s", "compute phase"), ("whole_s", "whole call")):
+        for key, what in (("compute_s", "compute phase"), ("whole_s", "whole call"), ("shards_s", "shards only")):
             rate = tokens / statistics.median(x[key] for x in results[name])
-            print(f"{label + ', ' + what:34s}"[:60].ljust(34) + f"{rate:12,.0f}{rate / bare:15.2f}")
+            print(f"{label + ', ' + what:50s}{rate:12,.0f}{rate / bare:15.2f}")
     s = results["stage"][0]
     print(f"\nbytes written per token per hookpoint: {s['bytes_per_token']:.0f} (d_in {s['d_in']} x 4 bytes = "
           f"{4 * s['d_in']} + provenance)")
