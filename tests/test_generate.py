@@ -105,6 +105,19 @@ def test_one_pass_over_several_hookpoints_equals_separate_runs_and_stops_early(t
     assert table.column("token_id").to_pylist() == expected_tokens.tolist()
 
 
+def test_device_map_loading_gives_the_same_shards(tmp_path, model_folder):
+    """generate.device_map goes through transformers + accelerate; on CPU ("cpu") it must change nothing."""
+    cfg = config(tmp_path, num_tokens=256)
+    plan = _load_plan(cfg, ActivationStore(tmp_path / "a"), str(model_folder), None)
+    ActivationStore(tmp_path / "b").write_bytes("tokens.parquet", ActivationStore(tmp_path / "a").read_bytes("tokens.parquet"))
+    records = []
+    for name, device_map in (("a", None), ("b", "cpu")):
+        writer = ActivationShardWriter(str(model_folder), None, "float32", False, device_map, ["layers.1"],
+                                       str(tmp_path / name), "float32", 4, "fail", plan["generate_hash"])
+        records.append(writer.write_shard(0, 0, plan["num_chunks"]))
+    assert records[0]["hookpoints"] == records[1]["hookpoints"]
+
+
 def test_unknown_hookpoint_fails_before_any_compute_and_names_close_modules(tmp_path):
     cfg = config(tmp_path, hookpoints=["layers.0.mlpp"])
     with pytest.raises(ValueError, match=r"'layers.0.mlpp' matches no module; closest module names: .*layers.0.mlp"):
