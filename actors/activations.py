@@ -23,7 +23,6 @@ from .models import load_model, resolve_hookpoints
 from .storage import ActivationStore
 
 ACTIVATION_COLUMN = "activation"
-STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 _DTYPE_KEY = b"sae_seeds.dtype"  # field metadata: how to read the activation column back
 _ARROW_VALUE = {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.uint16()}
 

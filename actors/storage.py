@@ -59,9 +59,6 @@ class ActivationStore:
     def _commit(self, tmp: str, rel: str) -> None:
         self.fs.move(tmp, self.path(rel))
 
-    def create_dir(self, rel: str) -> None:
-        self.fs.create_dir(self.path(rel), recursive=True)
-
     def write_bytes(self, rel: str, data: bytes) -> None:
         tmp = self._tmp(rel)
         with self.fs.open_output_stream(tmp) as f:
