@@ -154,9 +154,10 @@ class HookpointCapture:
         return {h: self.captured[h] for h in self.hookpoints}
 
 
-def screen_nonfinite(stored: np.ndarray, dtype: str, policy: str, where: str) -> np.ndarray | None:
-    """Rows to keep (None: all). Counts rows with any NaN/inf; 'fail' raises naming the shard, 'drop' drops."""
-    bad = ~np.isfinite(from_storage(stored, dtype)).all(axis=-1)
+def screen_nonfinite(values: np.ndarray, policy: str, where: str) -> np.ndarray | None:
+    """Rows of `values` (float32) to keep (None: all). Counts rows with any NaN/inf; 'fail' raises naming the
+    shard, 'drop' drops."""
+    bad = ~np.isfinite(values).all(axis=-1)
     if not bad.any():
         return None
     if policy == "fail":
@@ -221,13 +222,15 @@ class ActivationShardWriter:
                 writers[h] = self.store.open_parquet_writer(
                     stats[h]["path"], activation_schema(stored.shape[-1], self.storage_dtype), **PARQUET_OPTIONS)
                 stats[h]["d_in"] = int(stored.shape[-1])
-            keep = screen_nonfinite(stored, self.storage_dtype, self.nonfinite, f"shard {shard_id}, hookpoint {h}")
+            values = from_storage(stored, self.storage_dtype)  # decoded once: for the NaN check and the norms
+            keep = screen_nonfinite(values, self.nonfinite, f"shard {shard_id}, hookpoint {h}")
             if keep is not None:
                 stats[h]["nonfinite_rows"] += int((~keep).sum())
-                stored, chunk_col, pos_col, tok_col = stored[keep], chunk_col[keep], pos_col[keep], tok_col[keep]
+                stored, values = stored[keep], values[keep]
+                chunk_col, pos_col, tok_col = chunk_col[keep], pos_col[keep], tok_col[keep]
             writers[h].write(activation_table(stored, chunk_col, pos_col, tok_col, self.storage_dtype))
             stats[h]["rows"] += len(stored)
-            stats[h]["sum_norm"] += float(np.linalg.norm(from_storage(stored, self.storage_dtype), axis=-1).sum())
+            stats[h]["sum_norm"] += float(np.linalg.norm(values, axis=-1).sum())
 
         try:
             for i in range(0, len(token_ids), self.batch_size):

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .checkpoint import replace_folder, temporary_folder
 
 STATE_TENSORS = "state.safetensors"
 STATE_META = "state.json"
@@ -66,14 +66,13 @@ def write_training_state(folder: Path, states: dict[str, SAEState]) -> None:
     """Write `{key: (tensors, meta)}` to `folder`: built in a temporary sibling and renamed into place, so a
     folder under the final name is always complete."""
     folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.tmp")
-    tmp.mkdir(parents=True)
+    tmp = temporary_folder(folder)
     try:
         for key, (tensors, meta) in states.items():
             (tmp / key).mkdir()
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / key / STATE_TENSORS))
             (tmp / key / STATE_META).write_text(json.dumps(meta, sort_keys=True))
-        os.replace(tmp, folder)
+        replace_folder(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -149,10 +149,10 @@ def test_half_precision_storage_is_exact(tmp_path, model_folder, dtype):
 def test_nonfinite_rows_are_counted_and_fail_or_drop(tmp_path, model_folder):
     stored = np.ones((5, 3), dtype=np.float32)
     stored[1, 2], stored[3, 0] = np.nan, np.inf
-    assert screen_nonfinite(stored, "float32", "drop", "x").tolist() == [True, False, True, False, True]
-    assert screen_nonfinite(np.ones((2, 3), np.float32), "float32", "fail", "x") is None
+    assert screen_nonfinite(stored, "drop", "x").tolist() == [True, False, True, False, True]
+    assert screen_nonfinite(np.ones((2, 3), np.float32), "fail", "x") is None
     with pytest.raises(ValueError, match="shard 7, hookpoint h: 2 activation rows contain NaN or inf"):
-        screen_nonfinite(stored, "float32", "fail", "shard 7, hookpoint h")
+        screen_nonfinite(stored, "fail", "shard 7, hookpoint h")
 
     # A model whose embedding of one byte is NaN: every row from that token on (attention spreads it) is bad.
     import shutil
