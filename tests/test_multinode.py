@@ -18,6 +18,9 @@ from mlflow.tracking import MlflowClient
 
 from .ray_cluster import LocalCluster
 
+# Minutes of cluster start-up and two full runs: outside the default suite, run by CI (`bash scripts/test.sh -m slow`).
+pytestmark = pytest.mark.slow
+
 HOOKPOINT = "gpt_neox.layers.0.mlp"
 # Two architectures x one width x two seeds; two model actors so that generation can use both workers.
 OVERRIDES = ["--set", "sae.widths=[64]", "--set", "sae.seeds=[0,1]", "--set", "generate.num_actors=2",

@@ -8,6 +8,9 @@ from mlflow.tracking import MlflowClient
 
 from .ray_cluster import LocalCluster
 
+# A Ray head start-up and a full run through the job server: outside the default suite, run by CI (-m slow).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def ray_head():
