@@ -91,6 +91,15 @@ def checkpoint_folder(sae_folder: str | Path, tokens: int) -> Path:
     return sae_folder.parent / "checkpoints" / f"tokens{tokens}" / sae_folder.name
 
 
+def is_trained(path: str | Path, expected_hash: str | None, checkpoint_tokens: list[int] = ()) -> bool:
+    """Complete (metrics written last, intermediate checkpoints too) and trained with the settings whose train hash
+    is `expected_hash`."""
+    folder = Path(path)
+    if not all((f / METRICS).is_file() for f in [folder, *(checkpoint_folder(folder, n) for n in checkpoint_tokens)]):
+        return False
+    return json.loads((folder / CONFIG).read_text()).get("train_hash") == expected_hash
+
+
 def _weights_path(folder: Path) -> Path:
     # sparsify and this project write sae.safetensors; SAELens writes sae_weights.safetensors.
     weights_path = next((folder / n for n in (WEIGHTS, SAELENS_WEIGHTS) if (folder / n).is_file()), None)

@@ -29,7 +29,7 @@ from .training import train_saes
 log = logging.getLogger(__name__)
 
 
-def _mlflow_reporter(tracking_uri: str | None):
+def mlflow_reporter(tracking_uri: str | None):
     if not tracking_uri:
         return None
     from mlflow.entities import Metric
@@ -65,7 +65,7 @@ def train_loop_per_worker(config: dict) -> None:
             log.warning("checkpoint %s lacks the state of some of this worker's SAEs: training from the start",
                         checkpoint.path)
     results = train_saes(jobs, manifest, config["hookpoint"], config["hp"], device,
-                         report=_mlflow_reporter(config.get("tracking_uri")),
+                         report=mlflow_reporter(config.get("tracking_uri")),
                          progress=lambda total: tqdm(desc=f"train {config['hookpoint']} (worker {rank})",
                                                      total=total, unit="step"),
                          node_id=ray.get_runtime_context().get_node_id(),

@@ -201,31 +201,14 @@ def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, devic
 
     # Evaluation set: the first rows in manifest order, unshuffled, identical for every SAE.
     eval_rows = min(total_rows, hp["eval_tokens"])
-    eval_sets = {norm: _first_rows(manifest["root"], entry["shards"], eval_rows, scale if norm else 1.0, device)
+    eval_sets = {norm: first_rows(manifest["root"], entry["shards"], eval_rows, scale if norm else 1.0, device)
                  for norm in streams}
 
-    def raw_sae(t: SAETrainer) -> SparseAutoencoder:
-        """The SAE as saved: acting on raw activations (training goes on with the scaled original)."""
-        if not t.sae.normalize_inputs:
-            return t.sae
-        sae = copy.deepcopy(t.sae)
-        sae.fold_input_scale(scale)
-        return sae
-
     def save(t: SAETrainer, folder: Path, extra: dict | None = None, raw: SparseAutoencoder | None = None) -> dict:
-        cfg = sae_folder_cfg(t.job, d_in, hookpoint, hp, num_steps, t.dead_window)
-        cfg |= {"data_digest": t.digest.hexdigest(), "tokens": t.tokens_seen}
-        metrics, frequency = evaluate(t.sae, eval_sets[t.sae.normalize_inputs])
-        metrics["dead_fraction"] = float(((t.tokens_seen - t.last_fired) >= t.dead_window).float().mean())
-        metrics |= {"train_tokens": t.tokens_seen, "train_seconds": time.perf_counter() - start,
-                    "resumed_from_tokens": start_step * hp["batch_size"]}
-        if node_id is not None:
-            metrics["node_id"] = node_id
-        if "calibration" in t.job:
-            metrics |= t.job["calibration"]
-        metrics |= extra or {}
-        save_sae_folder(folder, (raw or raw_sae(t)).state_dict(), cfg, metrics, firing_frequency=frequency)
-        return {"job": t.job, "metrics": metrics, "data_digest": cfg["data_digest"]}
+        return save_trained(t, folder, raw or raw_sae(t.sae, scale), eval_sets[t.sae.normalize_inputs],
+                            d_in=d_in, hookpoint=hookpoint, hp=hp, num_steps=num_steps,
+                            seconds=time.perf_counter() - start, resumed_from_tokens=start_step * hp["batch_size"],
+                            node_id=node_id, extra=extra)
 
     def snapshot(step: int) -> None:
         for group in (g for gs in groups.values() for g in gs):
@@ -270,12 +253,39 @@ def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, devic
     if bar is not None:
         bar.close()
     finals = [t for group in trainers.values() for t in group]
-    raws = [raw_sae(t) for t in finals]  # folded once, for the LM loss and for the saved weights
+    raws = [raw_sae(t.sae, scale) for t in finals]  # folded once, for the LM loss and for the saved weights
     lm = [{}] * len(finals)
     if hp.get("lm_eval_chunks"):
-        model, input_ids = _lm_eval_inputs(manifest, hp, device)
+        model, input_ids = lm_eval_inputs(manifest, hp, device)
         lm = spliced_lm_metrics(model, hookpoint, raws, input_ids)
     return [save(t, Path(t.job["path"]), extra, raw) for t, extra, raw in zip(finals, lm, raws)]
+
+
+def raw_sae(sae: SparseAutoencoder, scale: float) -> SparseAutoencoder:
+    """The SAE as saved: acting on raw activations (training goes on with the scaled original)."""
+    if not sae.normalize_inputs:
+        return sae
+    sae = copy.deepcopy(sae)
+    sae.fold_input_scale(scale)
+    return sae
+
+
+def save_trained(t: SAETrainer, folder: Path, raw: SparseAutoencoder, eval_set: list[torch.Tensor], *, d_in: int,
+                 hookpoint: str, hp: dict, num_steps: int, seconds: float, resumed_from_tokens: int = 0,
+                 node_id: str | None = None, extra: dict | None = None) -> dict:
+    """Evaluate `t.sae` on `eval_set` and save `raw` (its weights on raw activations) with cfg and metrics."""
+    cfg = sae_folder_cfg(t.job, d_in, hookpoint, hp, num_steps, t.dead_window)
+    cfg |= {"data_digest": t.digest.hexdigest(), "tokens": t.tokens_seen}
+    metrics, frequency = evaluate(t.sae, eval_set)
+    metrics["dead_fraction"] = float(((t.tokens_seen - t.last_fired) >= t.dead_window).float().mean())
+    metrics |= {"train_tokens": t.tokens_seen, "train_seconds": seconds, "resumed_from_tokens": resumed_from_tokens}
+    if node_id is not None:
+        metrics["node_id"] = node_id
+    if "calibration" in t.job:
+        metrics |= t.job["calibration"]
+    metrics |= extra or {}
+    save_sae_folder(folder, raw.state_dict(), cfg, metrics, firing_frequency=frequency)
+    return {"job": t.job, "metrics": metrics, "data_digest": cfg["data_digest"]}
 
 
 def _sae_state(t: SAETrainer, step: int, hp: dict, seconds: float, device: torch.device) -> SAEState:
@@ -340,7 +350,7 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], device: torch.device) -> No
         torch.cuda.set_rng_state(tensors["rng.cuda"], device)
 
 
-def _lm_eval_inputs(manifest: dict, hp: dict, device: torch.device) -> tuple[torch.nn.Module, torch.Tensor]:
+def lm_eval_inputs(manifest: dict, hp: dict, device: torch.device) -> tuple[torch.nn.Module, torch.Tensor]:
     """The generate stage's model and its first `lm_eval_chunks` token chunks (seen in training too: the
     activations cover the whole corpus sample)."""
     from .models import load_model
@@ -379,7 +389,7 @@ def _calibrate_sparsity(jobs: list[dict], streams: dict, d_in: int, hp: dict, de
     return out
 
 
-def _first_rows(root: str, shards: list[dict], n: int, scale: float, device: torch.device,
+def first_rows(root: str, shards: list[dict], n: int, scale: float, device: torch.device,
                 batch_size: int = 4096) -> list[torch.Tensor]:
     from .activations import read_activations
 

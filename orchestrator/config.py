@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -121,7 +122,41 @@ class SAEGridConfig(_Strict):
         return archs
 
 
+DEEPSPEED_INSTALL = ("DS_BUILD_OPS=0 pip install --no-build-isolation -c constraints.txt -e '.[deepspeed]' "
+                     "(README: DeepSpeed backend)")
+
+
+def deepspeed_installed() -> bool:
+    """Whether the deepspeed package can be imported here, without importing it (that is slow and probes for GPUs)."""
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+class DeepSpeedConfig(_Strict):
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage: 0 replicates everything (plain data "
+                                            "parallel), 1 partitions Adam's moments and fp32 master weights over "
+                                            "the workers, 2 the gradients too; 3 is refused (see README).")
+    reduce_bucket_size: int = Field(50_000_000, gt=0, description="Elements per gradient-reduction bucket "
+                                    "(ZeRO 1-2): larger is fewer, bigger messages and more memory.")
+    overlap_comm: bool = Field(True, description="Overlap gradient reduction with the backward pass (ZeRO 1-2).")
+
+    @field_validator("zero_stage")
+    @classmethod
+    def _not_stage_3(cls, v):
+        if v == 3:
+            raise ValueError("zero_stage 3 is not supported; allowed: 0, 1, 2. Stage 3 partitions the weights, but an "
+                             "SAE is one layer that is gathered whole for every forward and backward pass, so it "
+                             "saves no peak memory over stage 2 (and DeepSpeed does not re-gather the decoder for "
+                             "the backward pass of an SAE's output)")
+        return v
+
+
 class TrainConfig(_Strict):
+    backend: Literal["torch", "deepspeed"] = Field(
+        "torch", description="torch: configurations dealt over the workers, each SAE trained on one; deepspeed: one "
+        "SAE at a time, data-parallel over all workers (each takes a slice of every batch), for SAEs too wide for one "
+        "device's memory (optional extra, see README).")
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig,
+                                       description="DeepSpeed settings; used with backend: deepspeed.")
     batch_size: int = Field(1024, gt=0, description="Activation vectors (tokens) per step.")
     tokens: int | None = Field(None, gt=0, description="Training tokens per SAE; None: one pass over the activations.")
     data_seed: int = Field(0, description="Seed of the batch order; the same for every init seed.")
@@ -150,7 +185,8 @@ class TrainConfig(_Strict):
                                  "batch activations) one stack of seeds may use; a configuration whose seeds need more "
                                  "is split into several stacks, which the train stage deals to different workers.")
     log_every: int = Field(50, gt=0, description="Steps between metric reports.")
-    num_workers: int = Field(1, gt=0, description="Ray Train workers; configurations are split across them.")
+    num_workers: int = Field(1, gt=0, description="Ray Train workers; configurations are split across them "
+                             "(backend deepspeed: every SAE is trained across all of them).")
     cpus_per_worker: int = Field(1, gt=0, description="CPUs (and torch threads) per training worker.")
     use_gpu: bool | None = Field(None, description="Train on GPU; None: when the cluster has one.")
 
@@ -167,6 +203,26 @@ class TrainConfig(_Strict):
         if self.state_every_tokens is not None and self.state_every_tokens < self.batch_size:
             raise ValueError(f"train.state_every_tokens ({self.state_every_tokens}) must be at least one batch "
                              f"(train.batch_size = {self.batch_size})")
+        return self
+
+    @model_validator(mode="after")
+    def _deepspeed_usable(self):
+        if self.backend != "deepspeed":
+            return self
+        if not deepspeed_installed():
+            raise ValueError(f"train.backend=deepspeed needs the deepspeed package, which is not installed: "
+                             f"{DEEPSPEED_INSTALL}; or set train.backend=torch")
+        if self.stack_seeds:
+            raise ValueError("train.stack_seeds must be false with train.backend=deepspeed: that backend trains one "
+                             "SAE at a time across all workers (seed after seed)")
+        if self.batch_size % self.num_workers:
+            raise ValueError(f"train.batch_size ({self.batch_size}) must be a multiple of train.num_workers "
+                             f"({self.num_workers}) with train.backend=deepspeed: each worker takes an equal slice "
+                             "of every batch")
+        if self.state_every_tokens is not None:
+            raise ValueError("train.state_every_tokens is not supported with train.backend=deepspeed: it writes no "
+                             "mid-run training state (a failed worker group retrains the SAE it was on); leave it "
+                             "unset")
         return self
 
 
@@ -208,6 +264,14 @@ class ExperimentConfig(_Strict):
                     problem = arch.check_width(params, width)
                     if problem:
                         raise ValueError(f"sae.architectures[{i}] with width {width}: {problem}")
+        if self.train.backend == "deepspeed":
+            for i, spec in enumerate(self.sae.architectures):
+                arch = ARCHITECTURES[spec["name"]]
+                for params in arch.expand_sweep({k: v for k, v in spec.items() if k != "name"}):
+                    problem = arch.check_data_parallel(params)
+                    if problem:
+                        raise ValueError(f"sae.architectures[{i}] cannot train with train.backend=deepspeed: "
+                                         f"{problem}")
         budget = self.train_tokens
         late = [t for t in self.train.checkpoint_tokens if t >= budget]
         if late:
@@ -227,6 +291,8 @@ class ExperimentConfig(_Strict):
     def content_hash(self) -> str:
         """Hash of everything that decides the results (not where they go or how they are tracked)."""
         data = self.model_dump(exclude={"output_dir", "tracking", "ray"})
+        if self.train.backend == "torch":  # hashes from before the backend setting existed stay valid
+            data["train"] = {k: v for k, v in data["train"].items() if k not in ("backend", "deepspeed")}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

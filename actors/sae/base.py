@@ -7,6 +7,7 @@ Parameters are named as EleutherAI sparsify names them (`encoder.weight` [n, d],
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -49,6 +50,10 @@ class SparseAutoencoder(nn.Module):
         # bool [n_latents]: latents that have not fired within the dead window, kept up to date by the trainer
         # (AuxK-style losses revive them); None outside training.
         self.dead_mask: torch.Tensor | None = None
+        # Data-parallel training (actors/deepspeed_backend.py) steps each worker on a slice of the batch: this is then
+        # FVU's denominator over the whole batch divided by the number of slices, so the slices' FVUs average to the
+        # whole batch's. None: the batch given is the whole batch.
+        self.fvu_denominator: torch.Tensor | None = None
 
     # ---- sweeps and validation (class-level; used by the config before any compute) ----
     @classmethod
@@ -87,6 +92,14 @@ class SparseAutoencoder(nn.Module):
         return None
 
     @classmethod
+    def check_data_parallel(cls, params: dict[str, Any]) -> str | None:
+        """A reason this setting cannot be trained data-parallel, each worker on a slice of every batch with the
+        gradients averaged (actors/deepspeed_backend.py), or None. That needs a loss whose slice values average to the
+        whole batch's (means over tokens; FVU through `fvu_denominator`), activations chosen token by token, and
+        gradient surgery given as `gradient_transforms`. An architecture opts in by overriding this."""
+        return f"{cls.name} has not been checked for data-parallel training"
+
+    @classmethod
     def label(cls, params: dict[str, Any]) -> str:
         """Folder and run name: the architecture and the hyper-parameters that differ from their defaults."""
         fields = cls.Params.model_fields
@@ -107,8 +120,19 @@ class SparseAutoencoder(nn.Module):
     def init_from_batch(self, x: torch.Tensor) -> None:
         """Called once with the first training batch (already scaled)."""
 
+    def gradient_transforms(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        """Gradient surgery, e.g. removing the decoder-norm direction: {parameter name: map of its gradient}. Each map
+        must be linear in the gradient, so that data-parallel training may apply it to every worker's gradient
+        before the average (the same as after it, the weights being the same on every worker)."""
+        return {}
+
+    @torch.no_grad()
     def before_optimizer_step(self) -> None:
-        """Gradient surgery, e.g. removing the decoder-norm direction."""
+        """Applies `gradient_transforms` to the gradients in place."""
+        for name, transform in self.gradient_transforms().items():
+            param = self.get_parameter(name)
+            if param.grad is not None:
+                param.grad.copy_(transform(param.grad))
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
@@ -120,7 +144,7 @@ class SparseAutoencoder(nn.Module):
     def forward(self, x: torch.Tensor) -> ForwardOutput:
         z = self.activations(x)
         x_hat = self.decode(z)
-        fvu = fraction_of_variance_unexplained(x, x_hat)
+        fvu = fraction_of_variance_unexplained(x, x_hat, self.fvu_denominator)
         nonzero = z > 0
         return ForwardOutput(
             x_hat=x_hat,
@@ -157,17 +181,23 @@ class SparseAutoencoder(nn.Module):
         self.b_dec.div_(scale)
 
 
-def fraction_of_variance_unexplained(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    total = (x - x.mean(0)).pow(2).sum()
+def fraction_of_variance_unexplained(x: torch.Tensor, x_hat: torch.Tensor,
+                                     total: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared error over x's squared deviations from its mean; `total` replaces that denominator when given."""
+    if total is None:
+        total = batch_variance_total(x)
     return (x - x_hat).pow(2).sum() / total.clamp_min(torch.finfo(x.dtype).tiny)
 
 
-def remove_parallel_gradient(weight: nn.Parameter) -> None:
-    """Drop each row's gradient component along the (unit-norm) row, so the step only rotates it."""
-    if weight.grad is None:
-        return
-    parallel = (weight.grad * weight.data).sum(-1, keepdim=True)
-    weight.grad.sub_(parallel * weight.data)
+def batch_variance_total(x: torch.Tensor) -> torch.Tensor:
+    """FVU's denominator for the batch x: its squared deviations from its mean, summed."""
+    return (x - x.mean(0)).pow(2).sum()
+
+
+def without_parallel_component(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Each row's gradient less its component along the (unit-norm) row, so the step only rotates the row."""
+    parallel = (grad * weight).sum(-1, keepdim=True)
+    return grad - parallel * weight
 
 
 def unit_rows(t: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,11 @@ class BatchTopKSAE(TopKSAE):
         self.register_buffer("threshold", torch.zeros(()))
         self.register_buffer("threshold_steps", torch.zeros((), dtype=torch.long))
 
+    @classmethod
+    def check_data_parallel(cls, params):
+        return (f"{cls.name} keeps the k x batch largest activations of the whole batch, which no worker's slice "
+                "can choose")
+
     def activations(self, x):
         pre = self.pre_activations(x)
         if not self.training:

@@ -44,6 +44,10 @@ class GatedSAE(SparseAutoencoder):
         self._gate: torch.Tensor | None = None  # last training batch's gate pre-activations, for the losses
 
     @classmethod
+    def check_data_parallel(cls, params):
+        return None  # squared error, L1 and the auxiliary reconstruction, all means over tokens
+
+    @classmethod
     def recipe_lr(cls, num_latents: int) -> float:
         return 2e-4
 

@@ -14,7 +14,7 @@ import math
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from .base import SparseAutoencoder, remove_parallel_gradient, unit_rows
+from .base import SparseAutoencoder, unit_rows, without_parallel_component
 
 
 def _near(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
@@ -97,6 +97,10 @@ class JumpReLUSAE(SparseAutoencoder):
         self.steps_done = 0  # for the L0 coefficient's warm-up; not saved (training state, not the SAE)
 
     @classmethod
+    def check_data_parallel(cls, params):
+        return None  # squared error and L0, both means over tokens
+
+    @classmethod
     def recipe_lr(cls, num_latents: int) -> float:
         return 7e-5
 
@@ -132,8 +136,8 @@ class JumpReLUSAE(SparseAutoencoder):
             tensors["log_threshold"] = _log_exactly(tensors.pop("threshold"))
         self.load_state_dict(tensors)
 
-    def before_optimizer_step(self):
-        remove_parallel_gradient(self.W_dec)
+    def gradient_transforms(self):
+        return {"W_dec": lambda grad: without_parallel_component(grad, self.W_dec.detach())}
 
     @torch.no_grad()
     def after_optimizer_step(self):

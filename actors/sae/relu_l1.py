@@ -52,6 +52,13 @@ class ReluL1SAE(SparseAutoencoder):
         return None
 
     @classmethod
+    def check_data_parallel(cls, params):
+        if params.get("target_l0") is not None:
+            return ("target_l0 is calibrated by probe runs of the whole SAE on one worker; give l1_coefficient "
+                    "instead")
+        return None  # squared error and L1, both means over tokens
+
+    @classmethod
     def recipe_lr(cls, num_latents: int) -> float:
         return 2e-4
 

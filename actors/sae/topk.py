@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from .base import SparseAutoencoder, fraction_of_variance_unexplained, remove_parallel_gradient, unit_rows
+from .base import SparseAutoencoder, fraction_of_variance_unexplained, unit_rows, without_parallel_component
 
 
 class TopKParams(BaseModel):
@@ -33,6 +33,12 @@ class TopKSAE(SparseAutoencoder):
     def check_width(cls, params, width):
         if params["k"] > width:
             return f"k={params['k']} must be at most the width ({width})"
+        return None
+
+    @classmethod
+    def check_data_parallel(cls, params):
+        if params.get("auxk_alpha", 0) > 0:
+            return "AuxK (auxk_alpha > 0) normalises by the whole batch's residual, which a slice does not see"
         return None
 
     @classmethod
@@ -80,8 +86,8 @@ class TopKSAE(SparseAutoencoder):
         # Either way the latents are the positive part of the k largest, so they agree.
         return {"architecture": "topk", "k": self.params.k, "rescale_acts_by_decoder_norm": False}, {}
 
-    def before_optimizer_step(self):
-        remove_parallel_gradient(self.W_dec)
+    def gradient_transforms(self):
+        return {"W_dec": lambda grad: without_parallel_component(grad, self.W_dec.detach())}
 
     @torch.no_grad()
     def after_optimizer_step(self):

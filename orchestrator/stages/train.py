@@ -1,5 +1,8 @@
 """Train stage: one Ray Train `TorchTrainer` per hookpoint trains every configuration and seed.
 
+With `train.backend: deepspeed` the same trainer runs actors/deepspeed_backend.py's loop instead, which trains
+the SAEs one at a time, each data-parallel over all the workers.
+
 Reads the generate manifest; writes SAE folders and `saes/manifest.json`, the one thing compare reads.
 An SAE whose folder is complete (weights, cfg, metrics) is not trained again.
 """
@@ -16,6 +19,8 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from actors.checkpoint import METRICS, checkpoint_folder, write_json_atomic
+from actors.checkpoint import is_trained as _is_trained
+from actors.deepspeed_backend import train_loop_per_worker as deepspeed_train_loop
 from actors.stacked import split_seeds
 from actors.train_worker import train_loop_per_worker
 
@@ -34,9 +39,13 @@ def train_hash(cfg: ExperimentConfig, manifest: dict) -> str:
     # Settings that only decide where training runs or what is measured do not retrain an SAE. Nor do
     # checkpoints of the training state (a resumed run ends with the weights of an uninterrupted one), nor
     # stacking seeds and how a configuration's seeds are split into stacks (each seed's weights are bitwise
-    # unchanged on CPU).
+    # unchanged on CPU). The DeepSpeed backend does retrain (its data-parallel sums round differently), but not
+    # its ZeRO settings, and a torch-backend hash is the one from before the setting existed.
     settings = cfg.train.model_dump(exclude={"num_workers", "cpus_per_worker", "use_gpu", "log_every", "lm_eval_chunks",
-                                             "state_every_tokens", "max_failures", "stack_seeds", "max_stack_bytes"})
+                                             "state_every_tokens", "max_failures", "stack_seeds", "max_stack_bytes",
+                                             "deepspeed"})
+    if settings["backend"] == "torch":
+        del settings["backend"]
     data = json.dumps({"activations": manifest["config_hash"], "train": settings}, sort_keys=True)
     return hashlib.sha256(data.encode()).hexdigest()[:16]
 
@@ -45,15 +54,6 @@ def train_hparams(cfg: ExperimentConfig, manifest: dict) -> dict:
     """The settings `actors.training.train_saes` gets."""
     return cfg.train.model_dump() | {"eval_tokens": 65536, "train_hash": train_hash(cfg, manifest),
                                      "trust_remote_code": cfg.model.trust_remote_code}
-
-
-def _is_trained(path: str, expected_hash: str, checkpoint_tokens: list[int] = ()) -> bool:
-    """Complete (metrics written last, intermediate checkpoints too) and trained with these activations and
-    settings."""
-    folder = Path(path)
-    if not all((f / METRICS).is_file() for f in [folder, *(checkpoint_folder(folder, n) for n in checkpoint_tokens)]):
-        return False
-    return json.loads((folder / "cfg.json").read_text()).get("train_hash") == expected_hash
 
 
 def _split_groups(groups: list[list[dict]], d_in: int, batch_size: int, max_stack_bytes: int) -> list[list[dict]]:
@@ -83,14 +83,16 @@ def run_train(cfg: ExperimentConfig, manifest: dict, configurations: list[SAECon
             continue
         if t.stack_seeds:  # seeds of a configuration that do not fit one stack go to different workers
             groups = _split_groups(groups, manifest["hookpoints"][hookpoint]["d_in"], t.batch_size, t.max_stack_bytes)
+        # torch: configurations dealt over at most as many workers; deepspeed: every SAE across all the workers.
+        num_workers = t.num_workers if t.backend == "deepspeed" else min(t.num_workers, len(groups))
         trainer = TorchTrainer(
-            train_loop_per_worker,
+            deepspeed_train_loop if t.backend == "deepspeed" else train_loop_per_worker,
             train_loop_config={
                 "groups": groups, "hookpoint": hookpoint, "hp": hp, "tracking_uri": tracking_uri,
                 "activations_uri": manifest["root"],
                 "torch_threads": t.cpus_per_worker, "fault": fault,
             },
-            scaling_config=ScalingConfig(num_workers=min(t.num_workers, len(groups)), use_gpu=use_gpu,
+            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": t.cpus_per_worker}),
             # A worker failure restarts the workers from the last training state they reported; re-running the
             # experiment after the driver died resumes from it too (same run name and storage).

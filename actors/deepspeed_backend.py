@@ -1,0 +1,250 @@
+"""DeepSpeed backend (`train.backend: deepspeed`): one SAE at a time, data-parallel over all Ray Train workers.
+
+For an SAE too wide for one device: every worker holds the SAE, steps on its own slice of each batch, and
+DeepSpeed averages the gradients; ZeRO stage 1 partitions Adam's moments (and the fp32 master weights) over the
+workers, stage 2 the gradients too. The result is the SAE the torch backend trains on the same batches, to float
+rounding, because
+
+- every worker reads the whole shared stream (same order as the torch backend) and keeps rows
+  [rank * b, (rank + 1) * b) of each batch (b = batch_size / workers);
+- each slice's loss averages to the whole batch's: means over tokens do as they are, and FVU divides by the whole
+  batch's variance over the number of slices (`SparseAutoencoder.fvu_denominator`); architectures whose loss or
+  activations need the whole batch are refused by the config (`check_data_parallel`);
+- the architecture's gradient surgery (`gradient_transforms`, linear) acts on each worker's gradient as a tensor
+  hook, before DeepSpeed averages; DeepSpeed then clips the global gradient norm and steps Adam and the schedule;
+- the architecture's projection after the step (unit-norm decoder rows) runs on the module's weights, which are
+  then copied into ZeRO's fp32 master partition so the next step starts from the projected weights;
+- a latent counts as fired when it fired in any worker's slice (max all-reduce), so dead-latent counters agree.
+
+Rank 0 evaluates and saves each SAE (and its intermediate checkpoints) in the normal folder layout. No mid-SAE
+training state is written: after a worker failure Ray Train restarts the group, which skips the SAEs already saved
+and retrains the one it was on. deepspeed is imported only inside the worker (an optional extra).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import checkpoint_folder, is_trained
+from .data import ActivationStream
+from .lm_eval import spliced_lm_metrics
+from .sae import ARCHITECTURES, SparseAutoencoder
+from .sae.base import batch_variance_total
+from .training import SAETrainer, build_trainer, first_rows, lm_eval_inputs, save_trained
+
+log = logging.getLogger(__name__)
+
+
+def deepspeed_config(hp: dict, world_size: int) -> dict:
+    """The DeepSpeed config for one SAE: fp32 as the torch backend trains, one micro-batch (a worker's slice) per
+    step, DeepSpeed's global gradient-norm clip, ZeRO as configured."""
+    ds = hp["deepspeed"]
+    zero = {"stage": ds["zero_stage"]}
+    if ds["zero_stage"] > 0:
+        zero |= {"reduce_bucket_size": ds["reduce_bucket_size"], "overlap_comm": ds["overlap_comm"],
+                 "contiguous_gradients": True}
+    return {
+        "train_batch_size": hp["batch_size"],
+        "train_micro_batch_size_per_gpu": hp["batch_size"] // world_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": hp["grad_clip"],
+        "zero_optimization": zero,
+        "steps_per_print": 2**31 - 1,  # metrics go to MLflow; DeepSpeed's own step log would only repeat them
+    }
+
+
+def worker_rows(batch_size: int, rank: int, world_size: int) -> slice:
+    """The rows of every batch that worker `rank` trains on: equal, disjoint, contiguous, together the batch."""
+    if batch_size % world_size:
+        raise ValueError(f"batch size {batch_size} is not a multiple of the {world_size} workers")
+    rows = batch_size // world_size
+    return slice(rank * rows, (rank + 1) * rows)
+
+
+class DataParallelSAE:
+    """One SAE (its `SAETrainer`: module, optimizer, schedule, dead counters, digest) stepped by a DeepSpeed engine
+    on this worker's slice of each batch. The trainer stays the SAE's view for evaluation and saving."""
+
+    def __init__(self, trainer: SAETrainer, first_batch: torch.Tensor, ds_config: dict, rank: int, world_size: int):
+        import deepspeed
+
+        self.trainer, self.rank, self.world_size = trainer, rank, world_size
+        self.rows = worker_rows(first_batch.shape[0], rank, world_size)
+        sae = trainer.sae
+        sae.init_from_batch(first_batch)  # from the whole batch, as the torch backend; before ZeRO copies the weights
+        trainer.initialised = True
+        self._hooks = [sae.get_parameter(name).register_hook(transform)
+                       for name, transform in sae.gradient_transforms().items()]
+        _skip_cpu_inference_kernel()
+        # The schedule was built on the client Adam, whose param_groups ZeRO keeps using, so its lr still applies.
+        self.engine, _, _, _ = deepspeed.initialize(model=sae, optimizer=trainer.optimizer,
+                                                    lr_scheduler=trainer.scheduler, config=ds_config)
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """One step on the whole batch `x` (this worker trains on its rows); returns this worker's [loss, fvu, l0],
+        whose average over the workers is the whole batch's."""
+        import deepspeed
+        import torch.distributed as dist
+
+        t, sae = self.trainer, self.trainer.sae
+        t.digest.update(x.detach().cpu().numpy().tobytes())  # of the whole batch, as the torch backend's digest
+        sae.dead_mask = (t.tokens_seen - t.last_fired) >= t.dead_window
+        sae.fvu_denominator = batch_variance_total(x) / self.world_size
+        try:
+            out = self.engine(x[self.rows])
+            self.engine.backward(out.loss)
+            self.engine.step()  # gradient-norm clip, Adam, learning-rate schedule
+        finally:
+            sae.fvu_denominator = None
+        sae.after_optimizer_step()
+        for param in sae.parameters():  # the projected weights into ZeRO's fp32 master partition (no-op at stage 0)
+            deepspeed.utils.safe_set_full_fp32_param(param, param.data)
+        fired = out.fired.to(torch.uint8)
+        dist.all_reduce(fired, op=dist.ReduceOp.MAX)
+        t.tokens_seen += x.shape[0]
+        t.last_fired[fired.bool()] = t.tokens_seen
+        return torch.stack([out.loss.detach(), out.fvu, out.l0])
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self.engine.destroy()
+
+
+def _skip_cpu_inference_kernel() -> None:
+    """On CPU DeepSpeed JIT-compiles a shared-memory all-reduce kernel when it first wraps the process group, for
+    `inference_all_reduce` only (training's collectives go through torch.distributed, gloo here); the build takes
+    minutes. Its op table is a module-level dict meant to be edited; marking the kernel unavailable skips it."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def _averaged(values: torch.Tensor, world_size: int) -> dict[str, float]:
+    import torch.distributed as dist
+
+    values = values.clone()
+    dist.all_reduce(values)
+    loss, fvu, l0 = (values / world_size).tolist()
+    return {"loss": loss, "fvu": fvu, "l0": l0}
+
+
+def _standalone_copy(sae: SparseAutoencoder) -> SparseAutoencoder:
+    """A plain module with `sae`'s weights and buffers, free of DeepSpeed's attributes (which a deepcopy would
+    drag along, optimizer partitions included)."""
+    with torch.random.fork_rng(devices=[]):  # the constructor's random init must not move the training RNG
+        copy = type(sae)(sae.d_in, sae.num_latents, sae.params)
+    copy.load_state_dict({k: v.detach().clone() for k, v in sae.state_dict().items()})
+    return copy.to(next(sae.parameters()).device)
+
+
+def train_sae(job: dict, manifest: dict, hookpoint: str, hp: dict, device: torch.device, rank: int, world_size: int,
+              report=None, progress=None, node_id: str | None = None, lm_eval=None) -> dict | None:
+    """Train one SAE across the workers (every worker calls this with the same job); rank 0 saves it and returns its
+    result, the others return None. `lm_eval()` gives (model, input_ids) for the LM-loss metrics, on rank 0."""
+    entry = manifest["hookpoints"][hookpoint]
+    d_in, total_rows = entry["d_in"], entry["rows"]
+    arch = ARCHITECTURES[job["architecture"]]
+    # Inputs scaled as the torch backend scales them (folded back into the saved weights).
+    scale = float(np.sqrt(d_in) / entry["mean_norm"])
+    input_scale = scale if arch.normalize_inputs else 1.0
+    stream = ActivationStream(manifest["root"], entry["shards"], hp["batch_size"], hp["data_seed"],
+                              hp["tokens"] or total_rows, input_scale, hp.get("shuffle_buffer_tokens", 0))
+    num_steps = stream.num_steps
+    trainer = build_trainer(job, d_in, num_steps, hp, device)
+    batches = (torch.from_numpy(b).to(device) for b in stream)
+    first = next(batches)
+    model = DataParallelSAE(trainer, first, deepspeed_config(hp, world_size), rank, world_size)
+    eval_set = first_rows(manifest["root"], entry["shards"], min(total_rows, hp["eval_tokens"]), input_scale,
+                          device) if rank == 0 else None
+    start = time.perf_counter()
+
+    def save(folder: Path, extra: dict | None = None, raw: SparseAutoencoder | None = None) -> dict:
+        if raw is None:
+            raw = _standalone_copy(trainer.sae)
+            if raw.normalize_inputs:
+                raw.fold_input_scale(scale)
+        return save_trained(trainer, folder, raw, eval_set, d_in=d_in, hookpoint=hookpoint, hp=hp,
+                            num_steps=num_steps, seconds=time.perf_counter() - start, node_id=node_id, extra=extra)
+
+    pending = list(hp.get("checkpoint_tokens") or [])
+    bar = progress(num_steps) if progress and rank == 0 else None
+    try:
+        for step, x in enumerate(itertools.chain([first], batches)):
+            values = model.step(x)
+            if (step + 1) % hp["log_every"] == 0 or step + 1 == num_steps:
+                metrics = _averaged(values, world_size)  # a collective: every worker takes part
+                if report and rank == 0:
+                    report(step + 1, [(job, metrics)])
+            while pending and (step + 1) * hp["batch_size"] >= pending[0]:
+                if rank == 0:  # the others go on and wait for rank 0 at the next step's reduction
+                    save(checkpoint_folder(job["path"], pending[0]))
+                pending.pop(0)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        model.close()
+    if rank != 0:
+        return None
+    raw = _standalone_copy(trainer.sae)
+    if raw.normalize_inputs:
+        raw.fold_input_scale(scale)
+    extra = {}
+    if lm_eval is not None:
+        lm_model, input_ids = lm_eval()
+        extra = spliced_lm_metrics(lm_model, hookpoint, [raw], input_ids)[0]
+    return save(Path(job["path"]), extra, raw)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point for `train.backend: deepspeed` (same `train_loop_config` as actors.train_worker's)."""
+    import ray
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+    from deepspeed.utils import logger as deepspeed_logger
+    from ray.experimental.tqdm_ray import tqdm
+
+    from .storage import ActivationStore
+    from .train_worker import mlflow_reporter
+
+    deepspeed_logger.setLevel(logging.WARNING)  # it logs its whole config for every SAE at INFO
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config["torch_threads"])
+    hp, hookpoint = config["hp"], config["hookpoint"]
+    jobs = [job for group in config["groups"] for job in group]
+    # After a restart (worker failure) the SAEs already saved are skipped; rank 0 decides so all agree.
+    todo = [[not is_trained(j["path"], hp.get("train_hash"), hp.get("checkpoint_tokens") or []) for j in jobs]]
+    dist.broadcast_object_list(todo, src=0)
+    manifest = ActivationStore(config["activations_uri"]).read_json("manifest.json")
+    device = ray.train.torch.get_device()
+    report = mlflow_reporter(config.get("tracking_uri")) if rank == 0 else None
+    lm = {}
+
+    def lm_eval():
+        if "inputs" not in lm:  # loaded once per worker, for all its SAEs
+            lm["inputs"] = lm_eval_inputs(manifest, hp, device)
+        return lm["inputs"]
+
+    done = 0
+    for job, needed in zip(jobs, todo[0]):
+        if not needed:
+            continue
+        train_sae(job, manifest, hookpoint, hp, device, rank, world, report=report,
+                  progress=lambda total, job=job: tqdm(desc=f"train {job['configuration']} seed {job['seed']} "
+                                                       f"({world} workers)", total=total, unit="step"),
+                  node_id=ray.get_runtime_context().get_node_id(),
+                  lm_eval=lm_eval if hp.get("lm_eval_chunks") else None)
+        done += 1
+    ray.train.report({"done": done})
