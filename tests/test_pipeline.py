@@ -195,7 +195,8 @@ def test_overlap_through_training(tiny_run):
 
 
 def test_trained_folders_are_reused_only_with_the_same_settings(tiny_run):
-    from orchestrator.stages.train import _is_trained, train_hash
+    from actors.checkpoint import is_trained
+    from orchestrator.stages.train import train_hash
 
     cfg, _ = tiny_run
     manifest = json.loads((cfg.output_path / "activations" / "manifest.json").read_text())
@@ -204,7 +205,7 @@ def test_trained_folders_are_reused_only_with_the_same_settings(tiny_run):
     other_order = train_hash(load_config(TINY, ["train.data_seed=1"], str(cfg.output_path)), manifest)
     more_workers = train_hash(load_config(TINY, ["train.num_workers=2"], str(cfg.output_path)), manifest)
     assert same != other_order and same == more_workers
-    assert all(_is_trained(s["path"], same, cfg.train.checkpoint_tokens) for s in saes)
-    assert not any(_is_trained(s["path"], other_order, cfg.train.checkpoint_tokens) for s in saes)
+    assert all(is_trained(s["path"], same, cfg.train.checkpoint_tokens) for s in saes)
+    assert not any(is_trained(s["path"], other_order, cfg.train.checkpoint_tokens) for s in saes)
     # A missing intermediate checkpoint makes the folder untrained.
-    assert not _is_trained(saes[0]["path"], same, cfg.train.checkpoint_tokens + [12000])
+    assert not is_trained(saes[0]["path"], same, cfg.train.checkpoint_tokens + [12000])

@@ -19,7 +19,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from actors.checkpoint import METRICS, checkpoint_folder, write_json_atomic
-from actors.checkpoint import is_trained as _is_trained
+from actors.checkpoint import is_trained
 from actors.deepspeed_backend import train_loop_per_worker as deepspeed_train_loop
 from actors.stacked import split_seeds
 from actors.train_worker import train_loop_per_worker
@@ -77,7 +77,7 @@ def run_train(cfg: ExperimentConfig, manifest: dict, configurations: list[SAECon
     for hookpoint in manifest["hookpoints"]:
         groups = [c.jobs() for c in configurations if c.hookpoint == hookpoint]
         # A configuration is retrained whole if any seed is missing: seeds must share one stream.
-        groups = [g for g in groups if not all(_is_trained(j["path"], expected, t.checkpoint_tokens) for j in g)]
+        groups = [g for g in groups if not all(is_trained(j["path"], expected, t.checkpoint_tokens) for j in g)]
         if not groups:
             log.info("train: every SAE of %s is already trained", hookpoint)
             continue
@@ -107,7 +107,7 @@ def run_train(cfg: ExperimentConfig, manifest: dict, configurations: list[SAECon
     for c in configurations:
         for job in c.jobs():
             folder = Path(job["path"])
-            if not _is_trained(job["path"], expected, t.checkpoint_tokens):
+            if not is_trained(job["path"], expected, t.checkpoint_tokens):
                 raise RuntimeError(f"training finished but {folder} is incomplete or from other settings")
             cfg_json = json.loads((folder / "cfg.json").read_text())
             checkpoints = [{"tokens": n, "path": str(checkpoint_folder(folder, n))} for n in t.checkpoint_tokens]
