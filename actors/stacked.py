@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from .sae.base import fraction_of_variance_unexplained
 from .sae.batchtopk import BatchTopKSAE
+from .sae.matryoshka import MatryoshkaSAE
 from .sae.relu_l1 import ReluL1SAE
 from .sae.topk import TopKSAE
 
@@ -54,59 +55,25 @@ def _decode(p: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
     return torch.bmm(z, p["W_dec"]) + p["b_dec"].unsqueeze(1)
 
 
-def _auxk_loss(sae: TopKSAE, pre: torch.Tensor, dead: torch.Tensor, W_dec: torch.Tensor, x: torch.Tensor,
-               x_hat: torch.Tensor) -> torch.Tensor:
-    """TopKSAE.auxk_loss for one seed of the stack (same formula; its W_dec is the stack's slice)."""
-    num_dead = int(dead.sum())
-    if num_dead == 0:
-        return x.new_zeros(())
-    k_aux = min(sae.d_in // 2, num_dead)
-    values, indices = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)
-    residual_hat = torch.zeros_like(pre).scatter_(-1, indices, values) @ W_dec
-    scale = min(num_dead / (sae.d_in // 2), 1.0)
-    return scale * fraction_of_variance_unexplained(x - x_hat.detach(), residual_hat)
-
-
-def _topk_family(saes, p, x, dead, z, pre) -> StackedOutput:
-    """TopK's loss (FVU, plus AuxK on dead latents) per seed, on codes `z` chosen by the caller."""
-    x_hat = _decode(p, z)
-    losses, fvus = [], []
-    for s, (sae, x_hat_s) in enumerate(zip(saes, x_hat.unbind(0))):
-        fvu = fraction_of_variance_unexplained(x, x_hat_s)
-        loss = fvu
-        if sae.params.auxk_alpha > 0:
-            loss = fvu + sae.params.auxk_alpha * _auxk_loss(sae, pre[s], dead[s], p["W_dec"][s], x, x_hat_s)
-        losses.append(loss)
-        fvus.append(fvu.detach())
-    return _output(losses, fvus, z)
-
-
-def _output(losses, fvus, z) -> StackedOutput:
-    nonzero = z > 0
+def _output(losses, fvus, l0s, fired) -> StackedOutput:
     losses = torch.stack(losses)
-    return StackedOutput(loss=losses.sum(), losses=losses.detach(), fvu=torch.stack(fvus),
-                         l0=nonzero.sum(-1).float().mean(-1), fired=nonzero.any(1))
+    return StackedOutput(loss=losses.sum(), losses=losses.detach(), fvu=torch.stack(fvus), l0=torch.stack(l0s),
+                         fired=torch.stack(fired))
 
 
-def topk_forward(saes, p, x, dead) -> StackedOutput:
-    pre = _pre_activations(p, x)
-    values, indices = pre.topk(saes[0].params.k, dim=-1, sorted=False)
-    return _topk_family(saes, p, x, dead, torch.zeros_like(pre).scatter_(-1, indices, values), pre)
+def per_seed_forward(saes, p, x, dead) -> StackedOutput:
+    """Each seed's own forward (the module's code) on its slice of the stack, one seed after the other.
 
-
-def batchtopk_forward(saes, p, x, dead) -> StackedOutput:
-    pre = _pre_activations(p, x)
-    flat = pre.flatten(1)  # each seed keeps k x batch activations of its own [B, n]
-    values, indices = flat.topk(min(saes[0].params.k * x.shape[0], flat.shape[1]), dim=-1, sorted=False)
-    z = torch.zeros_like(flat).scatter_(-1, indices, values).view_as(pre)
-    with torch.no_grad():  # each seed's inference threshold, updated as BatchTopKSAE.activations does
-        for sae, v in zip(saes, values):
-            kept = v[v > 0]
-            if kept.numel():
-                w = 1.0 if sae.threshold_steps == 0 else sae.threshold_momentum
-                sae.threshold.lerp_(kept.min(), w)
-                sae.threshold_steps += 1
-    return _topk_family(saes, p, x, dead, z, pre)
+    The TopK family's forward is one dense encoder matmul and sparse work (architectures' sparse codes): there is
+    nothing to batch across seeds but that matmul, and batching it would hold [S, B, n] pre-activations, which on a
+    CPU costs more in cache misses than it saves. `unbind` hands each seed a view of its slice, whose gradient lands
+    in the stacked parameter's gradient."""
+    slices = [dict(zip(p, ts)) for ts in zip(*(t.unbind(0) for t in p.values()))]
+    outs = []
+    for sae, own, dead_s in zip(saes, slices, dead):
+        sae.dead_mask = dead_s
+        outs.append(sae(x, own))
+    return _output([o.loss for o in outs], [o.fvu for o in outs], [o.l0 for o in outs], [o.fired for o in outs])
 
 
 def relu_l1_forward(saes, p, x, dead) -> StackedOutput:
@@ -120,13 +87,15 @@ def relu_l1_forward(saes, p, x, dead) -> StackedOutput:
         l1 = (z_s * W_dec.norm(dim=-1)).sum(-1).mean()
         losses.append(mse + sae.params.l1_coefficient * l1)
         fvus.append(fraction_of_variance_unexplained(x, x_hat_s).detach())
-    return _output(losses, fvus, z)
+    nonzero = z > 0
+    return _output(losses, fvus, nonzero.sum(-1).float().mean(-1).unbind(0), nonzero.any(1).unbind(0))
 
 
 # Exact classes only: a subclass (another loss or activation) is not covered by its parent's forward.
 STACKED_FORWARD: dict[type, Callable[..., StackedOutput]] = {
-    TopKSAE: topk_forward,
-    BatchTopKSAE: batchtopk_forward,
+    TopKSAE: per_seed_forward,
+    BatchTopKSAE: per_seed_forward,
+    MatryoshkaSAE: per_seed_forward,
     ReluL1SAE: relu_l1_forward,
 }
 

@@ -1,4 +1,8 @@
-"""TopK SAE, following EleutherAI sparsify's recipe (see ../shared/reference/paper.md), with optional AuxK."""
+"""TopK SAE, following EleutherAI sparsify's recipe (see ../shared/reference/paper.md), with optional AuxK.
+
+Training runs on sparse codes (sparse_codes.py): one dense encoder matmul to choose each token's latents, then
+decoding and every gradient from the selected entries only. The dense `activations` remain for evaluation,
+exports and tests."""
 
 from __future__ import annotations
 
@@ -8,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from .base import SparseAutoencoder, fraction_of_variance_unexplained, remove_parallel_gradient, unit_rows
+from .base import (ForwardOutput, SparseAutoencoder, fraction_of_variance_unexplained, remove_parallel_gradient,
+                   unit_rows)
+from .sparse_codes import SparseCodes, decode, encode_selected
 
 
 class TopKParams(BaseModel):
@@ -17,7 +23,15 @@ class TopKParams(BaseModel):
     auxk_alpha: float = Field(0.0, ge=0, description="Weight of the AuxK loss on dead latents; 0 turns it off.")
 
 
+def dense_pre_activations(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """relu(encoder(x - b_dec)) [batch, n] from explicit parameters (named as the module's)."""
+    return F.relu(F.linear(x - params["b_dec"], params["encoder.weight"], params["encoder.bias"]))
+
+
 class TopKSAE(SparseAutoencoder):
+    """The TopK family (TopK, BatchTopK, Matryoshka): a subclass changes which latents are kept (`select`) or the
+    reconstruction loss (`reconstruction_loss`); `forward` is shared."""
+
     name = "topk"
     Params = TopKParams
 
@@ -27,7 +41,6 @@ class TopKSAE(SparseAutoencoder):
             # nn.Linear's default init for the encoder, zero bias, decoder = encoder copy with unit rows.
             self.encoder.bias.zero_()
             self.W_dec.copy_(unit_rows(self.encoder.weight))
-        self._pre: torch.Tensor | None = None  # last training batch's pre-activations, for AuxK
 
     @classmethod
     def check_width(cls, params, width):
@@ -44,31 +57,63 @@ class TopKSAE(SparseAutoencoder):
         self.b_dec.copy_(x.mean(0))
 
     def pre_activations(self, x):
-        pre = F.relu(self.encoder(x - self.b_dec))
-        self._pre = pre if self.training and torch.is_grad_enabled() else None
-        return pre
+        return dense_pre_activations(dict(self.named_parameters()), x)
+
+    def select(self, pre: torch.Tensor) -> SparseCodes:
+        """The kept latents of pre-activations [batch, n] (no graph): each token's k largest."""
+        values, indices = pre.topk(self.params.k, dim=-1, sorted=False)
+        return SparseCodes.from_rows(values, indices, self.num_latents)
 
     def activations(self, x):
         pre = self.pre_activations(x)
-        values, indices = pre.topk(self.params.k, dim=-1, sorted=False)
-        return torch.zeros_like(pre).scatter_(-1, indices, values)
+        codes = self.select(pre.detach())
+        return codes.to_dense(pre[codes.rows, codes.latents])
 
-    def loss(self, x, x_hat, z, fvu):
-        if self.params.auxk_alpha > 0 and self._pre is not None:
-            return fvu + self.params.auxk_alpha * self.auxk_loss(x, x_hat)
+    def forward(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> ForwardOutput:
+        """One batch on sparse codes. `params` (default: this module's own, by name) lets a stack of seeds
+        (actors/stacked.py) run this same code on each seed's slice of its stacked parameters."""
+        p = dict(self.named_parameters()) if params is None else params
+        with torch.no_grad():
+            pre = dense_pre_activations(p, x)
+        codes = self.select(pre)
+        values = encode_selected(codes, x, p["encoder.weight"], p["encoder.bias"], p["b_dec"])
+        x_hat = decode(codes, values, p["W_dec"]) + p["b_dec"]
+        fvu = fraction_of_variance_unexplained(x, x_hat)
+        loss = self.reconstruction_loss(x, codes, values, p, fvu)
+        if self.params.auxk_alpha > 0 and self.training and torch.is_grad_enabled():
+            loss = loss + self.params.auxk_alpha * self.auxk_loss(x, x_hat, pre, p)
+        active = codes.values > 0
+        return ForwardOutput(
+            x_hat=x_hat,
+            loss=loss,
+            fvu=fvu.detach(),
+            l0=active.sum().float() / x.shape[0],
+            fired=torch.zeros(self.num_latents, dtype=torch.bool, device=x.device).index_fill_(
+                0, codes.latents[active], True),
+        )
+
+    def reconstruction_loss(self, x, codes: SparseCodes, values: torch.Tensor, params: dict[str, torch.Tensor],
+                            fvu: torch.Tensor) -> torch.Tensor:
+        """The loss before AuxK; TopK's is the FVU of the reconstruction."""
         return fvu
 
-    def auxk_loss(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    def auxk_loss(self, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor | None = None,
+                  params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """AuxK (Gao et al. 2024, as sparsify has it): the top k_aux = d_in/2 dead latents reconstruct the residual;
-        FVU of that reconstruction, scaled by min(#dead / k_aux, 1). Zero when nothing is dead."""
+        FVU of that reconstruction, scaled by min(#dead / k_aux, 1). Zero when nothing is dead. `pre` is the
+        batch's dense pre-activations (recomputed when not given), `params` as in `forward`."""
         dead = self.dead_mask
         num_dead = int(dead.sum()) if dead is not None else 0
         if num_dead == 0:
             return x.new_zeros(())
-        k_aux = min(self.d_in // 2, num_dead)
-        pre_dead = self._pre.masked_fill(~dead, float("-inf"))
-        values, indices = pre_dead.topk(k_aux, dim=-1, sorted=False)
-        residual_hat = torch.zeros_like(self._pre).scatter_(-1, indices, values) @ self.W_dec
+        p = dict(self.named_parameters()) if params is None else params
+        with torch.no_grad():
+            pre = dense_pre_activations(p, x) if pre is None else pre
+            k_aux = min(self.d_in // 2, num_dead)
+            values, indices = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)
+        codes = SparseCodes.from_rows(values, indices, self.num_latents)
+        values = encode_selected(codes, x, p["encoder.weight"], p["encoder.bias"], p["b_dec"])
+        residual_hat = decode(codes, values, p["W_dec"])
         scale = min(num_dead / (self.d_in // 2), 1.0)
         return scale * fraction_of_variance_unexplained(x - x_hat.detach(), residual_hat)
 
