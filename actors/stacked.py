@@ -1,15 +1,24 @@
 """Many seeds per data pass: the seeds of one configuration trained as one stack.
 
 The S seeds' parameters are stacked along a leading dimension (encoder [S, n, d], bias [S, n], decoder [S, n, d],
-b_dec [S, d]) so one batched matmul encodes (and one decodes) the batch for all of them, and one Adam steps them all.
+b_dec [S, d]); the batch is read, hashed and handed over once for all of them. How a stack steps depends on the
+architecture's stacked forward:
+
+- the TopK family (TopK, BatchTopK, Matryoshka) runs each seed's own forward, seed after seed, on its slice
+  (`per_seed_forward`): its sparse codes leave only the encoder matmul to batch, and batching that would hold
+  [S, batch, width] pre-activations, which on a CPU cost more (cache misses, page faults) than they save;
+- relu_l1 encodes and decodes all seeds with one batched matmul each.
+
 Each seed's result is the one it gets trained alone (`SAETrainer`): bitwise on CPU (tests/test_stacked.py), because
 
 - every seed is first built by `build_trainer` (same torch seed, same init), then its tensors are copied into the
   stack and its own parameters become views of its slice, so saving, evaluation and the architecture's hooks
   (`init_from_batch`, `before_optimizer_step`, `after_optimizer_step`) run on the seed's own module, unchanged;
 - the batched ops act on each seed's slice exactly as the single-seed ops act on its tensors (matmuls per batch
-  element, top-k per row, elementwise Adam); whatever reduces over a seed's whole tensor (the loss, AuxK's dead
-  count, the gradient-norm clip) is computed per seed on that seed's contiguous slice, with the single-seed code.
+  element, top-k per row); whatever reduces over a seed's whole tensor (the loss, AuxK's dead count, the
+  gradient-norm clip) is computed per seed on that seed's contiguous slice, with the single-seed code;
+- each seed keeps its own Adam and schedule, which step its slice (torch's fused Adam rounds an element
+  differently when it sits at another offset of a larger tensor, so one Adam over the stack could not match).
 
 An architecture opts in by registering a stacked forward in `STACKED_FORWARD` (keyed by its exact class, so a
 subclass with another loss falls back); any other architecture trains seed by seed as before.
@@ -62,12 +71,8 @@ def _output(losses, fvus, l0s, fired) -> StackedOutput:
 
 
 def per_seed_forward(saes, p, x, dead) -> StackedOutput:
-    """Each seed's own forward (the module's code) on its slice of the stack, one seed after the other.
-
-    The TopK family's forward is one dense encoder matmul and sparse work (architectures' sparse codes): there is
-    nothing to batch across seeds but that matmul, and batching it would hold [S, B, n] pre-activations, which on a
-    CPU costs more in cache misses than it saves. `unbind` hands each seed a view of its slice, whose gradient lands
-    in the stacked parameter's gradient."""
+    """Each seed's own forward (the module's code) on its slice of the stack, one seed after the other. `unbind`
+    hands each seed views of its slices, whose gradients land in the stacked parameters' gradients."""
     slices = [dict(zip(p, ts)) for ts in zip(*(t.unbind(0) for t in p.values()))]
     outs = []
     for sae, own, dead_s in zip(saes, slices, dead):
@@ -120,10 +125,11 @@ class SingleTrainer:
 class StackedTrainer:
     """S seeds of one configuration (SAETrainers from `build_trainer`) trained as one stack.
 
-    The SAETrainers stay the seeds' public face: their modules' parameters, `last_fired`, `tokens_seen` and digest
-    always show the current state, so saving and evaluating them needs nothing from this class."""
+    The SAETrainers stay the seeds' public face: their modules' parameters, optimizers, schedules, `last_fired`,
+    `tokens_seen` and digest always show the current state, so saving, evaluating and checkpointing them needs
+    nothing from this class."""
 
-    def __init__(self, trainers, lr: float, make_schedule):
+    def __init__(self, trainers):
         self.trainers = trainers
         self.saes = [t.sae for t in trainers]
         self.forward = STACKED_FORWARD[type(self.saes[0])]
@@ -142,42 +148,12 @@ class StackedTrainer:
         for s, t in enumerate(trainers):
             t.last_fired = self.last_fired[s]
             t.digest = self.digest
-        self.optimizer = torch.optim.Adam(self.params.values(), lr=lr, betas=trainers[0].optimizer.defaults["betas"])
-        self.scheduler = make_schedule(self.optimizer)
         self.grad_clip = trainers[0].grad_clip
         self.dead_window = trainers[0].dead_window
         self.tokens_seen = trainers[0].tokens_seen
-        self._adopt_seed_optimizers()
-
-    def _seed_param_names(self) -> list[str]:
-        return [name for name, _ in self.saes[0].named_parameters()]  # the order of each seed's optimizer state
-
-    def _adopt_seed_optimizers(self) -> None:
-        """Continue from the seeds' own optimizer and schedule states (a resumed run); fresh ones hold nothing."""
-        states = [t.optimizer.state_dict() for t in self.trainers]
-        if not states[0]["state"]:
-            return
-        for i, name in enumerate(self._seed_param_names()):
-            per_seed = [st["state"][i] for st in states]
-            self.optimizer.state[self.params[name]] = {
-                "step": per_seed[0]["step"].clone(),
-                **{k: torch.stack([p[k] for p in per_seed]) for k in ("exp_avg", "exp_avg_sq")}}
-        self.scheduler.load_state_dict(self.trainers[0].scheduler.state_dict())
-        self.optimizer.param_groups[0]["lr"] = states[0]["param_groups"][0]["lr"]
 
     def sync_seed_state(self) -> None:
-        """Write the stack's Adam moments (seed s = slice s) and schedule into each seed's own optimizer and
-        scheduler, so a saved training state is per seed and the same whether or not seeds were stacked."""
-        names = self._seed_param_names()
-        for s, t in enumerate(self.trainers):
-            own = t.optimizer.state_dict()
-            own["state"] = {i: {"step": self.optimizer.state[self.params[name]]["step"].clone(),
-                                **{k: self.optimizer.state[self.params[name]][k][s].clone()
-                                   for k in ("exp_avg", "exp_avg_sq")}}
-                            for i, name in enumerate(names) if self.params[name] in self.optimizer.state}
-            own["param_groups"][0]["lr"] = self.optimizer.param_groups[0]["lr"]
-            t.optimizer.load_state_dict(own)
-            t.scheduler.load_state_dict(self.scheduler.state_dict())
+        """Nothing to do: each seed's own optimizer and schedule are the live ones."""
 
     def step(self, x: torch.Tensor) -> list[dict[str, float]]:
         if not self.trainers[0].initialised:
@@ -187,21 +163,21 @@ class StackedTrainer:
         self.digest.update(x.detach().cpu().numpy().tobytes())
         dead = (self.tokens_seen - self.last_fired) >= self.dead_window
         out = self.forward(self.saes, self.params, x, dead)
-        self.optimizer.zero_grad(set_to_none=True)
+        for p in self.params.values():
+            p.grad = None
         out.loss.backward()
-        # Per seed, on its own module whose gradients are views of its slice: the architecture's gradient hook and
-        # the gradient-norm clip, each seed's norm its own.
+        # Per seed, on its own module whose gradients are views of its slice: the architecture's gradient hook, the
+        # gradient-norm clip (each seed's norm its own), the seed's own Adam and schedule, the constraint.
         for param, name, s in self._own:
             param.grad = self.params[name].grad[s]
-        for sae in self.saes:
-            sae.before_optimizer_step()
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), self.grad_clip)
+        for t in self.trainers:
+            t.sae.before_optimizer_step()
+            torch.nn.utils.clip_grad_norm_(t.sae.parameters(), self.grad_clip)
+            t.optimizer.step()
+            t.scheduler.step()
+            t.sae.after_optimizer_step()
         for param, _, _ in self._own:
             param.grad = None  # the views would keep this step's gradients alive into the next
-        self.optimizer.step()
-        self.scheduler.step()
-        for sae in self.saes:
-            sae.after_optimizer_step()
         self.tokens_seen += x.shape[0]
         self.last_fired[out.fired] = self.tokens_seen
         for t in self.trainers:
@@ -244,7 +220,7 @@ def split_seeds(jobs: list[dict], d_in: int, batch_size: int, max_stack_bytes: i
     return out
 
 
-def group_trainers(trainers: list, hp: dict, d_in: int, make_schedule) -> list:
+def group_trainers(trainers: list, hp: dict, d_in: int) -> list:
     """The trainers as step groups: stacks of seeds where the architecture has a stacked forward and
     `hp["stack_seeds"]` (default on), split to fit `hp["max_stack_bytes"]`; single trainers otherwise."""
     if not hp.get("stack_seeds", True):
@@ -258,7 +234,7 @@ def group_trainers(trainers: list, hp: dict, d_in: int, make_schedule) -> list:
         if len(members) == 1:
             groups.append(SingleTrainer(members[0]))
         else:
-            groups.append(StackedTrainer(members, members[0].optimizer.defaults["lr"], make_schedule))
+            groups.append(StackedTrainer(members))
     return groups
 
 

@@ -84,13 +84,13 @@ def _run(mode: str, a: dict) -> dict:
                 since_fired[out.latent_indices.flatten()] = 0
     else:
         from actors.stacked import SingleTrainer, group_trainers
-        from actors.training import build_trainer, lr_schedule
+        from actors.training import build_trainer
 
         jobs = [{"architecture": "topk", "params": {"k": a["k"]}, "width": a["width"], "seed": s}
                 for s in range(seeds)]
         trainers = [build_trainer(j, a["d_in"], steps, hp, cpu) for j in jobs]
         groups = group_trainers(trainers, hp | {"stack_seeds": mode == "stacked", "max_stack_bytes": 2**62},
-                                a["d_in"], lambda opt: lr_schedule(opt, hp, steps))
+                                a["d_in"])
         assert (mode == "stacked") == (len(groups) == 1 and not isinstance(groups[0], SingleTrainer))
 
         def step(x):

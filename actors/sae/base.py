@@ -167,8 +167,14 @@ def remove_parallel_gradient(weight: nn.Parameter) -> None:
     if weight.grad is None:
         return
     parallel = (weight.grad * weight.data).sum(-1, keepdim=True)
-    weight.grad.sub_(parallel * weight.data)
+    weight.grad.addcmul_(parallel, weight.data, value=-1)  # in place: no [n, d] temporary
 
 
 def unit_rows(t: torch.Tensor) -> torch.Tensor:
     return F.normalize(t, dim=-1, eps=torch.finfo(t.dtype).eps)
+
+
+@torch.no_grad()
+def unit_rows_(t: torch.Tensor) -> None:
+    """`t.copy_(unit_rows(t))` with the same bits, without the [n, d] temporary."""
+    t.div_(torch.linalg.vector_norm(t, dim=-1, keepdim=True).clamp_min(torch.finfo(t.dtype).eps))

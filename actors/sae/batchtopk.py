@@ -23,8 +23,8 @@ class BatchTopKSAE(TopKSAE):
         self.register_buffer("threshold_steps", torch.zeros((), dtype=torch.long))
 
     def select(self, pre):
-        if not self.training:
-            return SparseCodes.from_mask(pre, pre > self.threshold)
+        if not self.training:  # clamped: relu'd or not, `pre` then gives the same latents and values
+            return SparseCodes.from_mask(pre, pre > self.threshold.clamp_min(0))
         flat = pre.flatten()
         values, indices = flat.topk(min(self.params.k * pre.shape[0], flat.numel()), sorted=False)
         if torch.is_grad_enabled():  # a training step, not an evaluation in train mode
@@ -37,7 +37,7 @@ class BatchTopKSAE(TopKSAE):
                     self.threshold_steps += 1
         indices, order = indices.sort()  # row-major positions: sorted, the entries are grouped by row
         n = pre.shape[1]
-        return SparseCodes.from_entries(values[order], indices // n, indices % n, pre.shape[0], n)
+        return SparseCodes.from_entries(values[order].relu(), indices // n, indices % n, pre.shape[0], n)
 
     def sparsify_cfg(self):
         return None  # sparsify keeps k latents per token; at inference this SAE thresholds instead

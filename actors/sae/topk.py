@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from .base import (ForwardOutput, SparseAutoencoder, fraction_of_variance_unexplained, remove_parallel_gradient,
-                   unit_rows)
+                   unit_rows, unit_rows_)
 from .sparse_codes import SparseCodes, decode, encode_selected
 
 
@@ -23,9 +23,9 @@ class TopKParams(BaseModel):
     auxk_alpha: float = Field(0.0, ge=0, description="Weight of the AuxK loss on dead latents; 0 turns it off.")
 
 
-def dense_pre_activations(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """relu(encoder(x - b_dec)) [batch, n] from explicit parameters (named as the module's)."""
-    return F.relu(F.linear(x - params["b_dec"], params["encoder.weight"], params["encoder.bias"]))
+def encoder_outputs(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """encoder(x - b_dec) [batch, n], before the relu, from explicit parameters (named as the module's)."""
+    return F.linear(x - params["b_dec"], params["encoder.weight"], params["encoder.bias"])
 
 
 class TopKSAE(SparseAutoencoder):
@@ -57,12 +57,16 @@ class TopKSAE(SparseAutoencoder):
         self.b_dec.copy_(x.mean(0))
 
     def pre_activations(self, x):
-        return dense_pre_activations(dict(self.named_parameters()), x)
+        return F.relu(encoder_outputs(dict(self.named_parameters()), x))
 
     def select(self, pre: torch.Tensor) -> SparseCodes:
-        """The kept latents of pre-activations [batch, n] (no graph): each token's k largest."""
+        """The kept latents, relu'd, of the encoder's outputs [batch, n] (no graph): each token's k largest.
+
+        `pre` may be taken before or after the relu: the relu only zeroes values, so the kept latents differ at
+        most in entries of value 0, which decode to nothing and pass no gradient. Before it saves a pass over
+        [batch, n]."""
         values, indices = pre.topk(self.params.k, dim=-1, sorted=False)
-        return SparseCodes.from_rows(values, indices, self.num_latents)
+        return SparseCodes.from_rows(values.relu(), indices, self.num_latents)
 
     def activations(self, x):
         pre = self.pre_activations(x)
@@ -74,7 +78,7 @@ class TopKSAE(SparseAutoencoder):
         (actors/stacked.py) run this same code on each seed's slice of its stacked parameters."""
         p = dict(self.named_parameters()) if params is None else params
         with torch.no_grad():
-            pre = dense_pre_activations(p, x)
+            pre = encoder_outputs(p, x)  # no relu: see `select`
         codes = self.select(pre)
         values = encode_selected(codes, x, p["encoder.weight"], p["encoder.bias"], p["b_dec"])
         x_hat = decode(codes, values, p["W_dec"]) + p["b_dec"]
@@ -101,17 +105,18 @@ class TopKSAE(SparseAutoencoder):
                   params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """AuxK (Gao et al. 2024, as sparsify has it): the top k_aux = d_in/2 dead latents reconstruct the residual;
         FVU of that reconstruction, scaled by min(#dead / k_aux, 1). Zero when nothing is dead. `pre` is the
-        batch's dense pre-activations (recomputed when not given), `params` as in `forward`."""
+        batch's encoder outputs, before or after the relu as in `select` (recomputed when not given), `params` as
+        in `forward`."""
         dead = self.dead_mask
         num_dead = int(dead.sum()) if dead is not None else 0
         if num_dead == 0:
             return x.new_zeros(())
         p = dict(self.named_parameters()) if params is None else params
         with torch.no_grad():
-            pre = dense_pre_activations(p, x) if pre is None else pre
+            pre = encoder_outputs(p, x) if pre is None else pre
             k_aux = min(self.d_in // 2, num_dead)
             values, indices = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)
-        codes = SparseCodes.from_rows(values, indices, self.num_latents)
+        codes = SparseCodes.from_rows(values.relu(), indices, self.num_latents)
         values = encode_selected(codes, x, p["encoder.weight"], p["encoder.bias"], p["b_dec"])
         residual_hat = decode(codes, values, p["W_dec"])
         scale = min(num_dead / (self.d_in // 2), 1.0)
@@ -130,4 +135,4 @@ class TopKSAE(SparseAutoencoder):
 
     @torch.no_grad()
     def after_optimizer_step(self):
-        self.W_dec.copy_(unit_rows(self.W_dec))
+        unit_rows_(self.W_dec)
