@@ -71,13 +71,12 @@ def _output(losses, fvus, l0s, fired) -> StackedOutput:
 
 
 def per_seed_forward(saes, p, x, dead) -> StackedOutput:
-    """Each seed's own forward (the module's code) on its slice of the stack, one seed after the other. `unbind`
-    hands each seed views of its slices, whose gradients land in the stacked parameters' gradients."""
-    slices = [dict(zip(p, ts)) for ts in zip(*(t.unbind(0) for t in p.values()))]
+    """Each seed's own forward, one seed after the other, on its own module (whose parameters show its slice of
+    the stack `p`): the very code that trains it alone. Its gradients land in its own parameters' `.grad`."""
     outs = []
-    for sae, own, dead_s in zip(saes, slices, dead):
+    for sae, dead_s in zip(saes, dead):
         sae.dead_mask = dead_s
-        outs.append(sae(x, own))
+        outs.append(sae(x))
     return _output([o.loss for o in outs], [o.fvu for o in outs], [o.l0 for o in outs], [o.fired for o in outs])
 
 
@@ -163,13 +162,15 @@ class StackedTrainer:
         self.digest.update(x.detach().cpu().numpy().tobytes())
         dead = (self.tokens_seen - self.last_fired) >= self.dead_window
         out = self.forward(self.saes, self.params, x, dead)
-        for p in self.params.values():
+        for p in (*self.params.values(), *(param for param, _, _ in self._own)):
             p.grad = None
         out.loss.backward()
-        # Per seed, on its own module whose gradients are views of its slice: the architecture's gradient hook, the
-        # gradient-norm clip (each seed's norm its own), the seed's own Adam and schedule, the constraint.
+        # Per seed, on its own module: the architecture's gradient hook, the gradient-norm clip (each seed's norm its
+        # own), the seed's own Adam and schedule, the constraint. A batched forward's gradients are in the stack:
+        # the seed's are views of its slice.
         for param, name, s in self._own:
-            param.grad = self.params[name].grad[s]
+            if self.params[name].grad is not None:
+                param.grad = self.params[name].grad[s]
         for t in self.trainers:
             t.sae.before_optimizer_step()
             torch.nn.utils.clip_grad_norm_(t.sae.parameters(), self.grad_clip)

@@ -79,12 +79,12 @@ class MatryoshkaSAE(BatchTopKSAE):
             return f"the first group ({sizes[0]} latents) must hold at least k={params['k']} latents"
         return None
 
-    def reconstruction_loss(self, x, codes, values, params, fvu):
+    def reconstruction_loss(self, x, codes, values, fvu):
         # Reconstruction of each prefix: b_dec plus the cumulative contributions of its groups, each group decoded
         # from its own entries. (AuxK, added by the shared forward, acts on the full reconstruction's residual.)
         bounds = torch.tensor(self.group_sizes, device=codes.latents.device).cumsum(0)
         group = torch.bucketize(codes.latents, bounds, right=True)  # group index of each entry
-        parts = [decode(codes.subset(group == g), values[group == g], params["W_dec"])
+        parts = [decode(codes.subset(group == g), values[group == g], self.W_dec)
                  for g in range(len(self.group_sizes))]
-        prefixes = torch.stack(parts).cumsum(0) + params["b_dec"]
+        prefixes = torch.stack(parts).cumsum(0) + self.b_dec
         return torch.stack([fraction_of_variance_unexplained(x, p) for p in prefixes]).mean()

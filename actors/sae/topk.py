@@ -23,11 +23,6 @@ class TopKParams(BaseModel):
     auxk_alpha: float = Field(0.0, ge=0, description="Weight of the AuxK loss on dead latents; 0 turns it off.")
 
 
-def encoder_outputs(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """encoder(x - b_dec) [batch, n], before the relu, from explicit parameters (named as the module's)."""
-    return F.linear(x - params["b_dec"], params["encoder.weight"], params["encoder.bias"])
-
-
 class TopKSAE(SparseAutoencoder):
     """The TopK family (TopK, BatchTopK, Matryoshka): a subclass changes which latents are kept (`select`) or the
     reconstruction loss (`reconstruction_loss`); `forward` is shared."""
@@ -56,8 +51,12 @@ class TopKSAE(SparseAutoencoder):
     def init_from_batch(self, x):
         self.b_dec.copy_(x.mean(0))
 
+    def encoder_outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """encoder(x - b_dec) [batch, n], before the relu."""
+        return self.encoder(x - self.b_dec)
+
     def pre_activations(self, x):
-        return F.relu(encoder_outputs(dict(self.named_parameters()), x))
+        return F.relu(self.encoder_outputs(x))
 
     def select(self, pre: torch.Tensor) -> SparseCodes:
         """The kept latents, relu'd, of the encoder's outputs [batch, n] (no graph): each token's k largest.
@@ -73,19 +72,21 @@ class TopKSAE(SparseAutoencoder):
         codes = self.select(pre.detach())
         return codes.to_dense(pre[codes.rows, codes.latents])
 
-    def forward(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> ForwardOutput:
-        """One batch on sparse codes. `params` (default: this module's own, by name) lets a stack of seeds
-        (actors/stacked.py) run this same code on each seed's slice of its stacked parameters."""
-        p = dict(self.named_parameters()) if params is None else params
+    def encode_selected(self, codes: SparseCodes, x: torch.Tensor) -> torch.Tensor:
+        """The codes' values as a differentiable function of the encoder and b_dec."""
+        return encode_selected(codes, x, self.encoder.weight, self.encoder.bias, self.b_dec)
+
+    def forward(self, x: torch.Tensor) -> ForwardOutput:
+        """One batch on sparse codes."""
         with torch.no_grad():
-            pre = encoder_outputs(p, x)  # no relu: see `select`
+            pre = self.encoder_outputs(x)  # no relu: see `select`
         codes = self.select(pre)
-        values = encode_selected(codes, x, p["encoder.weight"], p["encoder.bias"], p["b_dec"])
-        x_hat = decode(codes, values, p["W_dec"]) + p["b_dec"]
+        values = self.encode_selected(codes, x)
+        x_hat = decode(codes, values, self.W_dec) + self.b_dec
         fvu = fraction_of_variance_unexplained(x, x_hat)
-        loss = self.reconstruction_loss(x, codes, values, p, fvu)
+        loss = self.reconstruction_loss(x, codes, values, fvu)
         if self.params.auxk_alpha > 0 and self.training and torch.is_grad_enabled():
-            loss = loss + self.params.auxk_alpha * self.auxk_loss(x, x_hat, pre, p)
+            loss = loss + self.params.auxk_alpha * self.auxk_loss(x, x_hat, pre)
         active = codes.values > 0
         return ForwardOutput(
             x_hat=x_hat,
@@ -96,29 +97,25 @@ class TopKSAE(SparseAutoencoder):
                 0, codes.latents[active], True),
         )
 
-    def reconstruction_loss(self, x, codes: SparseCodes, values: torch.Tensor, params: dict[str, torch.Tensor],
+    def reconstruction_loss(self, x: torch.Tensor, codes: SparseCodes, values: torch.Tensor,
                             fvu: torch.Tensor) -> torch.Tensor:
         """The loss before AuxK; TopK's is the FVU of the reconstruction."""
         return fvu
 
-    def auxk_loss(self, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor | None = None,
-                  params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def auxk_loss(self, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor | None = None) -> torch.Tensor:
         """AuxK (Gao et al. 2024, as sparsify has it): the top k_aux = d_in/2 dead latents reconstruct the residual;
         FVU of that reconstruction, scaled by min(#dead / k_aux, 1). Zero when nothing is dead. `pre` is the
-        batch's encoder outputs, before or after the relu as in `select` (recomputed when not given), `params` as
-        in `forward`."""
+        batch's encoder outputs, before or after the relu as in `select` (recomputed when not given)."""
         dead = self.dead_mask
         num_dead = int(dead.sum()) if dead is not None else 0
         if num_dead == 0:
             return x.new_zeros(())
-        p = dict(self.named_parameters()) if params is None else params
         with torch.no_grad():
-            pre = encoder_outputs(p, x) if pre is None else pre
+            pre = self.encoder_outputs(x) if pre is None else pre
             k_aux = min(self.d_in // 2, num_dead)
             values, indices = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)
         codes = SparseCodes.from_rows(values.relu(), indices, self.num_latents)
-        values = encode_selected(codes, x, p["encoder.weight"], p["encoder.bias"], p["b_dec"])
-        residual_hat = decode(codes, values, p["W_dec"])
+        residual_hat = decode(codes, self.encode_selected(codes, x), self.W_dec)
         scale = min(num_dead / (self.d_in // 2), 1.0)
         return scale * fraction_of_variance_unexplained(x - x_hat.detach(), residual_hat)
 
