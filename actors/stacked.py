@@ -1,27 +1,28 @@
 """Many seeds per data pass: the seeds of one configuration trained as one stack.
 
 The S seeds' parameters are stacked along a leading dimension (encoder [S, n, d], bias [S, n], decoder [S, n, d],
-b_dec [S, d]); the batch is read, hashed and handed over once for all of them. How a stack steps depends on the
-architecture's stacked forward:
+b_dec [S, d]) and each batch is hashed once for all of them. How a stack steps depends on the architecture:
 
-- the TopK family (TopK, BatchTopK, Matryoshka) runs each seed's own forward, seed after seed, on its slice
-  (`per_seed_forward`): its sparse codes leave only the encoder matmul to batch, and batching that would hold
-  [S, batch, width] pre-activations, which on a CPU cost more (cache misses, page faults) than they save;
-- relu_l1 encodes and decodes all seeds with one batched matmul each.
+- a batched forward registered in `STACKED_FORWARD` (relu_l1) encodes and decodes all seeds with one batched
+  matmul each, with one backward;
+- the TopK family (`SEED_BY_SEED`) steps seed after seed, each through its own `SAETrainer.train_on`: its
+  sparse codes leave only the encoder matmul to batch, and batching that would hold [S, batch, width]
+  pre-activations, which on a CPU cost more (cache misses, page faults) than they save; a seed's forward,
+  backward and Adam then also run while its weights are still in cache.
 
 Each seed's result is the one it gets trained alone (`SAETrainer`): bitwise on CPU (tests/test_stacked.py), because
 
 - every seed is first built by `build_trainer` (same torch seed, same init), then its tensors are copied into the
   stack and its own parameters become views of its slice, so saving, evaluation and the architecture's hooks
   (`init_from_batch`, `before_optimizer_step`, `after_optimizer_step`) run on the seed's own module, unchanged;
-- the batched ops act on each seed's slice exactly as the single-seed ops act on its tensors (matmuls per batch
-  element, top-k per row); whatever reduces over a seed's whole tensor (the loss, AuxK's dead count, the
-  gradient-norm clip) is computed per seed on that seed's contiguous slice, with the single-seed code;
+- a batched forward acts on each seed's slice exactly as the single-seed ops act on its tensors (matmuls per
+  batch element); whatever reduces over a seed's whole tensor (the loss, the gradient-norm clip) is computed per
+  seed on that seed's contiguous slice, with the single-seed code;
 - each seed keeps its own Adam and schedule, which step its slice (torch's fused Adam rounds an element
   differently when it sits at another offset of a larger tensor, so one Adam over the stack could not match).
 
-An architecture opts in by registering a stacked forward in `STACKED_FORWARD` (keyed by its exact class, so a
-subclass with another loss falls back); any other architecture trains seed by seed as before.
+Only the exact classes listed stack (a subclass with another loss is not covered by its parent's forward); any
+other architecture trains each seed separately, as with stacking off.
 """
 
 from __future__ import annotations
@@ -64,20 +65,11 @@ def _decode(p: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
     return torch.bmm(z, p["W_dec"]) + p["b_dec"].unsqueeze(1)
 
 
-def _output(losses, fvus, l0s, fired) -> StackedOutput:
+def _output(losses, fvus, z) -> StackedOutput:
+    nonzero = z > 0
     losses = torch.stack(losses)
-    return StackedOutput(loss=losses.sum(), losses=losses.detach(), fvu=torch.stack(fvus), l0=torch.stack(l0s),
-                         fired=torch.stack(fired))
-
-
-def per_seed_forward(saes, p, x, dead) -> StackedOutput:
-    """Each seed's own forward, one seed after the other, on its own module (whose parameters show its slice of
-    the stack `p`): the very code that trains it alone. Its gradients land in its own parameters' `.grad`."""
-    outs = []
-    for sae, dead_s in zip(saes, dead):
-        sae.dead_mask = dead_s
-        outs.append(sae(x))
-    return _output([o.loss for o in outs], [o.fvu for o in outs], [o.l0 for o in outs], [o.fired for o in outs])
+    return StackedOutput(loss=losses.sum(), losses=losses.detach(), fvu=torch.stack(fvus),
+                         l0=nonzero.sum(-1).float().mean(-1), fired=nonzero.any(1))
 
 
 def relu_l1_forward(saes, p, x, dead) -> StackedOutput:
@@ -91,21 +83,19 @@ def relu_l1_forward(saes, p, x, dead) -> StackedOutput:
         l1 = (z_s * W_dec.norm(dim=-1)).sum(-1).mean()
         losses.append(mse + sae.params.l1_coefficient * l1)
         fvus.append(fraction_of_variance_unexplained(x, x_hat_s).detach())
-    nonzero = z > 0
-    return _output(losses, fvus, nonzero.sum(-1).float().mean(-1).unbind(0), nonzero.any(1).unbind(0))
+    return _output(losses, fvus, z)
 
 
 # Exact classes only: a subclass (another loss or activation) is not covered by its parent's forward.
 STACKED_FORWARD: dict[type, Callable[..., StackedOutput]] = {
-    TopKSAE: per_seed_forward,
-    BatchTopKSAE: per_seed_forward,
-    MatryoshkaSAE: per_seed_forward,
     ReluL1SAE: relu_l1_forward,
 }
+# Architectures whose stacked seeds step one after the other, each through its own `SAETrainer.train_on`.
+SEED_BY_SEED: frozenset[type] = frozenset({TopKSAE, BatchTopKSAE, MatryoshkaSAE})
 
 
 def stackable(trainer) -> bool:
-    return type(trainer.sae) in STACKED_FORWARD
+    return type(trainer.sae) in STACKED_FORWARD or type(trainer.sae) in SEED_BY_SEED
 
 
 class SingleTrainer:
@@ -131,7 +121,7 @@ class StackedTrainer:
     def __init__(self, trainers):
         self.trainers = trainers
         self.saes = [t.sae for t in trainers]
-        self.forward = STACKED_FORWARD[type(self.saes[0])]
+        self.forward = STACKED_FORWARD.get(type(self.saes[0]))  # None: seed by seed
         names = {name for name, _ in self.saes[0].named_parameters()}
         assert names == set(PARAM_NAMES), f"a stacked forward expects parameters {PARAM_NAMES}, got {names}"
         self.params = {name: torch.nn.Parameter(torch.stack([dict(s.named_parameters())[name].detach()
@@ -160,17 +150,20 @@ class StackedTrainer:
                 t.sae.init_from_batch(x)  # writes into the seed's slice
                 t.initialised = True
         self.digest.update(x.detach().cpu().numpy().tobytes())
+        if self.forward is None:
+            # Each seed's whole step before the next one's, while its weights are still in cache.
+            metrics = [t.train_on(x) for t in self.trainers]
+            self.tokens_seen += x.shape[0]
+            return metrics
         dead = (self.tokens_seen - self.last_fired) >= self.dead_window
         out = self.forward(self.saes, self.params, x, dead)
-        for p in (*self.params.values(), *(param for param, _, _ in self._own)):
+        for p in self.params.values():
             p.grad = None
         out.loss.backward()
-        # Per seed, on its own module: the architecture's gradient hook, the gradient-norm clip (each seed's norm its
-        # own), the seed's own Adam and schedule, the constraint. A batched forward's gradients are in the stack:
-        # the seed's are views of its slice.
+        # Per seed, on its own module whose gradients are views of its slice: the architecture's gradient hook, the
+        # gradient-norm clip (each seed's norm its own), the seed's own Adam and schedule, the constraint.
         for param, name, s in self._own:
-            if self.params[name].grad is not None:
-                param.grad = self.params[name].grad[s]
+            param.grad = self.params[name].grad[s]
         for t in self.trainers:
             t.sae.before_optimizer_step()
             torch.nn.utils.clip_grad_norm_(t.sae.parameters(), self.grad_clip)

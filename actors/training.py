@@ -68,10 +68,14 @@ class SAETrainer:
     initialised: bool = False
 
     def step(self, x: torch.Tensor) -> dict[str, float]:
+        self.digest.update(x.detach().cpu().numpy().tobytes())
+        return self.train_on(x)
+
+    def train_on(self, x: torch.Tensor) -> dict[str, float]:
+        """The step without the digest (a stack of seeds hashes each batch once for all of them)."""
         if not self.initialised:
             self.sae.init_from_batch(x)
             self.initialised = True
-        self.digest.update(x.detach().cpu().numpy().tobytes())
         self.sae.dead_mask = (self.tokens_seen - self.last_fired) >= self.dead_window
         out = self.sae(x)
         self.optimizer.zero_grad(set_to_none=True)

@@ -17,7 +17,7 @@ over repeats so that load from other processes hits them alike; medians over rep
             sparsify is not importable.
 - separate: S `SAETrainer`s (seeds 0..S-1) stepping in turn on each batch (train.stack_seeds=false).
 - stacked:  the same S seeds as one `StackedTrainer` (actors/stacked.py), the default: stacked parameters, each
-            seed's forward and Adam in turn on its slice, one read and digest of the batch.
+            seed's whole step in turn on its slice, one digest of the batch.
 
 tokens/s counts batch rows per second of one SAE's training (for S seeds: rows x S / s, i.e. SAE-tokens). The
 activations are synthetic (sparse non-negative combinations of random unit directions plus noise), generated in
@@ -28,8 +28,8 @@ is per seed. Each seed has its own encoder, so its dense matmul (2 x batch x wid
 defaults, 26 GFLOP at d_in 768, width 16384) and its top-k over batch x width cannot be shared; nor can its
 sparse decode and gradients, its Adam and its projections, which all read and write its own weights. One such
 matmul already keeps both cores busy (MKL), so batching S of them into one buys no FLOPs; what a stack shares
-is the batch's read and digest and per-call overhead (microseconds against a step of 100 ms or more). A GPU is
-different: one seed's kernels leave most of it idle, and a stack fills it.
+is the batch's digest (SHA-256 of batch x d_in x 4 bytes, a few ms) and per-call overhead (microseconds against a
+step of 100 ms or more). A GPU is different: one seed's kernels leave most of it idle, and a stack fills it.
 """
 
 from __future__ import annotations
