@@ -1,18 +1,28 @@
 """Many seeds per data pass: the seeds of one configuration trained as one stack.
 
 The S seeds' parameters are stacked along a leading dimension (encoder [S, n, d], bias [S, n], decoder [S, n, d],
-b_dec [S, d]) so one batched matmul encodes (and one decodes) the batch for all of them, and one Adam steps them all.
+b_dec [S, d]) and each batch is hashed once for all of them. How a stack steps depends on the architecture:
+
+- a batched forward registered in `STACKED_FORWARD` (relu_l1) encodes and decodes all seeds with one batched
+  matmul each, with one backward;
+- the TopK family (`SEED_BY_SEED`) steps seed after seed, each through its own `SAETrainer.train_on`: its
+  sparse codes leave only the encoder matmul to batch, and batching that would hold [S, batch, width]
+  pre-activations, which on a CPU cost more (cache misses, page faults) than they save; a seed's forward,
+  backward and Adam then also run while its weights are still in cache.
+
 Each seed's result is the one it gets trained alone (`SAETrainer`): bitwise on CPU (tests/test_stacked.py), because
 
 - every seed is first built by `build_trainer` (same torch seed, same init), then its tensors are copied into the
   stack and its own parameters become views of its slice, so saving, evaluation and the architecture's hooks
   (`init_from_batch`, `before_optimizer_step`, `after_optimizer_step`) run on the seed's own module, unchanged;
-- the batched ops act on each seed's slice exactly as the single-seed ops act on its tensors (matmuls per batch
-  element, top-k per row, elementwise Adam); whatever reduces over a seed's whole tensor (the loss, AuxK's dead
-  count, the gradient-norm clip) is computed per seed on that seed's contiguous slice, with the single-seed code.
+- a batched forward acts on each seed's slice exactly as the single-seed ops act on its tensors (matmuls per
+  batch element); whatever reduces over a seed's whole tensor (the loss, the gradient-norm clip) is computed per
+  seed on that seed's contiguous slice, with the single-seed code;
+- each seed keeps its own Adam and schedule, which step its slice (torch's fused Adam rounds an element
+  differently when it sits at another offset of a larger tensor, so one Adam over the stack could not match).
 
-An architecture opts in by registering a stacked forward in `STACKED_FORWARD` (keyed by its exact class, so a
-subclass with another loss falls back); any other architecture trains seed by seed as before.
+Only the exact classes listed stack (a subclass with another loss is not covered by its parent's forward); any
+other architecture trains each seed separately, as with stacking off.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import torch.nn.functional as F
 
 from .sae.base import fraction_of_variance_unexplained
 from .sae.batchtopk import BatchTopKSAE
+from .sae.matryoshka import MatryoshkaSAE
 from .sae.relu_l1 import ReluL1SAE
 from .sae.topk import TopKSAE
 
@@ -54,59 +65,11 @@ def _decode(p: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
     return torch.bmm(z, p["W_dec"]) + p["b_dec"].unsqueeze(1)
 
 
-def _auxk_loss(sae: TopKSAE, pre: torch.Tensor, dead: torch.Tensor, W_dec: torch.Tensor, x: torch.Tensor,
-               x_hat: torch.Tensor) -> torch.Tensor:
-    """TopKSAE.auxk_loss for one seed of the stack (same formula; its W_dec is the stack's slice)."""
-    num_dead = int(dead.sum())
-    if num_dead == 0:
-        return x.new_zeros(())
-    k_aux = min(sae.d_in // 2, num_dead)
-    values, indices = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)
-    residual_hat = torch.zeros_like(pre).scatter_(-1, indices, values) @ W_dec
-    scale = min(num_dead / (sae.d_in // 2), 1.0)
-    return scale * fraction_of_variance_unexplained(x - x_hat.detach(), residual_hat)
-
-
-def _topk_family(saes, p, x, dead, z, pre) -> StackedOutput:
-    """TopK's loss (FVU, plus AuxK on dead latents) per seed, on codes `z` chosen by the caller."""
-    x_hat = _decode(p, z)
-    losses, fvus = [], []
-    for s, (sae, x_hat_s) in enumerate(zip(saes, x_hat.unbind(0))):
-        fvu = fraction_of_variance_unexplained(x, x_hat_s)
-        loss = fvu
-        if sae.params.auxk_alpha > 0:
-            loss = fvu + sae.params.auxk_alpha * _auxk_loss(sae, pre[s], dead[s], p["W_dec"][s], x, x_hat_s)
-        losses.append(loss)
-        fvus.append(fvu.detach())
-    return _output(losses, fvus, z)
-
-
 def _output(losses, fvus, z) -> StackedOutput:
     nonzero = z > 0
     losses = torch.stack(losses)
     return StackedOutput(loss=losses.sum(), losses=losses.detach(), fvu=torch.stack(fvus),
                          l0=nonzero.sum(-1).float().mean(-1), fired=nonzero.any(1))
-
-
-def topk_forward(saes, p, x, dead) -> StackedOutput:
-    pre = _pre_activations(p, x)
-    values, indices = pre.topk(saes[0].params.k, dim=-1, sorted=False)
-    return _topk_family(saes, p, x, dead, torch.zeros_like(pre).scatter_(-1, indices, values), pre)
-
-
-def batchtopk_forward(saes, p, x, dead) -> StackedOutput:
-    pre = _pre_activations(p, x)
-    flat = pre.flatten(1)  # each seed keeps k x batch activations of its own [B, n]
-    values, indices = flat.topk(min(saes[0].params.k * x.shape[0], flat.shape[1]), dim=-1, sorted=False)
-    z = torch.zeros_like(flat).scatter_(-1, indices, values).view_as(pre)
-    with torch.no_grad():  # each seed's inference threshold, updated as BatchTopKSAE.activations does
-        for sae, v in zip(saes, values):
-            kept = v[v > 0]
-            if kept.numel():
-                w = 1.0 if sae.threshold_steps == 0 else sae.threshold_momentum
-                sae.threshold.lerp_(kept.min(), w)
-                sae.threshold_steps += 1
-    return _topk_family(saes, p, x, dead, z, pre)
 
 
 def relu_l1_forward(saes, p, x, dead) -> StackedOutput:
@@ -125,14 +88,14 @@ def relu_l1_forward(saes, p, x, dead) -> StackedOutput:
 
 # Exact classes only: a subclass (another loss or activation) is not covered by its parent's forward.
 STACKED_FORWARD: dict[type, Callable[..., StackedOutput]] = {
-    TopKSAE: topk_forward,
-    BatchTopKSAE: batchtopk_forward,
     ReluL1SAE: relu_l1_forward,
 }
+# Architectures whose stacked seeds step one after the other, each through its own `SAETrainer.train_on`.
+SEED_BY_SEED: frozenset[type] = frozenset({TopKSAE, BatchTopKSAE, MatryoshkaSAE})
 
 
 def stackable(trainer) -> bool:
-    return type(trainer.sae) in STACKED_FORWARD
+    return type(trainer.sae) in STACKED_FORWARD or type(trainer.sae) in SEED_BY_SEED
 
 
 class SingleTrainer:
@@ -151,13 +114,14 @@ class SingleTrainer:
 class StackedTrainer:
     """S seeds of one configuration (SAETrainers from `build_trainer`) trained as one stack.
 
-    The SAETrainers stay the seeds' public face: their modules' parameters, `last_fired`, `tokens_seen` and digest
-    always show the current state, so saving and evaluating them needs nothing from this class."""
+    The SAETrainers stay the seeds' public face: their modules' parameters, optimizers, schedules, `last_fired`,
+    `tokens_seen` and digest always show the current state, so saving, evaluating and checkpointing them needs
+    nothing from this class."""
 
-    def __init__(self, trainers, lr: float, make_schedule):
+    def __init__(self, trainers):
         self.trainers = trainers
         self.saes = [t.sae for t in trainers]
-        self.forward = STACKED_FORWARD[type(self.saes[0])]
+        self.forward = STACKED_FORWARD.get(type(self.saes[0]))  # None: seed by seed
         names = {name for name, _ in self.saes[0].named_parameters()}
         assert names == set(PARAM_NAMES), f"a stacked forward expects parameters {PARAM_NAMES}, got {names}"
         self.params = {name: torch.nn.Parameter(torch.stack([dict(s.named_parameters())[name].detach()
@@ -173,42 +137,12 @@ class StackedTrainer:
         for s, t in enumerate(trainers):
             t.last_fired = self.last_fired[s]
             t.digest = self.digest
-        self.optimizer = torch.optim.Adam(self.params.values(), lr=lr, betas=trainers[0].optimizer.defaults["betas"])
-        self.scheduler = make_schedule(self.optimizer)
         self.grad_clip = trainers[0].grad_clip
         self.dead_window = trainers[0].dead_window
         self.tokens_seen = trainers[0].tokens_seen
-        self._adopt_seed_optimizers()
-
-    def _seed_param_names(self) -> list[str]:
-        return [name for name, _ in self.saes[0].named_parameters()]  # the order of each seed's optimizer state
-
-    def _adopt_seed_optimizers(self) -> None:
-        """Continue from the seeds' own optimizer and schedule states (a resumed run); fresh ones hold nothing."""
-        states = [t.optimizer.state_dict() for t in self.trainers]
-        if not states[0]["state"]:
-            return
-        for i, name in enumerate(self._seed_param_names()):
-            per_seed = [st["state"][i] for st in states]
-            self.optimizer.state[self.params[name]] = {
-                "step": per_seed[0]["step"].clone(),
-                **{k: torch.stack([p[k] for p in per_seed]) for k in ("exp_avg", "exp_avg_sq")}}
-        self.scheduler.load_state_dict(self.trainers[0].scheduler.state_dict())
-        self.optimizer.param_groups[0]["lr"] = states[0]["param_groups"][0]["lr"]
 
     def sync_seed_state(self) -> None:
-        """Write the stack's Adam moments (seed s = slice s) and schedule into each seed's own optimizer and
-        scheduler, so a saved training state is per seed and the same whether or not seeds were stacked."""
-        names = self._seed_param_names()
-        for s, t in enumerate(self.trainers):
-            own = t.optimizer.state_dict()
-            own["state"] = {i: {"step": self.optimizer.state[self.params[name]]["step"].clone(),
-                                **{k: self.optimizer.state[self.params[name]][k][s].clone()
-                                   for k in ("exp_avg", "exp_avg_sq")}}
-                            for i, name in enumerate(names) if self.params[name] in self.optimizer.state}
-            own["param_groups"][0]["lr"] = self.optimizer.param_groups[0]["lr"]
-            t.optimizer.load_state_dict(own)
-            t.scheduler.load_state_dict(self.scheduler.state_dict())
+        """Nothing to do: each seed's own optimizer and schedule are the live ones."""
 
     def step(self, x: torch.Tensor) -> list[dict[str, float]]:
         if not self.trainers[0].initialised:
@@ -216,23 +150,28 @@ class StackedTrainer:
                 t.sae.init_from_batch(x)  # writes into the seed's slice
                 t.initialised = True
         self.digest.update(x.detach().cpu().numpy().tobytes())
+        if self.forward is None:
+            # Each seed's whole step before the next one's, while its weights are still in cache.
+            metrics = [t.train_on(x) for t in self.trainers]
+            self.tokens_seen += x.shape[0]
+            return metrics
         dead = (self.tokens_seen - self.last_fired) >= self.dead_window
         out = self.forward(self.saes, self.params, x, dead)
-        self.optimizer.zero_grad(set_to_none=True)
+        for p in self.params.values():
+            p.grad = None
         out.loss.backward()
-        # Per seed, on its own module whose gradients are views of its slice: the architecture's gradient hook and
-        # the gradient-norm clip, each seed's norm its own.
+        # Per seed, on its own module whose gradients are views of its slice: the architecture's gradient hook, the
+        # gradient-norm clip (each seed's norm its own), the seed's own Adam and schedule, the constraint.
         for param, name, s in self._own:
             param.grad = self.params[name].grad[s]
-        for sae in self.saes:
-            sae.before_optimizer_step()
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), self.grad_clip)
+        for t in self.trainers:
+            t.sae.before_optimizer_step()
+            torch.nn.utils.clip_grad_norm_(t.sae.parameters(), self.grad_clip)
+            t.optimizer.step()
+            t.scheduler.step()
+            t.sae.after_optimizer_step()
         for param, _, _ in self._own:
             param.grad = None  # the views would keep this step's gradients alive into the next
-        self.optimizer.step()
-        self.scheduler.step()
-        for sae in self.saes:
-            sae.after_optimizer_step()
         self.tokens_seen += x.shape[0]
         self.last_fired[out.fired] = self.tokens_seen
         for t in self.trainers:
@@ -275,7 +214,7 @@ def split_seeds(jobs: list[dict], d_in: int, batch_size: int, max_stack_bytes: i
     return out
 
 
-def group_trainers(trainers: list, hp: dict, d_in: int, make_schedule) -> list:
+def group_trainers(trainers: list, hp: dict, d_in: int) -> list:
     """The trainers as step groups: stacks of seeds where the architecture has a stacked forward and
     `hp["stack_seeds"]` (default on), split to fit `hp["max_stack_bytes"]`; single trainers otherwise."""
     if not hp.get("stack_seeds", True):
@@ -289,7 +228,7 @@ def group_trainers(trainers: list, hp: dict, d_in: int, make_schedule) -> list:
         if len(members) == 1:
             groups.append(SingleTrainer(members[0]))
         else:
-            groups.append(StackedTrainer(members, members[0].optimizer.defaults["lr"], make_schedule))
+            groups.append(StackedTrainer(members))
     return groups
 
 

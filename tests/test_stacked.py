@@ -11,13 +11,14 @@ from safetensors.torch import load_file
 from actors.sae import ARCHITECTURES
 from actors.sae.topk import TopKSAE
 from actors.stacked import SingleTrainer, StackedTrainer, group_trainers, stack_bytes_per_seed
-from actors.training import build_trainer, lr_schedule, train_saes
+from actors.training import build_trainer, train_saes
 
 from .test_training import HP, planted_data, write_manifest
 
 CASES = [
     ("topk", {"k": 3, "auxk_alpha": 1 / 32}),
     ("batchtopk", {"k": 3, "auxk_alpha": 1 / 32}),
+    ("matryoshka", {"k": 3, "auxk_alpha": 1 / 32, "group_fractions": [0.25, 0.75]}),
     ("relu_l1", {"l1_coefficient": 0.05}),
 ]
 
@@ -39,7 +40,7 @@ def test_stacked_steps_equal_single_seed_steps(name, params, d, width):
     cpu = torch.device("cpu")
     singles = [build_trainer(j, d, steps, hp, cpu) for j in jobs]
     stacked = [build_trainer(j, d, steps, hp, cpu) for j in jobs]
-    [group] = group_trainers(stacked, hp, d, lambda opt: lr_schedule(opt, hp, steps))
+    [group] = group_trainers(stacked, hp, d)
     assert isinstance(group, StackedTrainer)
     batches = [torch.from_numpy(x[i:i + 256]) for i in range(0, len(x), 256)]
     dead = 0  # the most latents dead before a step: AuxK acts on them
@@ -129,20 +130,19 @@ def test_grouping_stacks_supported_seeds_and_falls_back_for_the_rest(monkeypatch
         return sorted((type(g).__name__, g.trainers[0].job["architecture"], g.trainers[0].job["width"],
                        tuple(t.job["seed"] for t in g.trainers)) for g in groups)
 
-    schedule = lambda opt: lr_schedule(opt, hp, 10)  # noqa: E731
-    assert shape(group_trainers(trainers, hp, 32, schedule)) == sorted([
+    assert shape(group_trainers(trainers, hp, 32)) == sorted([
         ("StackedTrainer", "topk", 32, (0, 1, 2)), ("StackedTrainer", "topk", 64, (0, 1, 2)),
         ("SingleTrainer", "topk", 32, (0,)),
         *[("SingleTrainer", _UnstackedTopK.name, 32, (s,)) for s in (0, 1, 2)]])
     trainers = [build_trainer(j, 32, 10, hp, cpu) for j in jobs]
-    groups = group_trainers(trainers, hp | {"stack_seeds": False}, 32, schedule)
+    groups = group_trainers(trainers, hp | {"stack_seeds": False}, 32)
     assert all(isinstance(g, SingleTrainer) for g in groups) and len(groups) == len(jobs)
     # The memory budget: width 64 seeds cost more than width 32 ones, so a budget of two width-32 seeds
     # stacks those in 2 + 1 and the width-64 ones alone.
     budget = 2 * stack_bytes_per_seed(32, 32, hp["batch_size"])
     assert budget < 2 * stack_bytes_per_seed(32, 64, hp["batch_size"])
     trainers = [build_trainer(j, 32, 10, hp, cpu) for j in jobs]
-    assert shape(group_trainers(trainers, hp | {"max_stack_bytes": budget}, 32, schedule)) == sorted([
+    assert shape(group_trainers(trainers, hp | {"max_stack_bytes": budget}, 32)) == sorted([
         ("StackedTrainer", "topk", 32, (0, 1)), ("SingleTrainer", "topk", 32, (2,)),
         *[("SingleTrainer", "topk", 64, (s,)) for s in (0, 1, 2)], ("SingleTrainer", "topk", 32, (0,)),
         *[("SingleTrainer", _UnstackedTopK.name, 32, (s,)) for s in (0, 1, 2)]])

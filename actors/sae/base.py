@@ -197,8 +197,14 @@ def batch_variance_total(x: torch.Tensor) -> torch.Tensor:
 def without_parallel_component(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Each row's gradient less its component along the (unit-norm) row, so the step only rotates the row."""
     parallel = (grad * weight).sum(-1, keepdim=True)
-    return grad - parallel * weight
+    return grad.addcmul(parallel, weight, value=-1)  # one [n, d] result, no second temporary
 
 
 def unit_rows(t: torch.Tensor) -> torch.Tensor:
     return F.normalize(t, dim=-1, eps=torch.finfo(t.dtype).eps)
+
+
+@torch.no_grad()
+def unit_rows_(t: torch.Tensor) -> None:
+    """`t.copy_(unit_rows(t))` with the same bits, without the [n, d] temporary."""
+    t.div_(torch.linalg.vector_norm(t, dim=-1, keepdim=True).clamp_min(torch.finfo(t.dtype).eps))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from .sparse_codes import SparseCodes
 from .topk import TopKSAE
 
 
@@ -26,13 +27,11 @@ class BatchTopKSAE(TopKSAE):
         return (f"{cls.name} keeps the k x batch largest activations of the whole batch, which no worker's slice "
                 "can choose")
 
-    def activations(self, x):
-        pre = self.pre_activations(x)
-        if not self.training:
-            return pre * (pre > self.threshold)
+    def select(self, pre):
+        if not self.training:  # clamped: relu'd or not, `pre` then gives the same latents and values
+            return SparseCodes.from_mask(pre, pre > self.threshold.clamp_min(0))
         flat = pre.flatten()
-        values, indices = flat.topk(min(self.params.k * x.shape[0], flat.numel()), sorted=False)
-        z = torch.zeros_like(flat).scatter_(-1, indices, values).view_as(pre)
+        values, indices = flat.topk(min(self.params.k * pre.shape[0], flat.numel()), sorted=False)
         if torch.is_grad_enabled():  # a training step, not an evaluation in train mode
             with torch.no_grad():
                 kept = values[values > 0]
@@ -41,7 +40,9 @@ class BatchTopKSAE(TopKSAE):
                     w = 1.0 if self.threshold_steps == 0 else self.threshold_momentum
                     self.threshold.lerp_(smallest, w)
                     self.threshold_steps += 1
-        return z
+        indices, order = indices.sort()  # row-major positions: sorted, the entries are grouped by row
+        n = pre.shape[1]
+        return SparseCodes.from_entries(values[order].relu(), indices // n, indices % n, pre.shape[0], n)
 
     def sparsify_cfg(self):
         return None  # sparsify keeps k latents per token; at inference this SAE thresholds instead

@@ -14,7 +14,7 @@ import math
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from .base import SparseAutoencoder, unit_rows, without_parallel_component
+from .base import SparseAutoencoder, unit_rows, unit_rows_, without_parallel_component
 
 
 def _near(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
@@ -141,6 +141,6 @@ class JumpReLUSAE(SparseAutoencoder):
 
     @torch.no_grad()
     def after_optimizer_step(self):
-        self.W_dec.copy_(unit_rows(self.W_dec))
+        unit_rows_(self.W_dec)
         self.steps_done += 1
         self._pre = None  # drop the step's graph (and let the SAE be deep-copied)

@@ -16,6 +16,7 @@ from pydantic import Field, model_validator
 
 from .base import fraction_of_variance_unexplained
 from .batchtopk import BatchTopKSAE
+from .sparse_codes import decode
 from .topk import TopKParams
 
 # Default nesting: prefixes of 1/16, 1/8, 1/4, 1/2 and all of the width, each twice the previous.
@@ -78,11 +79,12 @@ class MatryoshkaSAE(BatchTopKSAE):
             return f"the first group ({sizes[0]} latents) must hold at least k={params['k']} latents"
         return None
 
-    def loss(self, x, x_hat, z, fvu):
-        # Reconstruction of each prefix: b_dec plus the cumulative contributions of its groups.
-        parts = [zg @ wg for zg, wg in zip(z.split(self.group_sizes, -1), self.W_dec.split(self.group_sizes, 0))]
+    def reconstruction_loss(self, x, codes, values, fvu):
+        # Reconstruction of each prefix: b_dec plus the cumulative contributions of its groups, each group decoded
+        # from its own entries. (AuxK, added by the shared forward, acts on the full reconstruction's residual.)
+        bounds = torch.tensor(self.group_sizes, device=codes.latents.device).cumsum(0)
+        group = torch.bucketize(codes.latents, bounds, right=True)  # group index of each entry
+        parts = [decode(codes.subset(group == g), values[group == g], self.W_dec)
+                 for g in range(len(self.group_sizes))]
         prefixes = torch.stack(parts).cumsum(0) + self.b_dec
-        nested = torch.stack([fraction_of_variance_unexplained(x, p) for p in prefixes]).mean()
-        if self.params.auxk_alpha > 0 and self._pre is not None:  # AuxK on the full reconstruction's residual
-            return nested + self.params.auxk_alpha * self.auxk_loss(x, x_hat)
-        return nested
+        return torch.stack([fraction_of_variance_unexplained(x, p) for p in prefixes]).mean()

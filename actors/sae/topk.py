@@ -1,4 +1,8 @@
-"""TopK SAE, following EleutherAI sparsify's recipe (see ../shared/reference/paper.md), with optional AuxK."""
+"""TopK SAE, following EleutherAI sparsify's recipe (see ../shared/reference/paper.md), with optional AuxK.
+
+Training runs on sparse codes (sparse_codes.py): one dense encoder matmul to choose each token's latents, then
+decoding and every gradient from the selected entries only. The dense `activations` remain for evaluation,
+exports and tests."""
 
 from __future__ import annotations
 
@@ -8,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from .base import SparseAutoencoder, fraction_of_variance_unexplained, unit_rows, without_parallel_component
+from .base import (ForwardOutput, SparseAutoencoder, fraction_of_variance_unexplained, unit_rows, unit_rows_,
+                   without_parallel_component)
+from .sparse_codes import SparseCodes, decode, encode_selected
 
 
 class TopKParams(BaseModel):
@@ -18,6 +24,9 @@ class TopKParams(BaseModel):
 
 
 class TopKSAE(SparseAutoencoder):
+    """The TopK family (TopK, BatchTopK, Matryoshka): a subclass changes which latents are kept (`select`) or the
+    reconstruction loss (`reconstruction_loss`); `forward` is shared."""
+
     name = "topk"
     Params = TopKParams
 
@@ -27,7 +36,6 @@ class TopKSAE(SparseAutoencoder):
             # nn.Linear's default init for the encoder, zero bias, decoder = encoder copy with unit rows.
             self.encoder.bias.zero_()
             self.W_dec.copy_(unit_rows(self.encoder.weight))
-        self._pre: torch.Tensor | None = None  # last training batch's pre-activations, for AuxK
 
     @classmethod
     def check_width(cls, params, width):
@@ -49,32 +57,71 @@ class TopKSAE(SparseAutoencoder):
     def init_from_batch(self, x):
         self.b_dec.copy_(x.mean(0))
 
+    def encoder_outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """encoder(x - b_dec) [batch, n], before the relu."""
+        return self.encoder(x - self.b_dec)
+
     def pre_activations(self, x):
-        pre = F.relu(self.encoder(x - self.b_dec))
-        self._pre = pre if self.training and torch.is_grad_enabled() else None
-        return pre
+        return F.relu(self.encoder_outputs(x))
+
+    def select(self, pre: torch.Tensor) -> SparseCodes:
+        """The kept latents, relu'd, of the encoder's outputs [batch, n] (no graph): each token's k largest.
+
+        `pre` may be taken before or after the relu: the relu only zeroes values, so the kept latents differ at
+        most in entries of value 0, which decode to nothing and pass no gradient. Before it saves a pass over
+        [batch, n]."""
+        values, indices = pre.topk(self.params.k, dim=-1, sorted=False)
+        return SparseCodes.from_rows(values.relu(), indices, self.num_latents)
 
     def activations(self, x):
         pre = self.pre_activations(x)
-        values, indices = pre.topk(self.params.k, dim=-1, sorted=False)
-        return torch.zeros_like(pre).scatter_(-1, indices, values)
+        codes = self.select(pre.detach())
+        return codes.to_dense(pre[codes.rows, codes.latents])
 
-    def loss(self, x, x_hat, z, fvu):
-        if self.params.auxk_alpha > 0 and self._pre is not None:
-            return fvu + self.params.auxk_alpha * self.auxk_loss(x, x_hat)
+    def encode_selected(self, codes: SparseCodes, x: torch.Tensor) -> torch.Tensor:
+        """The codes' values as a differentiable function of the encoder and b_dec."""
+        return encode_selected(codes, x, self.encoder.weight, self.encoder.bias, self.b_dec)
+
+    def forward(self, x: torch.Tensor) -> ForwardOutput:
+        """One batch on sparse codes."""
+        with torch.no_grad():
+            pre = self.encoder_outputs(x)  # no relu: see `select`
+        codes = self.select(pre)
+        values = self.encode_selected(codes, x)
+        x_hat = decode(codes, values, self.W_dec) + self.b_dec
+        fvu = fraction_of_variance_unexplained(x, x_hat, self.fvu_denominator)
+        loss = self.reconstruction_loss(x, codes, values, fvu)
+        if self.params.auxk_alpha > 0 and self.training and torch.is_grad_enabled():
+            loss = loss + self.params.auxk_alpha * self.auxk_loss(x, x_hat, pre)
+        active = codes.values > 0
+        return ForwardOutput(
+            x_hat=x_hat,
+            loss=loss,
+            fvu=fvu.detach(),
+            l0=active.sum().float() / x.shape[0],
+            fired=torch.zeros(self.num_latents, dtype=torch.bool, device=x.device).index_fill_(
+                0, codes.latents[active], True),
+        )
+
+    def reconstruction_loss(self, x: torch.Tensor, codes: SparseCodes, values: torch.Tensor,
+                            fvu: torch.Tensor) -> torch.Tensor:
+        """The loss before AuxK; TopK's is the FVU of the reconstruction."""
         return fvu
 
-    def auxk_loss(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    def auxk_loss(self, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor | None = None) -> torch.Tensor:
         """AuxK (Gao et al. 2024, as sparsify has it): the top k_aux = d_in/2 dead latents reconstruct the residual;
-        FVU of that reconstruction, scaled by min(#dead / k_aux, 1). Zero when nothing is dead."""
+        FVU of that reconstruction, scaled by min(#dead / k_aux, 1). Zero when nothing is dead. `pre` is the
+        batch's encoder outputs, before or after the relu as in `select` (recomputed when not given)."""
         dead = self.dead_mask
         num_dead = int(dead.sum()) if dead is not None else 0
         if num_dead == 0:
             return x.new_zeros(())
-        k_aux = min(self.d_in // 2, num_dead)
-        pre_dead = self._pre.masked_fill(~dead, float("-inf"))
-        values, indices = pre_dead.topk(k_aux, dim=-1, sorted=False)
-        residual_hat = torch.zeros_like(self._pre).scatter_(-1, indices, values) @ self.W_dec
+        with torch.no_grad():
+            pre = self.encoder_outputs(x) if pre is None else pre
+            k_aux = min(self.d_in // 2, num_dead)
+            values, indices = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)
+        codes = SparseCodes.from_rows(values.relu(), indices, self.num_latents)
+        residual_hat = decode(codes, self.encode_selected(codes, x), self.W_dec)
         scale = min(num_dead / (self.d_in // 2), 1.0)
         return scale * fraction_of_variance_unexplained(x - x_hat.detach(), residual_hat)
 
@@ -91,4 +138,4 @@ class TopKSAE(SparseAutoencoder):
 
     @torch.no_grad()
     def after_optimizer_step(self):
-        self.W_dec.copy_(unit_rows(self.W_dec))
+        unit_rows_(self.W_dec)
