@@ -10,6 +10,21 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only test cluster
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Train in the test process on one thread, as a Ray Train worker with `cpus_per_worker: 1` does.
+
+    The test SAEs are tiny and the CI box has 2 cores shared with Ray workers: there a second OpenMP thread only
+    waits at each kernel's barrier for a core (a scheduler slice per parallel region, 30x slower steps measured).
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A real local Ray instance with small, explicit resources, shut down after the session.

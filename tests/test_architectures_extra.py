@@ -38,13 +38,8 @@ def train_planted(name, params, steps=1000, lr=2e-3, seed=0):
                             HP | {"lr": lr}, torch.device("cpu"))
     scale = math.sqrt(x.shape[1]) / np.linalg.norm(x, axis=1).mean() if trainer.sae.normalize_inputs else 1.0
     rng = np.random.default_rng(1)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 32 x 96 matrices: extra threads only contend (several times slower on 2 cores)
-    try:
-        for _ in range(steps):
-            trainer.step(torch.from_numpy(x[rng.integers(0, len(x), 256)] * scale))
-    finally:
-        torch.set_num_threads(threads)
+    for _ in range(steps):
+        trainer.step(torch.from_numpy(x[rng.integers(0, len(x), 256)] * scale))
     return trainer.sae, torch.from_numpy(x * scale), dirs
 
 

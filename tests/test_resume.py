@@ -35,16 +35,7 @@ class Crash(Exception):
     pass
 
 
-@pytest.fixture
-def one_thread():
-    """As in a Ray Train worker (cpus_per_worker = 1); also much faster than two threads on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_resume_in_process_is_bit_identical(tmp_path, one_thread):
+def test_resume_in_process_is_bit_identical(tmp_path):
     """Without Ray: stop after 11 of 24 steps, resume from the state of step 8, compare with a run that never
     stopped (weights, digest, and the intermediate SAE saved after the resume point)."""
     x, _ = planted_data(3072)
@@ -117,7 +108,7 @@ def _experiment(tmp_path, name, x):
     return cfg, manifest, plan_configurations(cfg, [HOOKPOINT])
 
 
-def test_worker_killed_mid_training_resumes_to_identical_weights(ray_local, tmp_path, monkeypatch, one_thread):
+def test_worker_killed_mid_training_resumes_to_identical_weights(ray_local, tmp_path, monkeypatch):
     x, _ = planted_data(3072, seed=3)
     # The uninterrupted reference, in this process (one torch thread, as in the workers): each SAE's training is
     # independent of which worker runs it and of the other SAEs there.
