@@ -21,3 +21,14 @@ def ray_local():
     ray.init(address="local", num_cpus=4, object_store_memory=200 * 2**20, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def one_thread():
+    """As in a Ray Train worker (cpus_per_worker = 1); also much faster than two threads on a busy 2-core box."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -30,6 +30,7 @@ class ReluL1SAE(SparseAutoencoder):
     name = "relu_l1"
     Params = ReluL1Params
     normalize_inputs = True
+    target_l0_controls = "l1_coefficient"
 
     def __init__(self, d_in: int, num_latents: int, params: ReluL1Params):
         super().__init__(d_in, num_latents, params)
