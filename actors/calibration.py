@@ -4,7 +4,7 @@ sparsity (the paper compares architectures "even when controlling for the level 
 Two parts. Before training, a bisection in log space over the coefficient (short probes: a fresh SAE trained for a
 few steps on the first batches of the same stream) finds where training starts. Probes alone miss: the L1 penalty
 keeps shrinking activations as training goes on, so a coefficient that reaches the target in 100 steps ends a full
-run far sparser (default config: probes at 16.8 for a target of 16, the full run at 9.2). So during training a
+run far sparser (default config: probes at 16.8 for a target of 16, full runs at 7.9 to 9.4). So during training a
 controller (`L0Controller`) steers the coefficient toward the target and holds it fixed for the final stretch;
 the trained SAE's L0 is recorded next to its target and its final coefficient.
 """

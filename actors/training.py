@@ -171,6 +171,10 @@ def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, devic
     to a fresh folder and handed to `save_state(folder, step)`, which must copy what it keeps (the folder is
     removed afterwards). `resume` (from `read_training_state`) continues such a state: the result is identical
     to an uninterrupted run's. `after_step(step)` is called after every step (tests use it to inject failures).
+
+    Jobs with a `target_l0` have their L1 coefficient steered during training (actors/calibration.py); a job marked
+    `l0_pilot` is trained only to steer its configuration (the orchestrator adds one where a configuration's seeds
+    are split over workers): it is neither saved, reported nor returned.
     """
     entry = manifest["hookpoints"][hookpoint]
     d_in, total_rows = entry["d_in"], entry["rows"]
@@ -277,13 +281,12 @@ def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, devic
             after_step(step + 1)
     if bar is not None:
         bar.close()
-    finals = saved
-    raws = [raw_sae(t) for t in finals]  # folded once, for the LM loss and for the saved weights
-    lm = [{}] * len(finals)
+    raws = [raw_sae(t) for t in saved]  # folded once, for the LM loss and for the saved weights
+    lm = [{}] * len(saved)
     if hp.get("lm_eval_chunks"):
         model, input_ids = _lm_eval_inputs(manifest, hp, device)
         lm = spliced_lm_metrics(model, hookpoint, raws, input_ids)
-    results = [save(t, Path(t.job["path"]), extra, raw) for t, extra, raw in zip(finals, lm, raws)]
+    results = [save(t, Path(t.job["path"]), extra, raw) for t, extra, raw in zip(saved, lm, raws)]
     for r in results:
         target, reached = r["metrics"].get("target_l0"), r["metrics"]["l0"]
         if target is not None and abs(math.log(max(reached, 1e-9) / target)) > math.log(1 + L0_TOLERANCE):
