@@ -54,6 +54,13 @@ def is_steered(job: dict) -> bool:
     return name is not None and job["params"].get("target_l0") is not None and job["params"].get(name) is None
 
 
+def steering_seed(job: dict, jobs: list[dict]) -> int:
+    """The seed that calibrates and steers `job`'s configuration: `calibration_seed` where the train stage split the
+    configuration's seeds over workers, else the smallest of its seeds among `jobs`."""
+    conf = job.get("configuration", "")
+    return job.get("calibration_seed", min(j["seed"] for j in jobs if j.get("configuration", "") == conf))
+
+
 # Controller settings. On the default config (target 16) and on planted data they end within a few percent of the
 # target (README); a pure integral controller (PROPORTIONAL = 0) oscillated on planted data at gains that track the
 # default config's drifting L0, and a proportional term damps it.
@@ -131,9 +138,8 @@ class SparsityTargets:
                     hold_step=num_steps - round(hp.get("target_l0_hold_fraction", HOLD_FRACTION) * num_steps),
                     gain=GAIN, proportional=PROPORTIONAL, smoothing=SMOOTHING)
             self.coefficient_name[conf] = ARCHITECTURES[job["architecture"]].target_l0_controls
-            members = [j["seed"] for j in jobs if j.get("configuration", "") == conf]
-            self.driver[conf] = job.get("calibration_seed", min(members))
-            if self.driver[conf] not in members:
+            self.driver[conf] = steering_seed(job, jobs)
+            if self.driver[conf] not in {j["seed"] for j in jobs if j.get("configuration", "") == conf}:
                 raise ValueError(f"{conf}: seed {self.driver[conf]} steers the L1 coefficient but is not trained here")
 
     def apply(self, trainers) -> None:

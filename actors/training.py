@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .calibration import SparsityTargets, calibrate_l1_coefficient, is_steered
+from .calibration import SparsityTargets, calibrate_l1_coefficient, is_steered, steering_seed
 from .checkpoint import checkpoint_folder, save_sae_folder
 from .data import ActivationStream
 from .lm_eval import spliced_lm_metrics
@@ -382,16 +382,13 @@ def _calibrate_sparsity(jobs: list[dict], streams: dict, d_in: int, hp: dict, de
     found: dict[str, tuple[float, float]] = {}
     out = []
     for job in jobs:
-        params = job["params"]
         if not is_steered(job):
             out.append(job)
             continue
         conf = job.get("configuration", "")
         if conf not in found:
-            # (`calibration_seed`: the configuration's seeds were split over workers; see orchestrator train stage)
-            seed = job.get("calibration_seed", min(j["seed"] for j in jobs if j.get("configuration", "") == conf))
             stream = streams[ARCHITECTURES[job["architecture"]].normalize_inputs]
-            found[conf] = calibrate_l1_coefficient(job | {"seed": seed}, stream, d_in, hp, device)
+            found[conf] = calibrate_l1_coefficient(job | {"seed": steering_seed(job, jobs)}, stream, d_in, hp, device)
         coefficient, probe_l0 = found[conf]
         out.append(job | {"calibration": {"initial_l1_coefficient": coefficient, "calibration_probe_l0": probe_l0}})
     return out
