@@ -77,11 +77,9 @@ def relu_l1_forward(saes, p, x, dead) -> StackedOutput:
     x_hat = _decode(p, z)
     losses, fvus = [], []
     for sae, x_hat_s, z_s, W_dec in zip(saes, x_hat.unbind(0), z.unbind(0), p["W_dec"].unbind(0)):
-        if sae.params.l1_coefficient is None:
-            raise RuntimeError("relu_l1 with target_l0: calibrate the L1 coefficient before training")
         mse = (x - x_hat_s).pow(2).sum(-1).mean()
         l1 = (z_s * W_dec.norm(dim=-1)).sum(-1).mean()
-        losses.append(mse + sae.params.l1_coefficient * l1)
+        losses.append(mse + sae.l1_coefficient * l1)
         fvus.append(fraction_of_variance_unexplained(x, x_hat_s).detach())
     return _output(losses, fvus, z)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .calibration import calibrate_l1_coefficient
+from .calibration import SparsityTargets, calibrate_l1_coefficient, is_steered, steering_seed
 from .checkpoint import checkpoint_folder, save_sae_folder
 from .data import ActivationStream
 from .lm_eval import spliced_lm_metrics
@@ -187,6 +187,10 @@ def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, devic
     to a fresh folder and handed to `save_state(folder, step)`, which must copy what it keeps (the folder is
     removed afterwards). `resume` (from `read_training_state`) continues such a state: the result is identical
     to an uninterrupted run's. `after_step(step)` is called after every step (tests use it to inject failures).
+
+    Jobs with a `target_l0` have their L1 coefficient steered during training (actors/calibration.py); a job marked
+    `l0_pilot` is trained only to steer its configuration (the orchestrator adds one where a configuration's seeds
+    are split over workers): it is neither saved, reported nor returned.
     """
     entry = manifest["hookpoints"][hookpoint]
     d_in, total_rows = entry["d_in"], entry["rows"]
@@ -200,6 +204,8 @@ def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, devic
     resume = _usable_state(resume, jobs, hp, num_steps)
     # The calibrated coefficients come back with a resumed state: calibrating again would only repeat it.
     jobs = _restore_calibration(jobs, resume) if resume else _calibrate_sparsity(jobs, streams, d_in, hp, device)
+    # Configurations with a target L0: their coefficient is steered during training (actors/calibration.py).
+    targets = SparsityTargets(jobs, num_steps, hp, resume)
     trainers = {norm: [build_trainer(j, d_in, num_steps, hp, device) for j in jobs
                        if ARCHITECTURES[j["architecture"]].normalize_inputs == norm] for norm in streams}
     start_step, elapsed = 0, 0.0
@@ -213,6 +219,8 @@ def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, devic
     # Seeds of a configuration step as one stack (actors/stacked.py), each with its own (possibly resumed)
     # optimizer; `trainers` stays the per-seed view.
     groups = {norm: group_trainers(ts, hp, d_in) for norm, ts in trainers.items()}
+    every_trainer = [t for group in trainers.values() for t in group]
+    targets.apply(every_trainer)
 
     # Evaluation set: the first rows in manifest order, unshuffled, identical for every SAE.
     eval_rows = min(total_rows, hp["eval_tokens"])
@@ -223,18 +231,20 @@ def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, devic
         return save_trained(t, folder, raw or raw_sae(t.sae, scale), eval_sets[t.sae.normalize_inputs],
                             d_in=d_in, hookpoint=hookpoint, hp=hp, num_steps=num_steps,
                             seconds=time.perf_counter() - start, resumed_from_tokens=start_step * hp["batch_size"],
-                            node_id=node_id, extra=extra)
+                            node_id=node_id, extra=extra, steered_params=targets.params(t.job),
+                            target_metrics=targets.metrics(t.job))
 
     def snapshot(step: int) -> None:
         for group in (g for gs in groups.values() for g in gs):
             group.sync_seed_state()  # a stack's optimizer and schedule, written back into each seed's
-        states = {state_key(t.job): _sae_state(t, step, hp, time.perf_counter() - start, device)
-                  for group in trainers.values() for t in group}
+        states = {state_key(t.job): _sae_state(t, step, hp, time.perf_counter() - start, device, targets)
+                  for t in every_trainer}
         with tempfile.TemporaryDirectory(prefix="sae-train-state-") as tmp:
             folder = Path(tmp) / f"step{step:09d}"
             write_training_state(folder, states)
             save_state(folder, step)
 
+    saved = [t for t in every_trainer if not t.job.get("l0_pilot")]  # a pilot only steers its configuration
     start = time.perf_counter() - elapsed  # a resumed run counts the seconds trained before the failure
     bar = progress(num_steps) if progress else None
     if bar is not None and start_step:
@@ -252,11 +262,13 @@ def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, devic
         for norm, batch in zip(streams, per_stream):
             x = torch.from_numpy(batch).to(device)
             logs += [(t.job, m) for g in groups[norm] for t, m in zip(g.trainers, g.step(x))]
+        targets.after_step(step, logs)
+        targets.apply(every_trainer)
         if report and ((step + 1) % hp["log_every"] == 0 or step + 1 == num_steps):
-            report(step + 1, logs)
+            report(step + 1, [(job, m) for job, m in logs if not job.get("l0_pilot")])
         # Intermediate SAEs: saved at the first step that reaches each requested token count.
         while pending and (step + 1) * hp["batch_size"] >= pending[0]:
-            for t in (t for group in trainers.values() for t in group):
+            for t in saved:
                 save(t, checkpoint_folder(t.job["path"], pending[0]))
             pending.pop(0)
         if save_state and ((step + 1) % state_every == 0 or step + 1 == num_steps):
@@ -267,13 +279,19 @@ def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, devic
             after_step(step + 1)
     if bar is not None:
         bar.close()
-    finals = [t for group in trainers.values() for t in group]
-    raws = [raw_sae(t.sae, scale) for t in finals]  # folded once, for the LM loss and for the saved weights
-    lm = [{}] * len(finals)
+    raws = [raw_sae(t.sae, scale) for t in saved]  # folded once, for the LM loss and for the saved weights
+    lm = [{}] * len(saved)
     if hp.get("lm_eval_chunks"):
         model, input_ids = lm_eval_inputs(manifest, hp, device)
         lm = spliced_lm_metrics(model, hookpoint, raws, input_ids)
-    return [save(t, Path(t.job["path"]), extra, raw) for t, extra, raw in zip(finals, lm, raws)]
+    results = [save(t, Path(t.job["path"]), extra, raw) for t, extra, raw in zip(saved, lm, raws)]
+    for r in results:
+        target, reached = r["metrics"].get("target_l0"), r["metrics"]["l0"]
+        if target is not None and abs(math.log(max(reached, 1e-9) / target)) > math.log(1 + L0_TOLERANCE):
+            log.warning("%s seed %s: L0 %.1f, target %s: the L1 coefficient could not be steered there in %d steps "
+                        "(more training tokens let the penalty act)", r["job"].get("configuration"),
+                        r["job"]["seed"], reached, target, num_steps)
+    return results
 
 
 def raw_sae(sae: SparseAutoencoder, scale: float) -> SparseAutoencoder:
@@ -287,9 +305,13 @@ def raw_sae(sae: SparseAutoencoder, scale: float) -> SparseAutoencoder:
 
 def save_trained(t: SAETrainer, folder: Path, raw: SparseAutoencoder, eval_set: list[torch.Tensor], *, d_in: int,
                  hookpoint: str, hp: dict, num_steps: int, seconds: float, resumed_from_tokens: int = 0,
-                 node_id: str | None = None, extra: dict | None = None) -> dict:
-    """Evaluate `t.sae` on `eval_set` and save `raw` (its weights on raw activations) with cfg and metrics."""
+                 node_id: str | None = None, extra: dict | None = None, steered_params: dict | None = None,
+                 target_metrics: dict | None = None) -> dict:
+    """Evaluate `t.sae` on `eval_set` and save `raw` (its weights on raw activations) with cfg and metrics.
+    `steered_params`: hyper-parameters a target steered during training, at their final values (`SparsityTargets`);
+    `target_metrics`: what the target and its steering record."""
     cfg = sae_folder_cfg(t.job, d_in, hookpoint, hp, num_steps, t.dead_window)
+    cfg["params"] = t.job["params"] | (steered_params or {})
     cfg |= {"data_digest": t.digest.hexdigest(), "tokens": t.tokens_seen}
     metrics, frequency = evaluate(t.sae, eval_set)
     metrics["dead_fraction"] = float(((t.tokens_seen - t.last_fired) >= t.dead_window).float().mean())
@@ -297,16 +319,20 @@ def save_trained(t: SAETrainer, folder: Path, raw: SparseAutoencoder, eval_set: 
     if node_id is not None:
         metrics["node_id"] = node_id
     if "calibration" in t.job:
-        metrics |= t.job["calibration"]
+        metrics |= t.job["calibration"] | (target_metrics or {})
     metrics |= extra or {}
     save_sae_folder(folder, raw.state_dict(), cfg, metrics, firing_frequency=frequency)
     return {"job": t.job, "metrics": metrics, "data_digest": cfg["data_digest"]}
 
 
-def _sae_state(t: SAETrainer, step: int, hp: dict, seconds: float, device: torch.device) -> SAEState:
+L0_TOLERANCE = 0.15  # relative miss of a target L0 that is worth a warning
+
+
+def _sae_state(t: SAETrainer, step: int, hp: dict, seconds: float, device: torch.device,
+               targets: SparsityTargets) -> SAEState:
     """One SAE's training state plus what the whole worker resumes from: the step (the data position), the RNG
     state (no step draws random numbers today; an architecture that does must still continue identically),
-    the job as calibrated, and the settings the state is valid for."""
+    the job as calibrated, its configuration's L0 controller, and the settings the state is valid for."""
     tensors, meta = t.state()
     tensors["rng.torch"] = torch.get_rng_state()
     if device.type == "cuda":
@@ -314,7 +340,7 @@ def _sae_state(t: SAETrainer, step: int, hp: dict, seconds: float, device: torch
     meta |= {"step": step, "train_seconds": seconds,
              "train_hash": hp.get("train_hash"), "batch_size": hp["batch_size"], "data_seed": hp["data_seed"],
              "job": {k: t.job.get(k) for k in _JOB_IDENTITY}, "params": t.job["params"],
-             "calibration": t.job.get("calibration")}
+             "calibration": t.job.get("calibration"), "l0_control": targets.state(t.job)}
     return tensors, meta
 
 
@@ -341,6 +367,8 @@ def _usable_state(resume: dict[str, SAEState] | None, jobs: list[dict], hp: dict
             problems.append(f"{job['path']}: another job")
         if any(meta["params"].get(k) != v for k, v in job["params"].items() if v is not None):
             problems.append(f"{job['path']}: other parameters")
+        if is_steered(job) and not meta.get("l0_control"):
+            problems.append(f"{job['path']}: no L0 controller state")
         if (meta["train_hash"], meta["batch_size"], meta["data_seed"]) != (
                 hp.get("train_hash"), hp["batch_size"], hp["data_seed"]):
             problems.append(f"{job['path']}: other training settings")
@@ -378,29 +406,20 @@ def lm_eval_inputs(manifest: dict, hp: dict, device: torch.device) -> tuple[torc
 
 
 def _calibrate_sparsity(jobs: list[dict], streams: dict, d_in: int, hp: dict, device: torch.device) -> list[dict]:
-    """Jobs with a `target_l0` get the L1 coefficient that reaches it, found once per configuration (probing with its
-    smallest seed) so that its seeds still differ only in their init."""
+    """Jobs with a `target_l0` get the L1 coefficient their training starts from (`calibration`), found once per
+    configuration by short probes with its smallest seed; the controller (`SparsityTargets`) takes it from there."""
     found: dict[str, tuple[float, float]] = {}
     out = []
     for job in jobs:
-        params = job["params"]
-        if params.get("target_l0") is None or params.get("l1_coefficient") is not None:
+        if not is_steered(job):
             out.append(job)
             continue
         conf = job.get("configuration", "")
         if conf not in found:
-            # (`calibration_seed`: the configuration's seeds were split over workers; see orchestrator train stage)
-            seed = job.get("calibration_seed", min(j["seed"] for j in jobs if j.get("configuration", "") == conf))
             stream = streams[ARCHITECTURES[job["architecture"]].normalize_inputs]
-            found[conf] = calibrate_l1_coefficient(job | {"seed": seed}, stream, d_in, hp, device)
-            reached = found[conf][1]
-            if abs(math.log(max(reached, 1e-9) / params["target_l0"])) > math.log(1.25):
-                log.warning("%s: no L1 coefficient reaches L0 %s in the calibration probes (closest: %.1f); "
-                            "more training tokens or a higher train.lr let the penalty act sooner",
-                            conf, params["target_l0"], reached)
+            found[conf] = calibrate_l1_coefficient(job | {"seed": steering_seed(job, jobs)}, stream, d_in, hp, device)
         coefficient, probe_l0 = found[conf]
-        out.append(job | {"params": params | {"l1_coefficient": coefficient},
-                          "calibration": {"calibrated_l1_coefficient": coefficient, "calibration_probe_l0": probe_l0}})
+        out.append(job | {"calibration": {"initial_l1_coefficient": coefficient, "calibration_probe_l0": probe_l0}})
     return out
 
 

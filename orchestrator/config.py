@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from actors.calibration import HOLD_FRACTION
 from actors.sae import ARCHITECTURES
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
@@ -118,6 +119,11 @@ class SAEGridConfig(_Strict):
                     f"architectures[{i}].name={name!r} is not a registered architecture; "
                     f"allowed: {sorted(ARCHITECTURES)}"
                 )
+            if "target_l0" in spec and ARCHITECTURES[name].target_l0_controls is None:
+                steerable = sorted(n for n, a in ARCHITECTURES.items() if a.target_l0_controls)
+                raise ValueError(f"architectures[{i}].target_l0: {name} has no L1 coefficient to calibrate to a "
+                                 f"target L0 (its sparsity is set by its own hyper-parameters); target_l0 applies to "
+                                 f"{steerable}")
             ARCHITECTURES[name].validate_sweep({k: v for k, v in spec.items() if k != "name"}, where=f"architectures[{i}]")
         return archs
 
@@ -184,6 +190,9 @@ class TrainConfig(_Strict):
     max_stack_bytes: int = Field(8 * 2**30, gt=0, description="Estimated memory (weights, gradients, Adam moments, "
                                  "batch activations) one stack of seeds may use; a configuration whose seeds need more "
                                  "is split into several stacks, which the train stage deals to different workers.")
+    target_l0_hold_fraction: float = Field(
+        HOLD_FRACTION, ge=0, lt=1, description="Final fraction of training in which an L1 coefficient steered to a target L0 "
+        "is held fixed (actors/calibration.py), so each such SAE ends as a fixed-coefficient SAE.")
     log_every: int = Field(50, gt=0, description="Steps between metric reports.")
     num_workers: int = Field(1, gt=0, description="Ray Train workers; configurations are split across them "
                              "(backend deepspeed: every SAE is trained across all of them).")

@@ -107,9 +107,10 @@ class ExperimentTracker:
                        "chance_shared_init": conf["chance"].get("init_shared", float("nan")),
                        "chance_shared_rotation": conf["chance"].get("rotation_shared", float("nan")),
                        "train_tokens": m["train_tokens"],
-                       # L1-style SAEs trained for a target L0: the coefficient calibration found
-                       **{k: m[k] for k in ("calibrated_l1_coefficient", "calibration_probe_l0", "ce_delta",
-                                            "ce_recovered") if k in m}}
+                       # L1-style SAEs trained for a target L0: the target, the coefficient training started
+                       # from (and its probe's L0) and the one it ended with; `l0` is the L0 reached
+                       **{k: m[k] for k in ("target_l0", "initial_l1_coefficient", "calibration_probe_l0",
+                                            "calibrated_l1_coefficient", "ce_delta", "ce_recovered") if k in m}}
             # Through training: step = training tokens, so the run's chart plots shared fraction against tokens.
             curve = [Metric("shared_fraction_vs_tokens", p["shared"], now, p["tokens"])
                      for p in conf.get("through_training_per_seed", {}).get(sae["seed"], [])]

@@ -297,6 +297,10 @@ def test_gated_recovers_planted_directions():
     ({"name": "jumprelu", "l0_coefficient": [1, -1]}, "architectures[0].l0_coefficient"),
     ({"name": "gated", "l1_coefficient": 0}, "architectures[0].l1_coefficient"),
     ({"name": "gated", "l1_coefficient": 1, "k": 4}, "unknown hyper-parameter 'k' for gated"),
+    ({"name": "gated", "l1_coefficient": 1, "target_l0": 8}, "give exactly one of l1_coefficient and target_l0"),
+    ({"name": "gated"}, "give l1_coefficient or target_l0"),
+    ({"name": "gated", "target_l0": 0}, "architectures[0].target_l0"),
+    ({"name": "jumprelu", "l0_coefficient": 1, "target_l0": 8}, "jumprelu has no L1 coefficient to calibrate"),
 ])
 def test_invalid_hyper_parameters_fail_before_training(arch, expected):
     from orchestrator.config import ConfigError, parse_config
@@ -308,6 +312,23 @@ def test_invalid_hyper_parameters_fail_before_training(arch, expected):
     with pytest.raises(ConfigError) as err:
         parse_config(base)
     assert expected in str(err.value)
+
+
+def test_gated_takes_a_target_l0_as_relu_l1_does(tmp_path):
+    """Gated SAEs share relu_l1's target L0: the L1 coefficient is steered (one for both seeds), held at the end
+    and recorded; the stacked-free path (gated trains seed by seed) gives each seed the same coefficients."""
+    x, _ = planted_data(4096)
+    manifest = write_manifest(tmp_path / "acts", x)
+    jobs = [{"configuration": "g", "architecture": "gated", "params": {"l1_coefficient": None, "target_l0": 6.0},
+             "width": 32, "seed": s, "path": str(tmp_path / f"seed{s}"), "run_id": None} for s in (0, 1)]
+    results = train_saes(jobs, manifest, "layers.0.mlp", HP | {"lr": 1e-3}, torch.device("cpu"))
+    metrics = [r["metrics"] for r in results]
+    assert metrics[0]["calibrated_l1_coefficient"] == metrics[1]["calibrated_l1_coefficient"]
+    assert metrics[0]["calibrated_l1_coefficient"] != metrics[0]["initial_l1_coefficient"]
+    assert all(m["target_l0"] == 6.0 for m in metrics)
+    cfg = json.loads((tmp_path / "seed1" / "cfg.json").read_text())
+    assert cfg["params"] == {"l1_coefficient": metrics[0]["calibrated_l1_coefficient"], "target_l0": 6.0}
+    assert load_sae(tmp_path / "seed1").params.l1_coefficient == metrics[0]["calibrated_l1_coefficient"]
 
 
 def test_list_hyper_parameters_sweep_as_lists_of_lists():

@@ -30,6 +30,10 @@ BASE = yaml.safe_load(TINY.read_text())
     ("sae.architectures=[{name: relu_l1, l1_coefficient: 1, target_l0: 8}]", "give exactly one of l1_coefficient"),
     ("sae.architectures=[{name: relu_l1}]", "give l1_coefficient or target_l0"),
     ("sae.architectures=[{name: relu_l1, target_l0: 64}]", "target_l0=64.0 must be below the width (64)"),
+    ("sae.architectures=[{name: relu_l1, target_l0: 0}]", "architectures[0].target_l0: Input should be greater than 0"),
+    ("sae.architectures=[{name: relu_l1, target_l0: -4}]", "architectures[0].target_l0: Input should be greater than 0"),
+    ("sae.architectures=[{name: topk, k: 4, target_l0: 4}]",
+     "architectures[0].target_l0: topk has no L1 coefficient to calibrate to a target L0"),
     # tiny.yaml: one pass over 16,384 generated tokens unless train.tokens says otherwise.
     ("train.checkpoint_tokens=[1024,16384]", "checkpoint_tokens [16384] must be below the training budget of 16384"),
 ])

@@ -54,7 +54,8 @@ def test_missing_deepspeed_names_the_field_and_the_install(monkeypatch):
     ("sae.architectures=[{name: batchtopk, k: 4}]", "batchtopk keeps the k x batch largest activations"),
     ("sae.architectures=[{name: matryoshka, k: 4}]", "matryoshka keeps the k x batch largest activations"),
     ("sae.architectures=[{name: topk, k: 4, auxk_alpha: [0, 0.03]}]", "AuxK (auxk_alpha > 0)"),
-    ("sae.architectures=[{name: relu_l1, target_l0: 8}]", "target_l0 is calibrated by probe runs"),
+    ("sae.architectures=[{name: relu_l1, target_l0: 8}]", "target_l0 steers the L1 coefficient"),
+    ("sae.architectures=[{name: gated, target_l0: 8}]", "target_l0 steers the L1 coefficient"),
 ])
 def test_incompatible_settings_are_refused(deepspeed_present, override, expected):
     with pytest.raises(ConfigError) as err:

@@ -72,6 +72,9 @@ def test_resume_in_process_is_bit_identical(tmp_path):
         assert res["metrics"]["resumed_from_tokens"] == 8 * 256 and ref["metrics"]["resumed_from_tokens"] == 0
         if ref["job"]["architecture"] == "relu_l1":  # the calibration came back with the state
             assert res["job"]["calibration"] == ref["job"]["calibration"]
+            # and the L0 controller's state: it steered the coefficient after the resume point as it did before
+            assert res["metrics"]["calibrated_l1_coefficient"] == ref["metrics"]["calibrated_l1_coefficient"]
+            assert ref["metrics"]["calibrated_l1_coefficient"] != ref["metrics"]["initial_l1_coefficient"]
         assert_same_weights(Path(ref["job"]["path"]), Path(res["job"]["path"]))
         assert_same_weights(checkpoint_folder(ref["job"]["path"], 4096), checkpoint_folder(res["job"]["path"], 4096))
     # A state for other jobs is not used: training starts from the beginning.

@@ -2,8 +2,8 @@
 without a stacked forward, and splits a configuration's seeds into several stacks without changing results."""
 
 import json
+from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -117,6 +117,42 @@ def test_saved_folders_do_not_depend_on_stacking_or_splitting(tmp_path, monkeypa
     assert curves(runs["stacked"][1]) == curves(runs["alone"][1]) == curves(runs["split"][1])
 
 
+def test_a_target_l0_steers_every_seed_alike_however_the_seeds_are_grouped(tmp_path):
+    """A configuration with a target L0 trained seed by seed, as one stack, and split over two workers (the part
+    without seed 0 trains it as an unsaved pilot to steer by): the same coefficients, so the same folders, bitwise."""
+    from orchestrator.stages.train import _split_groups
+
+    x, _ = planted_data(4096)
+    manifest = write_manifest(tmp_path / "acts", x)
+    per_seed = stack_bytes_per_seed(32, 32, HP["batch_size"])
+
+    def jobs(out):
+        return [{"configuration": "c", "architecture": "relu_l1", "params": {"l1_coefficient": None, "target_l0": 6.0},
+                 "width": 32, "seed": s, "path": str(tmp_path / out / f"seed{s}"), "run_id": None} for s in (0, 1, 2)]
+
+    def train(js, hp):
+        return train_saes(js, manifest, "layers.0.mlp", HP | {"checkpoint_tokens": [1024]} | hp, torch.device("cpu"))
+
+    train(jobs("alone"), {"stack_seeds": False})
+    train(jobs("stacked"), {})
+    parts = _split_groups([jobs("workers")], 32, HP["batch_size"], 2 * per_seed)
+    assert [[j["seed"] for j in p] for p in parts] == [[0, 1], [2, 0]] and parts[1][1]["l0_pilot"]
+    results = [r for part in parts for r in train(part, {"max_stack_bytes": 2 * per_seed})]  # one call per worker
+    assert sorted(r["job"]["seed"] for r in results) == [0, 1, 2]  # the pilot is neither returned nor saved
+    assert not any(p.name.endswith("l0-pilot") for p in (tmp_path / "workers").rglob("*"))
+    steered = _folder(tmp_path / "alone" / "seed0")[2]
+    assert steered["calibrated_l1_coefficient"] != steered["initial_l1_coefficient"]  # it moved during the run
+    for s in (0, 1, 2):
+        for sub in (Path(), Path("checkpoints") / "tokens1024"):
+            want = _folder(tmp_path / "alone" / sub / f"seed{s}")
+            for run in ("stacked", "workers"):
+                got = _folder(tmp_path / run / sub / f"seed{s}")
+                assert got[0].keys() == want[0].keys()
+                for key in want[0]:
+                    assert torch.equal(got[0][key], want[0][key]), (run, s, sub, key)
+                assert got[1] == want[1] and got[2] == want[2], (run, s, sub)
+
+
 def test_grouping_stacks_supported_seeds_and_falls_back_for_the_rest(monkeypatch):
     monkeypatch.setitem(ARCHITECTURES, _UnstackedTopK.name, _UnstackedTopK)
     cpu = torch.device("cpu")
@@ -154,14 +190,21 @@ def test_train_stage_deals_split_stacks_as_groups_and_keeps_the_hash():
 
     from .conftest import TINY
 
-    group = [{"configuration": "c", "architecture": "relu_l1", "params": {"target_l0": 4}, "width": 64, "seed": s}
-             for s in (3, 1, 2)]
+    group = [{"configuration": "c", "architecture": "relu_l1", "params": {"target_l0": 4, "l1_coefficient": None},
+              "width": 64, "seed": s, "path": f"out/seed{s}", "run_id": f"run{s}"} for s in (3, 1, 2)]
     budget = 2 * stack_bytes_per_seed(16, 64, 256)
     parts = _split_groups([group], 16, 256, budget)
-    assert [[j["seed"] for j in p] for p in parts] == [[3, 1], [2]]
-    # Wherever its seeds train, the configuration's L1 coefficient is calibrated with its smallest seed.
+    assert [[j["seed"] for j in p] for p in parts] == [[3, 1], [2, 1]]
+    # Wherever its seeds train, the configuration's L1 coefficient is calibrated with its smallest seed; a part
+    # without that seed trains it too, as a pilot that steers the coefficient and is never saved.
     assert {j["calibration_seed"] for p in parts for j in p} == {1}
+    pilot = parts[1][1]
+    assert pilot["l0_pilot"] and pilot["path"] == "out/seed2.l0-pilot" and pilot["run_id"] is None
+    assert not any(j.get("l0_pilot") for j in parts[0] + parts[1][:1])
     assert _split_groups([group], 16, 256, 10 * budget) == [[j | {"calibration_seed": 1} for j in group]]
+    # A given coefficient needs no steering, hence no pilot.
+    given = [j | {"params": {"l1_coefficient": 0.1, "target_l0": None}} for j in group]
+    assert [[j["seed"] for j in p] for p in _split_groups([given], 16, 256, budget)] == [[3, 1], [2]]
     manifest = {"config_hash": "x"}
     hashes = {train_hash(load_config(TINY, over), manifest)
               for over in ([], ["train.stack_seeds=false"], ["train.max_stack_bytes=1000"])}

@@ -40,6 +40,9 @@ class SparseAutoencoder(nn.Module):
     adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
     # Hyper-parameters whose single value is a list (e.g. Matryoshka group sizes): a sweep of them is a list of lists.
     list_params: ClassVar[frozenset[str]] = frozenset()
+    # The hyper-parameter a `target_l0` steers during training (an L1-style coefficient; actors/calibration.py);
+    # None: the architecture takes no target L0.
+    target_l0_controls: ClassVar[str | None] = None
 
     def __init__(self, d_in: int, num_latents: int, params: BaseModel):
         super().__init__()

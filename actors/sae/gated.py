@@ -9,26 +9,27 @@ row norms (Anthropic's penalty, as SAELens uses it instead of the paper's unit-n
 auxiliary loss: ReLU(pi_gate) must reconstruct x through a frozen copy of the decoder. The decoder is frozen in the
 penalty's norms too: the paper's authors report that freezing it in one place but not the other trains worse (and
 on planted data it leaves most gates open). Otherwise as relu_l1 (SAELens): inputs scaled to mean norm sqrt(d_in),
-decoder rows initialised at norm 0.1 and left free, encoder = decoder transpose, zero biases, lr 2e-4.
+decoder rows initialised at norm 0.1 and left free, encoder = decoder transpose, zero biases, lr 2e-4. As relu_l1,
+the L1 coefficient can be steered to a target L0 instead (`target_l0`).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
 from .base import SparseAutoencoder, unit_rows
+from .l1_target import L1Params, TargetL0
 
 
-class GatedParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    l1_coefficient: float = Field(..., gt=0, description="Weight of the decoder-norm-weighted L1 penalty on "
-                                  "ReLU(gate pre-activations).")
+class GatedParams(L1Params):
+    l1_coefficient: float | None = Field(None, gt=0, description="Weight of the decoder-norm-weighted L1 penalty on "
+                                         "ReLU(gate pre-activations).")
 
 
-class GatedSAE(SparseAutoencoder):
+class GatedSAE(TargetL0, SparseAutoencoder):
     name = "gated"
     Params = GatedParams
     normalize_inputs = True
@@ -45,7 +46,8 @@ class GatedSAE(SparseAutoencoder):
 
     @classmethod
     def check_data_parallel(cls, params):
-        return None  # squared error, L1 and the auxiliary reconstruction, all means over tokens
+        # otherwise squared error, L1 and the auxiliary reconstruction, all means over tokens
+        return cls.target_l0_data_parallel(params)
 
     @classmethod
     def recipe_lr(cls, num_latents: int) -> float:
@@ -81,7 +83,7 @@ class GatedSAE(SparseAutoencoder):
         l1 = (gate * frozen.norm(dim=-1)).sum(-1).mean()
         via_gate = gate @ frozen + self.b_dec.detach()
         aux = (x - via_gate).pow(2).sum(-1).mean()
-        return mse + self.params.l1_coefficient * l1 + aux
+        return mse + self.l1_coefficient * l1 + aux
 
     @torch.no_grad()
     def after_optimizer_step(self):

@@ -1,32 +1,23 @@
 """ReLU SAE with an L1 penalty weighted by decoder row norms (SAELens' standard training).
 
-The L1 coefficient is given directly, or found for a target L0 (`target_l0`) by actors/calibration.py before
-training, so that ReLU+L1 can be compared with TopK at the same sparsity.
+The L1 coefficient is given directly, or steered during training to a target L0 (`target_l0`; actors/calibration.py),
+so that ReLU+L1 can be compared with TopK at the same sparsity.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .base import SparseAutoencoder, unit_rows
+from .l1_target import L1Params, TargetL0
 
 
-class ReluL1Params(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    l1_coefficient: float | None = Field(None, gt=0, description="Weight of the decoder-norm-weighted L1 penalty.")
-    target_l0: float | None = Field(None, gt=0, description="Calibrate the L1 coefficient to reach this L0 instead.")
-
-    @model_validator(mode="after")
-    def _a_sparsity_setting(self):
-        # Both are present once calibration has filled in the coefficient for a target.
-        if self.l1_coefficient is None and self.target_l0 is None:
-            raise ValueError("give l1_coefficient or target_l0")
-        return self
+class ReluL1Params(L1Params):
+    pass
 
 
-class ReluL1SAE(SparseAutoencoder):
+class ReluL1SAE(TargetL0, SparseAutoencoder):
     name = "relu_l1"
     Params = ReluL1Params
     normalize_inputs = True
@@ -40,23 +31,8 @@ class ReluL1SAE(SparseAutoencoder):
             self.encoder.bias.zero_()
 
     @classmethod
-    def validate_sweep(cls, spec, where):
-        if "l1_coefficient" in spec and "target_l0" in spec:
-            raise ValueError(f"{where}: give exactly one of l1_coefficient and target_l0")
-        super().validate_sweep(spec, where)
-
-    @classmethod
-    def check_width(cls, params, width):
-        if params.get("target_l0") is not None and params["target_l0"] >= width:
-            return f"target_l0={params['target_l0']} must be below the width ({width})"
-        return None
-
-    @classmethod
     def check_data_parallel(cls, params):
-        if params.get("target_l0") is not None:
-            return ("target_l0 is calibrated by probe runs of the whole SAE on one worker; give l1_coefficient "
-                    "instead")
-        return None  # squared error and L1, both means over tokens
+        return cls.target_l0_data_parallel(params)  # otherwise squared error and L1, both means over tokens
 
     @classmethod
     def recipe_lr(cls, num_latents: int) -> float:
@@ -74,8 +50,6 @@ class ReluL1SAE(SparseAutoencoder):
         return {"architecture": "standard"}, {}
 
     def loss(self, x, x_hat, z, fvu):
-        if self.params.l1_coefficient is None:
-            raise RuntimeError("relu_l1 with target_l0: calibrate the L1 coefficient before training")
         mse = (x - x_hat).pow(2).sum(-1).mean()
         l1 = (z * self.W_dec.norm(dim=-1)).sum(-1).mean()
-        return mse + self.params.l1_coefficient * l1
+        return mse + self.l1_coefficient * l1

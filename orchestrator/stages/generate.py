@@ -22,7 +22,7 @@ import pyarrow as pa
 import ray
 from tqdm.auto import tqdm
 
-from actors.activations import ActivationShardWriter, record_rel
+from actors.activations import ActivationShardWriter
 from actors.corpus import load_documents, pack_chunks
 from actors.models import build_local_model, load_tokenizer, resolve_hookpoints, skeleton_model
 from actors.storage import ActivationStore

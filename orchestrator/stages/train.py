@@ -18,6 +18,7 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from actors.calibration import is_steered
 from actors.checkpoint import METRICS, checkpoint_folder, write_json_atomic
 from actors.checkpoint import is_trained
 from actors.deepspeed_backend import train_loop_per_worker as deepspeed_train_loop
@@ -59,11 +60,19 @@ def train_hparams(cfg: ExperimentConfig, manifest: dict) -> dict:
 def _split_groups(groups: list[list[dict]], d_in: int, batch_size: int, max_stack_bytes: int) -> list[list[dict]]:
     """Each configuration's seeds in stacks that fit the memory budget (actors/stacked.py), as separate groups,
     which the workers deal round-robin. Every worker reads the same stream, so split seeds still see the same
-    batches; the L1 calibration still probes with the configuration's smallest seed."""
+    batches; the L1 calibration still probes with the configuration's smallest seed, and a part without that seed
+    whose coefficient is steered to a target L0 also trains it as a pilot (steering only, never saved), so that
+    every part follows the same coefficients."""
     out = []
     for group in groups:
-        probe = {"calibration_seed": min(j["seed"] for j in group)}
-        out.extend([[j | probe for j in part] for part in split_seeds(group, d_in, batch_size, max_stack_bytes)])
+        first = min(group, key=lambda j: j["seed"])
+        probe = {"calibration_seed": first["seed"]}
+        for part in split_seeds(group, d_in, batch_size, max_stack_bytes):
+            part = [j | probe for j in part]
+            if is_steered(first) and first["seed"] not in {j["seed"] for j in part}:
+                # its own path (the state of a training-state checkpoint is keyed by path); no MLflow run
+                part.append(first | probe | {"l0_pilot": True, "path": part[0]["path"] + ".l0-pilot", "run_id": None})
+            out.append(part)
     return out
 
 
