@@ -6,9 +6,11 @@ b_dec [S, d]) and each batch is hashed once for all of them. How a stack steps d
 - a batched forward registered in `STACKED_FORWARD` (relu_l1) encodes and decodes all seeds with one batched
   matmul each, with one backward;
 - the TopK family (`SEED_BY_SEED`) steps seed after seed, each through its own `SAETrainer.train_on`: its
-  sparse codes leave only the encoder matmul to batch, and batching that would hold [S, batch, width]
-  pre-activations, which on a CPU cost more (cache misses, page faults) than they save; a seed's forward,
-  backward and Adam then also run while its weights are still in cache.
+  sparse codes leave only the (no-grad) encoder matmul that chooses the latents to batch. On a GPU one batched
+  matmul computes every seed's encoder outputs [S, batch, width] first (one seed's matmul leaves much of a GPU
+  idle); on a CPU each seed computes its own, which keeps its forward, backward and Adam on weights still in
+  cache (one matmul already fills the cores, and an [S, batch, width] tensor costs more in cache misses and page
+  faults than it saves). `batch_encoder` overrides the choice.
 
 Each seed's result is the one it gets trained alone (`SAETrainer`): bitwise on CPU (tests/test_stacked.py), because
 
@@ -116,8 +118,10 @@ class StackedTrainer:
     `tokens_seen` and digest always show the current state, so saving, evaluating and checkpointing them needs
     nothing from this class."""
 
-    def __init__(self, trainers):
+    def __init__(self, trainers, batch_encoder: bool | None = None):
         self.trainers = trainers
+        # TopK family: every seed's encoder outputs from one batched matmul (default: on GPUs; see the module doc).
+        self.batch_encoder = batch_encoder
         self.saes = [t.sae for t in trainers]
         self.forward = STACKED_FORWARD.get(type(self.saes[0]))  # None: seed by seed
         names = {name for name, _ in self.saes[0].named_parameters()}
@@ -142,6 +146,14 @@ class StackedTrainer:
     def sync_seed_state(self) -> None:
         """Nothing to do: each seed's own optimizer and schedule are the live ones."""
 
+    @torch.no_grad()
+    def encoder_outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """encoder(x - b_dec) of every seed, [S, batch, width], in one batched matmul (TopK family: before the
+        relu, as `TopKSAE.encoder_outputs`; per seed the same bits on CPU, see `_pre_activations`)."""
+        p = self.params
+        centred = x.unsqueeze(0) - p["b_dec"].unsqueeze(1)
+        return torch.baddbmm(p["encoder.bias"].unsqueeze(1), centred, p["encoder.weight"].mT)
+
     def step(self, x: torch.Tensor) -> list[dict[str, float]]:
         if not self.trainers[0].initialised:
             for t in self.trainers:
@@ -149,8 +161,14 @@ class StackedTrainer:
                 t.initialised = True
         self.digest.update(x.detach().cpu().numpy().tobytes())
         if self.forward is None:
-            # Each seed's whole step before the next one's, while its weights are still in cache.
-            metrics = [t.train_on(x) for t in self.trainers]
+            # Each seed's whole step before the next one's, while its weights are still in cache. The batched
+            # encoder outputs are taken before any seed steps, from the weights each seed's own forward would see.
+            batched = x.is_cuda if self.batch_encoder is None else self.batch_encoder
+            if batched:
+                pres = self.encoder_outputs(x).unbind(0)
+                metrics = [t.train_on(x, pre=pre) for t, pre in zip(self.trainers, pres)]
+            else:
+                metrics = [t.train_on(x) for t in self.trainers]
             self.tokens_seen += x.shape[0]
             return metrics
         dead = (self.tokens_seen - self.last_fired) >= self.dead_window

@@ -71,13 +71,14 @@ class SAETrainer:
         self.digest.update(x.detach().cpu().numpy().tobytes())
         return self.train_on(x)
 
-    def train_on(self, x: torch.Tensor) -> dict[str, float]:
-        """The step without the digest (a stack of seeds hashes each batch once for all of them)."""
+    def train_on(self, x: torch.Tensor, **forward_inputs) -> dict[str, float]:
+        """The step without the digest (a stack of seeds hashes each batch once for all of them); `forward_inputs`
+        go to the SAE's forward (a stack passes the TopK family its precomputed encoder outputs)."""
         if not self.initialised:
             self.sae.init_from_batch(x)
             self.initialised = True
         self.sae.dead_mask = (self.tokens_seen - self.last_fired) >= self.dead_window
-        out = self.sae(x)
+        out = self.sae(x, **forward_inputs)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         self.sae.before_optimizer_step()

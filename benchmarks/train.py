@@ -3,6 +3,7 @@ one stack against S separate trainers, with peak memory; one run, same activatio
 
     python benchmarks/train.py                                  # d_in 256, width 4096, k 32, batch 1024, S 8
     python benchmarks/train.py --d-in 768 --width 16384 --steps 20 --repeats 5
+    python benchmarks/train.py --device cuda --d-in 768 --width 32768 --batch 4096 --steps 50   # on a GPU
 
 Rows (each measurement in a fresh spawned process, so its peak RSS (ru_maxrss) is its own; modes interleaved
 over repeats so that load from other processes hits them alike; medians over repeats):
@@ -17,7 +18,15 @@ over repeats so that load from other processes hits them alike; medians over rep
             sparsify is not importable.
 - separate: S `SAETrainer`s (seeds 0..S-1) stepping in turn on each batch (train.stack_seeds=false).
 - stacked:  the same S seeds as one `StackedTrainer` (actors/stacked.py), the default: stacked parameters, each
-            seed's whole step in turn on its slice, one digest of the batch.
+            seed's whole step in turn on its slice, one digest of the batch; on a GPU every seed's encoder
+            outputs come from one batched matmul first.
+- batched:  `stacked` with that batched encoder matmul forced on (on a CPU; on a GPU it is `stacked`).
+- floor:    not a trainer: the rate of the one dense product a TopK step cannot avoid, the encoder's
+            [batch, d_in] x [d_in, width] matmul (2 x d_in x width FLOPs per token), timed in the same process
+            setup; "ours / floor" is how close one SAE's whole step comes to it.
+
+With `--device cuda` every row runs on the GPU (synchronised before the clock stops) and peak memory is
+`torch.cuda.max_memory_allocated`.
 
 tokens/s counts batch rows per second of one SAE's training (for S seeds: rows x S / s, i.e. SAE-tokens). The
 activations are synthetic (sparse non-negative combinations of random unit directions plus noise), generated in
@@ -73,16 +82,23 @@ def _run(mode: str, a: dict) -> dict:
     hp = {"batch_size": a["batch"], "lr": None, "warmup_steps": 10, "grad_clip": 1.0, "dead_window_tokens": None}
     data = batches(steps, a["batch"], a["d_in"])
     rss_inputs = _peak_rss()
-    cpu = torch.device("cpu")
-    seeds = a["seeds"] if mode in ("separate", "stacked") else 1
+    seeds = a["seeds"] if mode in ("separate", "stacked", "batched") else 1
+    device = torch.device(a["device"])
+    data = [x.to(device) for x in data]
 
-    if mode == "sparsify":
+    if mode == "floor":
+        g = torch.Generator().manual_seed(0)
+        W = torch.randn(a["width"], a["d_in"], generator=g).to(device)
+
+        def step(x):
+            torch.mm(x, W.mT)
+    elif mode == "sparsify":
         from sparsify import SparseCoder, SparseCoderConfig
 
         torch.manual_seed(0)
-        sae = SparseCoder(a["d_in"], SparseCoderConfig(num_latents=a["width"], k=a["k"]), device=cpu)
+        sae = SparseCoder(a["d_in"], SparseCoderConfig(num_latents=a["width"], k=a["k"]), device=device)
         opt = torch.optim.Adam(sae.parameters(), lr=2e-4 / (a["width"] / 2**14) ** 0.5)  # sparsify's default lr
-        since_fired = torch.zeros(a["width"], dtype=torch.long)
+        since_fired = torch.zeros(a["width"], dtype=torch.long, device=device)
 
         def step(x):
             out = sae(x, dead_mask=None)
@@ -100,23 +116,38 @@ def _run(mode: str, a: dict) -> dict:
 
         jobs = [{"architecture": "topk", "params": {"k": a["k"]}, "width": a["width"], "seed": s}
                 for s in range(seeds)]
-        trainers = [build_trainer(j, a["d_in"], steps, hp, cpu) for j in jobs]
-        groups = group_trainers(trainers, hp | {"stack_seeds": mode == "stacked", "max_stack_bytes": 2**62},
-                                a["d_in"])
-        assert (mode == "stacked") == (len(groups) == 1 and not isinstance(groups[0], SingleTrainer))
+        trainers = [build_trainer(j, a["d_in"], steps, hp, device) for j in jobs]
+        stacked = mode in ("stacked", "batched")
+        groups = group_trainers(trainers, hp | {"stack_seeds": stacked, "max_stack_bytes": 2**62}, a["d_in"])
+        assert stacked == (len(groups) == 1 and not isinstance(groups[0], SingleTrainer))
+        if mode == "batched":
+            groups[0].batch_encoder = True
 
         def step(x):
             for g in groups:
                 g.step(x)
 
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     for x in data[: a["warmup"]]:
         step(x)
+    sync()
     t = time.perf_counter()
     for x in data[a["warmup"]:]:
         step(x)
+    sync()
     seconds = time.perf_counter() - t
+    if device.type == "cuda":  # the device's memory is the one that limits width and seeds
+        rss_peak, rss_inputs = torch.cuda.max_memory_allocated(device), a["batch"] * a["d_in"] * 4 * steps
+    else:
+        rss_peak = _peak_rss()
     return {"mode": mode, "tokens_per_s": a["steps"] * a["batch"] * seeds / seconds, "seconds": seconds,
-            "rss_peak": _peak_rss(), "rss_inputs": rss_inputs}
+            "rss_peak": rss_peak, "rss_inputs": rss_inputs}
+
+
+MODES = ("ours", "sparsify", "separate", "stacked", "batched", "floor")
 
 
 def measure(mode: str, args: dict) -> dict:
@@ -135,11 +166,13 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--repeats", type=int, default=3, help="fresh processes per mode; medians are printed")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in each process")
-    p.add_argument("--only", nargs="+", choices=["ours", "sparsify", "separate", "stacked"])
+    p.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
+    p.add_argument("--only", nargs="+", choices=MODES)
     args = p.parse_args(argv)
-    a = {k: getattr(args, k) for k in ("d_in", "width", "k", "batch", "seeds", "steps", "warmup", "threads")}
+    a = {k: getattr(args, k) for k in ("d_in", "width", "k", "batch", "seeds", "steps", "warmup", "threads",
+                                       "device")}
 
-    modes = args.only or ["ours", "sparsify", "separate", "stacked"]
+    modes = args.only or list(MODES)
     if "sparsify" in modes:
         try:
             import sparsify  # noqa: F401
@@ -169,6 +202,13 @@ def main(argv=None) -> None:
               f"{med['stacked']['tokens_per_s'] / med['separate']['tokens_per_s']:.2f} (goal >= 2 on a GPU, "
               f"not slower on a CPU: see the docstring); "
               f"peak memory ratio {med['stacked']['rss_peak'] / med['separate']['rss_peak']:.2f}")
+    if "batched" in med and "separate" in med:
+        print(f"batched / separate tokens/s (S={args.seeds}): "
+              f"{med['batched']['tokens_per_s'] / med['separate']['tokens_per_s']:.2f}")
+    if "ours" in med and "floor" in med:
+        print(f"ours / floor tokens/s: {med['ours']['tokens_per_s'] / med['floor']['tokens_per_s']:.2f} "
+              f"(floor: the encoder matmul alone, {2 * args.d_in * args.width / 1e6:.1f} MFLOP per token, "
+              f"{med['floor']['tokens_per_s'] * 2 * args.d_in * args.width / 1e9:.0f} GFLOP/s here)")
 
 
 if __name__ == "__main__":

@@ -30,8 +30,9 @@ def _state(t):
 # d_in 37 and width 45 leave every tensor's size off the SIMD width, so a seed's slice of the stack starts
 # mid-vector: elementwise kernels (Adam) must still round each element as they do on the seed's own tensor.
 @pytest.mark.parametrize("d,width", [(32, 64), (37, 45)])
-@pytest.mark.parametrize("name,params", CASES)
-def test_stacked_steps_equal_single_seed_steps(name, params, d, width):
+@pytest.mark.parametrize("name,params,batch_encoder", [c + (False,) for c in CASES] + [
+    c + (True,) for c in CASES if c[0] != "relu_l1"])  # the TopK family's batched encoder, as on a GPU
+def test_stacked_steps_equal_single_seed_steps(name, params, batch_encoder, d, width):
     x, _ = planted_data(4096, d=d)
     steps, seeds = 40, [0, 1, 2]
     # A short dead window so that latents die and AuxK acts within the test.
@@ -42,6 +43,10 @@ def test_stacked_steps_equal_single_seed_steps(name, params, d, width):
     stacked = [build_trainer(j, d, steps, hp, cpu) for j in jobs]
     [group] = group_trainers(stacked, hp, d)
     assert isinstance(group, StackedTrainer)
+    group.batch_encoder = batch_encoder
+    batched_calls = []
+    encoder_outputs = group.encoder_outputs
+    group.encoder_outputs = lambda x: batched_calls.append(1) or encoder_outputs(x)
     batches = [torch.from_numpy(x[i:i + 256]) for i in range(0, len(x), 256)]
     dead = 0  # the most latents dead before a step: AuxK acts on them
     for step in range(steps):
@@ -58,6 +63,7 @@ def test_stacked_steps_equal_single_seed_steps(name, params, d, width):
         assert torch.equal(a.last_fired, b.last_fired)
         assert a.tokens_seen == b.tokens_seen and a.digest.hexdigest() == b.digest.hexdigest()
     assert not torch.equal(_state(stacked[0])["W_dec"], _state(stacked[1])["W_dec"])  # seeds stayed distinct
+    assert len(batched_calls) == (steps if batch_encoder else 0)
     if params.get("auxk_alpha") and width > 48:  # more latents than planted features: some die
         assert dead > 0  # the AuxK path was exercised
 

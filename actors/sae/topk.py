@@ -82,10 +82,12 @@ class TopKSAE(SparseAutoencoder):
         """The codes' values as a differentiable function of the encoder and b_dec."""
         return encode_selected(codes, x, self.encoder.weight, self.encoder.bias, self.b_dec)
 
-    def forward(self, x: torch.Tensor) -> ForwardOutput:
-        """One batch on sparse codes."""
-        with torch.no_grad():
-            pre = self.encoder_outputs(x)  # no relu: see `select`
+    def forward(self, x: torch.Tensor, pre: torch.Tensor | None = None) -> ForwardOutput:
+        """One batch on sparse codes. `pre`: this batch's `encoder_outputs` when the caller has them already (a
+        stack of seeds computes every seed's in one batched matmul)."""
+        if pre is None:
+            with torch.no_grad():
+                pre = self.encoder_outputs(x)  # no relu: see `select`
         codes = self.select(pre)
         values = self.encode_selected(codes, x)
         x_hat = decode(codes, values, self.W_dec) + self.b_dec
