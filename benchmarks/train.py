@@ -194,22 +194,19 @@ def main(argv=None) -> None:
         spread = ", ".join(f"{r['tokens_per_s']:.0f}" for r in runs[m])
         print(f"{m:>9}: {med[m]['tokens_per_s']:9.0f} tokens/s  peak {med[m]['rss_peak'] / MIB:7.0f} MiB "
               f"(in {med[m]['rss_inputs'] / MIB:.0f})   runs: {spread}")
-    if "ours" in med and "sparsify" in med:
-        print(f"ours / sparsify tokens/s: {med['ours']['tokens_per_s'] / med['sparsify']['tokens_per_s']:.2f} "
-              f"(goal >= 1.0); peak memory ratio {med['ours']['rss_peak'] / med['sparsify']['rss_peak']:.2f}")
-    if "stacked" in med and "separate" in med:
-        print(f"stacked / separate tokens/s (S={args.seeds}): "
-              f"{med['stacked']['tokens_per_s'] / med['separate']['tokens_per_s']:.2f} (goal >= 2 on a GPU, "
-              f"not slower on a CPU: see the docstring); "
-              f"peak memory ratio {med['stacked']['rss_peak'] / med['separate']['rss_peak']:.2f}")
-    if "batched" in med and "separate" in med:
-        print(f"batched / separate tokens/s (S={args.seeds}): "
-              f"{med['batched']['tokens_per_s'] / med['separate']['tokens_per_s']:.2f}")
-    if "ours" in med and "floor" in med:
-        print(f"ours / floor tokens/s: {med['ours']['tokens_per_s'] / med['floor']['tokens_per_s']:.2f} "
-              f"(floor: the encoder matmul alone, {2 * args.d_in * args.width / 1e6:.1f} MFLOP per token, "
-              f"{med['floor']['tokens_per_s'] * 2 * args.d_in * args.width / 1e9:.0f} GFLOP/s here)")
-
+    seeds = f" (S={args.seeds})"
+    for num, den, note in [("ours", "sparsify", "goal >= 1.0"),
+                           ("stacked", "separate", "goal >= 2 on a GPU, not slower on a CPU: see the docstring"),
+                           ("batched", "separate", "the batched encoder; on a GPU, stacked is this"),
+                           ("ours", "floor", "floor: the encoder matmul alone, "
+                            f"{2 * args.d_in * args.width / 1e6:.1f} MFLOP per token")]:
+        if num in med and den in med:
+            ratio = med[num]["tokens_per_s"] / med[den]["tokens_per_s"]
+            memory = "" if den == "floor" else (
+                f"; peak memory ratio {med[num]['rss_peak'] / med[den]['rss_peak']:.2f}")
+            print(f"{num} / {den} tokens/s{seeds if den == 'separate' else ''}: {ratio:.2f} ({note}){memory}")
+    if "floor" in med:
+        print(f"floor rate: {med['floor']['tokens_per_s'] * 2 * args.d_in * args.width / 1e9:.0f} GFLOP/s")
 
 if __name__ == "__main__":
     main()
