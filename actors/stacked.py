@@ -56,10 +56,14 @@ class StackedOutput:
     fired: torch.Tensor  # bool [S, n]
 
 
-def _pre_activations(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """relu(encoder(x - b_dec)) for every seed: [S, B, n]. baddbmm on CPU gives, per seed, F.linear's bits."""
+def _encoder_outputs(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """encoder(x - b_dec) for every seed: [S, B, n]. baddbmm on CPU gives, per seed, F.linear's bits."""
     centred = x.unsqueeze(0) - p["b_dec"].unsqueeze(1)
-    return F.relu(torch.baddbmm(p["encoder.bias"].unsqueeze(1), centred, p["encoder.weight"].mT))
+    return torch.baddbmm(p["encoder.bias"].unsqueeze(1), centred, p["encoder.weight"].mT)
+
+
+def _pre_activations(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    return F.relu(_encoder_outputs(p, x))
 
 
 def _decode(p: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
@@ -107,9 +111,6 @@ class SingleTrainer:
     def step(self, x: torch.Tensor) -> list[dict[str, float]]:
         return [self.trainers[0].step(x)]
 
-    def sync_seed_state(self) -> None:
-        """Nothing to do: the trainer's own optimizer is the live one."""
-
 
 class StackedTrainer:
     """S seeds of one configuration (SAETrainers from `build_trainer`) trained as one stack.
@@ -143,16 +144,10 @@ class StackedTrainer:
         self.dead_window = trainers[0].dead_window
         self.tokens_seen = trainers[0].tokens_seen
 
-    def sync_seed_state(self) -> None:
-        """Nothing to do: each seed's own optimizer and schedule are the live ones."""
-
     @torch.no_grad()
     def encoder_outputs(self, x: torch.Tensor) -> torch.Tensor:
-        """encoder(x - b_dec) of every seed, [S, batch, width], in one batched matmul (TopK family: before the
-        relu, as `TopKSAE.encoder_outputs`; per seed the same bits on CPU, see `_pre_activations`)."""
-        p = self.params
-        centred = x.unsqueeze(0) - p["b_dec"].unsqueeze(1)
-        return torch.baddbmm(p["encoder.bias"].unsqueeze(1), centred, p["encoder.weight"].mT)
+        """Every seed's `TopKSAE.encoder_outputs` (before the relu), [S, batch, width], in one batched matmul."""
+        return _encoder_outputs(self.params, x)
 
     def step(self, x: torch.Tensor) -> list[dict[str, float]]:
         if not self.trainers[0].initialised:

@@ -236,8 +236,6 @@ def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, devic
                             target_metrics=targets.metrics(t.job))
 
     def snapshot(step: int) -> None:
-        for group in (g for gs in groups.values() for g in gs):
-            group.sync_seed_state()  # a stack's optimizer and schedule, written back into each seed's
         states = {state_key(t.job): _sae_state(t, step, hp, time.perf_counter() - start, device, targets)
                   for t in every_trainer}
         with tempfile.TemporaryDirectory(prefix="sae-train-state-") as tmp:
