@@ -43,12 +43,15 @@ def test_invalid_config_names_the_field(override, expected):
     assert expected in str(err.value)
 
 
-def test_cli_rejects_bad_config_before_ray_starts(capsys, tmp_path):
-    assert not ray.is_initialized()
+def test_cli_rejects_bad_config_before_ray_starts(capsys, tmp_path, monkeypatch):
+    def no_ray(*args, **kwargs):  # whatever other tests left running, this run must not reach Ray
+        raise AssertionError("ray.init called for an invalid config")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", no_ray)
     code = main(["run", str(TINY), "--set", "sae.widths=[0]", "--output", str(tmp_path)])
     assert code == 2
     assert "sae.widths" in capsys.readouterr().err
-    assert not ray.is_initialized()
     assert not any(tmp_path.iterdir())  # nothing was written
 
 
