@@ -7,8 +7,8 @@ backend's single-worker step in the same run, with tokens/s and peak memory.
 
 Needs the `deepspeed` extra (README: DeepSpeed backend). Rows, each a fresh Ray Train run (`TorchTrainer`):
 
-- torch:     one worker, one `SAETrainer` (actors/training.py) on the whole batch: the torch backend's step.
-- deepspeed: `--workers` workers (default: every GPU), each a `DataParallelSAE` (actors/deepspeed_backend.py) on its
+- torch:     one worker, one `SAETrainer` (actors/train/training.py) on the whole batch: the torch backend's step.
+- deepspeed: `--workers` workers (default: every GPU), each a `DataParallelSAE` (actors/train/deepspeed_backend.py) on its
              slice of the same batch, ZeRO stage `--zero-stage`: forward, backward with the decoder-gradient
              projection, gradient averaging, clip, Adam, schedule, unit-norm decoder, dead counters, digest.
 
@@ -56,8 +56,8 @@ def _worker(config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from actors.deepspeed_backend import DataParallelSAE, deepspeed_config
-    from actors.training import build_trainer
+    from actors.train.deepspeed_backend import DataParallelSAE, deepspeed_config
+    from actors.train.training import build_trainer
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

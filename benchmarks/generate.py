@@ -46,7 +46,7 @@ def bare_loop(model_folder: Path, tokens_path: Path, batch_size: int) -> float:
     """Seconds for forward passes over every batch of the token table, nothing else."""
     import pyarrow.parquet as pq
 
-    from actors.models import load_model
+    from actors.generate.models import load_model
 
     model = load_model(str(model_folder), None, "float32", False, "cpu")
     ids = torch.tensor(pq.read_table(tokens_path, columns=["input_ids"]).column("input_ids").to_pylist())
@@ -95,7 +95,7 @@ def main() -> None:
 
     import ray
 
-    from actors.models import build_local_model
+    from actors.generate.models import build_local_model
 
     torch.set_num_threads(args.cpus)
     ray.init(address="local", num_cpus=args.cpus, object_store_memory=256 * 2**20, include_dashboard=False,

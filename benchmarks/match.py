@@ -92,7 +92,7 @@ def _run(method: str, n: int, seed: int, pair: bool, k: int, block: int, device:
     t = time.perf_counter()
     for a, b in matrices:
         if method == "dense":
-            from actors.matching import cosine_matrix, max_weight_assignment
+            from actors.compare.matching import cosine_matrix, max_weight_assignment
 
             sim = cosine_matrix(a, b)
             partner = max_weight_assignment(sim)
@@ -101,7 +101,7 @@ def _run(method: str, n: int, seed: int, pair: bool, k: int, block: int, device:
             del sim
             out.setdefault("total", []).append(float(cos.astype(np.float64).sum()))
         else:
-            from actors.sparse_matching import sparse_max_weight_assignment
+            from actors.compare.sparse_matching import sparse_max_weight_assignment
 
             res = sparse_max_weight_assignment(a, b, k=k, block=block, device=device)
             cos = res.cos

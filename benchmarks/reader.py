@@ -27,8 +27,8 @@ import torch  # noqa: E402
 
 
 def write_shards(root: Path, shards: int, rows: int, d: int, dtype: str) -> list[dict]:
-    from actors.activations import PARQUET_OPTIONS, activation_table, to_storage
-    from actors.storage import ActivationStore
+    from actors.store.shards import PARQUET_OPTIONS, activation_table, to_storage
+    from actors.store.storage import ActivationStore
 
     store = ActivationStore(root)
     g = torch.Generator().manual_seed(0)
@@ -43,7 +43,7 @@ def write_shards(root: Path, shards: int, rows: int, d: int, dtype: str) -> list
 
 
 def reader_rate(root: Path, shards: list[dict], batch: int, buffer: int) -> float:
-    from actors.data import ActivationStream
+    from actors.train.data import ActivationStream
 
     total = sum(s["rows"] for s in shards) // batch * batch
     stream = ActivationStream(str(root), shards, batch, 0, total, shuffle_buffer=buffer)
@@ -53,7 +53,7 @@ def reader_rate(root: Path, shards: list[dict], batch: int, buffer: int) -> floa
 
 
 def trainer_rate(d: int, width: int, k: int, batch: int, steps: int) -> float:
-    from actors.training import build_trainer
+    from actors.train.training import build_trainer
 
     hp = {"lr": None, "warmup_steps": 10, "grad_clip": 1.0, "batch_size": batch, "dead_window_tokens": None,
           "tokens": None}

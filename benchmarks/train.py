@@ -8,7 +8,7 @@ one stack against S separate trainers, with peak memory; one run, same activatio
 Rows (each measurement in a fresh spawned process, so its peak RSS (ru_maxrss) is its own; modes interleaved
 over repeats so that load from other processes hits them alike; medians over repeats):
 
-- ours:     one `SAETrainer` (actors/training.py) with TopK, no AuxK: forward on sparse codes (one dense encoder
+- ours:     one `SAETrainer` (actors/train/training.py) with TopK, no AuxK: forward on sparse codes (one dense encoder
             matmul and top-k, then decode and gradients from the kept entries: actors/sae/sparse_codes.py),
             backward, decoder-gradient projection, gradient clip, torch's fused Adam, lr schedule, unit-norm
             decoder, dead counters, data digest.
@@ -17,7 +17,7 @@ over repeats so that load from other processes hits them alike; medians over rep
             projection, Adam, unit-norm decoder, dead counters; no AuxK, no clip). Skipped, with a note, when
             sparsify is not importable.
 - separate: S `SAETrainer`s (seeds 0..S-1) stepping in turn on each batch (train.stack_seeds=false).
-- stacked:  the same S seeds as one `StackedTrainer` (actors/stacked.py), the default: stacked parameters, each
+- stacked:  the same S seeds as one `StackedTrainer` (actors/train/stacked.py), the default: stacked parameters, each
             seed's whole step in turn on its slice, one digest of the batch; on a GPU every seed's encoder
             outputs come from one batched matmul first.
 - batched:  `stacked` with that batched encoder matmul forced on (on a CPU; on a GPU it is `stacked`).
@@ -111,8 +111,8 @@ def _run(mode: str, a: dict) -> dict:
                 since_fired.add_(x.shape[0])
                 since_fired[out.latent_indices.flatten()] = 0
     else:
-        from actors.stacked import SingleTrainer, group_trainers
-        from actors.training import build_trainer
+        from actors.train.stacked import SingleTrainer, group_trainers
+        from actors.train.training import build_trainer
 
         jobs = [{"architecture": "topk", "params": {"k": a["k"]}, "width": a["width"], "seed": s}
                 for s in range(seeds)]

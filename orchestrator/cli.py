@@ -24,8 +24,8 @@ def _run(args) -> int:
 
 
 def _match(args) -> int:
-    from actors.checkpoint import load_sae_weights
-    from actors.matching import match_pair
+    from actors.store.checkpoint import load_sae_weights
+    from actors.compare.matching import match_pair
 
     a, b = load_sae_weights(args.a), load_sae_weights(args.b)
     m = match_pair(a.encoder, a.decoder, b.encoder, b.decoder, args.threshold, args.method, args.device)
@@ -44,7 +44,7 @@ def _match(args) -> int:
 
 
 def _export(args) -> int:
-    from actors.export import export_sae
+    from actors.store.export import export_sae
 
     out = export_sae(args.folder, args.layout, args.out, overwrite=args.force)
     print(f"{args.layout} SAE: {out}")

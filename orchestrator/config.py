@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from actors.calibration import HOLD_FRACTION
+from actors.sae.l1_target import HOLD_FRACTION
 from actors.sae import ARCHITECTURES
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
@@ -192,7 +192,7 @@ class TrainConfig(_Strict):
                                  "is split into several stacks, which the train stage deals to different workers.")
     target_l0_hold_fraction: float = Field(
         HOLD_FRACTION, ge=0, lt=1, description="Final fraction of training in which an L1 coefficient steered to a target L0 "
-        "is held fixed (actors/calibration.py), so each such SAE ends as a fixed-coefficient SAE.")
+        "is held fixed (actors/train/calibration.py), so each such SAE ends as a fixed-coefficient SAE.")
     log_every: int = Field(50, gt=0, description="Steps between metric reports.")
     num_workers: int = Field(1, gt=0, description="Ray Train workers; configurations are split across them "
                              "(backend deepspeed: every SAE is trained across all of them).")

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
-from actors.checkpoint import FREQUENCY, load_firing_frequency
+from actors.store.checkpoint import FREQUENCY, load_firing_frequency
 
 from .config import ExperimentConfig
 from .figures import all_figures, log_density

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from actors.sae import ARCHITECTURES
-from actors.training import build_trainer, evaluate
+from actors.train.training import build_trainer, evaluate
 
 from .test_training import HP, planted_data
 
@@ -84,9 +84,9 @@ def test_relu_l1_ends_at_its_target_l0(tmp_path):
     """A target L0: short probes give the coefficient training starts from, the controller steers it (one for all
     seeds of the configuration) and holds it for the last tenth; every seed's final L0 lands within 15% of the
     target, where the probes' coefficient held fixed for the whole run misses it."""
-    from actors.calibration import calibrate_l1_coefficient
-    from actors.data import ActivationStream
-    from actors.training import train_saes
+    from actors.train.calibration import calibrate_l1_coefficient
+    from actors.train.data import ActivationStream
+    from actors.train.training import train_saes
 
     from .test_training import write_manifest
 

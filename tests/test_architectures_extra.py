@@ -9,9 +9,9 @@ import pytest
 import torch
 import yaml
 
-from actors.checkpoint import load_sae, save_sae_folder
+from actors.store.checkpoint import load_sae, save_sae_folder
 from actors.sae import ARCHITECTURES
-from actors.training import build_trainer, evaluate, sae_folder_cfg, train_saes
+from actors.train.training import build_trainer, evaluate, sae_folder_cfg, train_saes
 
 from .test_training import HP, planted_data, write_manifest
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from actors.corpus import load_documents, pack_chunks
-from actors.models import EOS, byte_level_tokenizer
+from actors.generate.corpus import load_documents, pack_chunks
+from actors.generate.models import EOS, byte_level_tokenizer
 from orchestrator.config import DatasetConfig
 
 

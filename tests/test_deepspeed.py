@@ -12,11 +12,11 @@ import yaml
 from safetensors.torch import load_file
 
 import orchestrator.config as config_module
-from actors.checkpoint import WEIGHTS, checkpoint_folder
-from actors.deepspeed_backend import deepspeed_config, worker_rows
+from actors.store.checkpoint import WEIGHTS, checkpoint_folder
+from actors.train.deepspeed_backend import deepspeed_config, worker_rows
 from actors.sae import ARCHITECTURES
 from actors.sae.base import SparseAutoencoder, batch_variance_total, fraction_of_variance_unexplained, unit_rows
-from actors.training import train_saes
+from actors.train.training import train_saes
 from orchestrator.config import ConfigError, load_config, parse_config
 from orchestrator.plan import plan_configurations
 from orchestrator.stages import train as train_stage

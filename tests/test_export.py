@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from actors.checkpoint import load_sae, load_sae_weights, save_sae_folder
-from actors.export import ExportError, export_sae
+from actors.store.checkpoint import load_sae, load_sae_weights, save_sae_folder
+from actors.store.export import ExportError, export_sae
 from actors.sae import ARCHITECTURES
-from actors.training import sae_folder_cfg
+from actors.train.training import sae_folder_cfg
 
 D, N = 16, 32
 # (architecture, params, input scale folded into the saved weights or None)

@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from actors.activations import (ActivationShardWriter, HookpointCapture, from_storage, read_activations,
-                                screen_nonfinite, to_storage)
-from actors.data import ActivationStream
-from actors.models import build_local_model, load_model
-from actors.storage import ActivationStore
+from actors.generate.activations import ActivationShardWriter, HookpointCapture, screen_nonfinite
+from actors.store.shards import from_storage, read_activations, to_storage
+from actors.train.data import ActivationStream
+from actors.generate.models import build_local_model, load_model
+from actors.store.storage import ActivationStore
 from orchestrator.config import parse_config
 from orchestrator.stages.generate import _load_plan, activation_uri, run_generate
 
@@ -203,7 +203,7 @@ def test_shuffle_buffer_order_is_seeded_and_mixes_shards(tmp_path):
     shards = []
     for sid in range(4):  # row r of shard s holds the value 100 s + r, so a batch's shards are visible
         rows = (100 * sid + np.arange(64, dtype=np.float32))[:, None].repeat(2, axis=1)
-        from actors.activations import activation_table
+        from actors.store.shards import activation_table
         store.write_table(f"h/{sid}.parquet", activation_table(to_storage(torch.from_numpy(rows), "float32"),
                                                                np.zeros(64), np.zeros(64), np.zeros(64), "float32"))
         shards.append({"path": f"h/{sid}.parquet", "rows": 64, "sha256": store.sha256(f"h/{sid}.parquet")})

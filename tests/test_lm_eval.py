@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from actors.lm_eval import spliced_lm_metrics
-from actors.models import build_local_model, load_model
+from actors.train.lm_eval import spliced_lm_metrics
+from actors.generate.models import build_local_model, load_model
 from actors.sae import ARCHITECTURES
 
 BUILD = {"model_type": "gpt_neox", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,

@@ -7,8 +7,8 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from actors.matching import UNMATCHED, cosine_matrix, match_pair
-from actors.nway import nway_counts
+from actors.compare.matching import UNMATCHED, cosine_matrix, match_pair
+from actors.compare.nway import nway_counts
 
 
 def brute_force_partner(sim: np.ndarray) -> np.ndarray:

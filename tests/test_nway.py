@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from actors.matching import match_pair
-from actors.nway import consensus_groups, no_other_seed_curve
+from actors.compare.matching import match_pair
+from actors.compare.nway import consensus_groups, no_other_seed_curve
 
 
 def random_masks(n_seeds, n, rng):

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
-from actors.checkpoint import load_sae_weights
+from actors.store.checkpoint import load_sae_weights
 from orchestrator.cli import main
 from orchestrator.config import load_config
 from orchestrator.pipeline import run_experiment
@@ -179,7 +179,7 @@ def test_overlap_through_training(tiny_run):
     ckpt = {(s["configuration"], s["seed"]): s["checkpoints"][0]["path"] for s in saes}
     a = load_sae_weights(ckpt[(row["configuration"], row["seed_a"])])
     b = load_sae_weights(ckpt[(row["configuration"], row["seed_b"])])
-    from actors.matching import match_pair
+    from actors.compare.matching import match_pair
 
     assert match_pair(a.encoder, a.decoder, b.encoder, b.decoder).statistics()["shared_fraction"] == \
         pytest.approx(row["shared_fraction"])
@@ -195,7 +195,7 @@ def test_overlap_through_training(tiny_run):
 
 
 def test_trained_folders_are_reused_only_with_the_same_settings(tiny_run):
-    from actors.checkpoint import is_trained
+    from actors.store.checkpoint import is_trained
     from orchestrator.stages.train import train_hash
 
     cfg, _ = tiny_run

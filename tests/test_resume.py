@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from actors.checkpoint import METRICS, WEIGHTS, checkpoint_folder
-from actors.train_state import read_training_state
-from actors.training import train_saes
+from actors.store.checkpoint import METRICS, WEIGHTS, checkpoint_folder
+from actors.train.train_state import read_training_state
+from actors.train.training import train_saes
 from orchestrator.config import ConfigError, load_config
 from orchestrator.plan import plan_configurations
 from orchestrator.stages import train as train_stage

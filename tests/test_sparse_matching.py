@@ -1,12 +1,12 @@
-"""The sparse exact matcher against dense scipy (actors/matching.py's route) and its optimality certificate."""
+"""The sparse exact matcher against dense scipy (actors/compare/matching.py's route) and its optimality certificate."""
 
 import numpy as np
 import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from actors.matching import UNMATCHED, cosine_matrix
-from actors.sparse_matching import (
+from actors.compare.matching import UNMATCHED, cosine_matrix
+from actors.compare.sparse_matching import (
     Candidates,
     cost_scale,
     dual_violations,
@@ -174,7 +174,7 @@ def test_rectangular_duals_are_lp_duals():
 
 def test_candidates_bound_everything_else():
     """After the blocked pass, every pair that is not an edge is <= min(row bound, column bound)."""
-    from actors.sparse_matching import _build_candidates
+    from actors.compare.sparse_matching import _build_candidates
 
     rng = np.random.default_rng(10)
     a, b = planted(rng, 333, 257, 24)

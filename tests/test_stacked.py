@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 from actors.sae import ARCHITECTURES
 from actors.sae.topk import TopKSAE
-from actors.stacked import SingleTrainer, StackedTrainer, group_trainers, stack_bytes_per_seed
-from actors.training import build_trainer, train_saes
+from actors.train.stacked import SingleTrainer, StackedTrainer, group_trainers, stack_bytes_per_seed
+from actors.train.training import build_trainer, train_saes
 
 from .test_training import HP, planted_data, write_manifest
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from actors.activations import activation_table, shard_rel, to_storage
-from actors.storage import ActivationStore
-from actors.checkpoint import checkpoint_folder, load_sae_weights
-from actors.data import ActivationStream
+from actors.store.shards import activation_table, shard_rel, to_storage
+from actors.store.storage import ActivationStore
+from actors.store.checkpoint import checkpoint_folder, load_sae_weights
+from actors.train.data import ActivationStream
 from actors.sae import ARCHITECTURES
-from actors.training import build_trainer, evaluate, train_saes
+from actors.train.training import build_trainer, evaluate, train_saes
 
 HP = {"batch_size": 256, "tokens": None, "data_seed": 0, "lr": None, "warmup_steps": 20, "grad_clip": 1.0,
       "dead_window_tokens": None, "log_every": 10, "eval_tokens": 4096}
@@ -139,7 +139,7 @@ def test_relu_l1_saved_weights_act_on_raw_activations(tmp_path):
 
 def test_topk_seeds_share_the_planted_latents():
     """Two init seeds on planted data: the planted directions are what both learn, so they are shared."""
-    from actors.matching import match_pair
+    from actors.compare.matching import match_pair
 
     x, dirs = planted_data(64 * 256)
     saes = []
@@ -162,7 +162,7 @@ def test_topk_seeds_share_the_planted_latents():
 
 
 def test_firing_frequency_is_saved_and_matches_l0(tmp_path):
-    from actors.checkpoint import load_firing_frequency
+    from actors.store.checkpoint import load_firing_frequency
 
     x, _ = planted_data(2048)
     manifest = write_manifest(tmp_path / "acts", x)

@@ -40,7 +40,7 @@ class SparseAutoencoder(nn.Module):
     adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
     # Hyper-parameters whose single value is a list (e.g. Matryoshka group sizes): a sweep of them is a list of lists.
     list_params: ClassVar[frozenset[str]] = frozenset()
-    # The hyper-parameter a `target_l0` steers during training (an L1-style coefficient; actors/calibration.py);
+    # The hyper-parameter a `target_l0` steers during training (an L1-style coefficient; actors/train/calibration.py);
     # None: the architecture takes no target L0.
     target_l0_controls: ClassVar[str | None] = None
 
@@ -53,7 +53,7 @@ class SparseAutoencoder(nn.Module):
         # bool [n_latents]: latents that have not fired within the dead window, kept up to date by the trainer
         # (AuxK-style losses revive them); None outside training.
         self.dead_mask: torch.Tensor | None = None
-        # Data-parallel training (actors/deepspeed_backend.py) steps each worker on a slice of the batch: this is then
+        # Data-parallel training (actors/train/deepspeed_backend.py) steps each worker on a slice of the batch: this is then
         # FVU's denominator over the whole batch divided by the number of slices, so the slices' FVUs average to the
         # whole batch's. None: the batch given is the whole batch.
         self.fvu_denominator: torch.Tensor | None = None
@@ -97,7 +97,7 @@ class SparseAutoencoder(nn.Module):
     @classmethod
     def check_data_parallel(cls, params: dict[str, Any]) -> str | None:
         """A reason this setting cannot be trained data-parallel, each worker on a slice of every batch with the
-        gradients averaged (actors/deepspeed_backend.py), or None. That needs a loss whose slice values average to the
+        gradients averaged (actors/train/deepspeed_backend.py), or None. That needs a loss whose slice values average to the
         whole batch's (means over tokens; FVU through `fvu_denominator`), activations chosen token by token, and
         gradient surgery given as `gradient_transforms`. An architecture opts in by overriding this."""
         return f"{cls.name} has not been checked for data-parallel training"
@@ -157,7 +157,7 @@ class SparseAutoencoder(nn.Module):
             fired=nonzero.any(0),
         )
 
-    # ---- export to other libraries' layouts (actors/export.py) ----
+    # ---- export to other libraries' layouts (actors/store/export.py) ----
     # An architecture declares how each library can compute exactly its latents; None means it cannot, and the
     # export refuses rather than writing an SAE that loads but encodes differently.
     def sparsify_cfg(self) -> dict[str, Any] | None:

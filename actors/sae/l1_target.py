@@ -1,5 +1,5 @@
 """What the L1-style architectures (relu_l1, gated) share: an L1 coefficient given directly, or a target L0
-(`target_l0`) that the coefficient is steered to during training (actors/calibration.py), so that they can be
+(`target_l0`) that the coefficient is steered to during training (actors/train/calibration.py), so that they can be
 compared with TopK at the same sparsity."""
 
 from __future__ import annotations
@@ -7,6 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+HOLD_FRACTION = 0.1  # default of train.target_l0_hold_fraction: the coefficient is held fixed for this final part
 
 
 class L1Params(BaseModel):
@@ -52,5 +54,5 @@ class TargetL0:
     def l1_coefficient(self) -> float:
         """The coefficient the loss uses now (steered ones are set in `params` step by step)."""
         if self.params.l1_coefficient is None:
-            raise RuntimeError(f"{self.name} with target_l0: the L1 coefficient is set by training (actors/training.py)")
+            raise RuntimeError(f"{self.name} with target_l0: the L1 coefficient is set by training (actors/train/training.py)")
         return self.params.l1_coefficient

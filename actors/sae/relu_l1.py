@@ -1,6 +1,6 @@
 """ReLU SAE with an L1 penalty weighted by decoder row norms (SAELens' standard training).
 
-The L1 coefficient is given directly, or steered during training to a target L0 (`target_l0`; actors/calibration.py),
+The L1 coefficient is given directly, or steered during training to a target L0 (`target_l0`; actors/train/calibration.py),
 so that ReLU+L1 can be compared with TopK at the same sparsity.
 """
 

@@ -17,9 +17,9 @@ import ray
 import torch
 from scipy.stats import spearmanr
 
-from actors.checkpoint import load_firing_frequency, load_sae_weights, write_json_atomic, write_parquet_atomic
-from actors.matching import UNMATCHED, match_pair
-from actors.nway import consensus_groups, no_other_seed_curve, nway_counts
+from actors.store.checkpoint import load_firing_frequency, load_sae_weights, write_json_atomic, write_parquet_atomic
+from actors.compare.matching import UNMATCHED, match_pair
+from actors.compare.nway import consensus_groups, no_other_seed_curve, nway_counts
 from actors.sae import ARCHITECTURES
 
 from ..config import ExperimentConfig

@@ -22,10 +22,10 @@ import pyarrow as pa
 import ray
 from tqdm.auto import tqdm
 
-from actors.activations import ActivationShardWriter
-from actors.corpus import load_documents, pack_chunks
-from actors.models import build_local_model, load_tokenizer, resolve_hookpoints, skeleton_model
-from actors.storage import ActivationStore
+from actors.generate.activations import ActivationShardWriter
+from actors.generate.corpus import load_documents, pack_chunks
+from actors.generate.models import build_local_model, load_tokenizer, resolve_hookpoints, skeleton_model
+from actors.store.storage import ActivationStore
 
 from ..config import ExperimentConfig
 

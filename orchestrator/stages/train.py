@@ -1,6 +1,6 @@
 """Train stage: one Ray Train `TorchTrainer` per hookpoint trains every configuration and seed.
 
-With `train.backend: deepspeed` the same trainer runs actors/deepspeed_backend.py's loop instead, which trains
+With `train.backend: deepspeed` the same trainer runs actors/train/deepspeed_backend.py's loop instead, which trains
 the SAEs one at a time, each data-parallel over all the workers.
 
 Reads the generate manifest; writes SAE folders and `saes/manifest.json`, the one thing compare reads.
@@ -18,12 +18,12 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from actors.calibration import is_steered
-from actors.checkpoint import METRICS, checkpoint_folder, write_json_atomic
-from actors.checkpoint import is_trained
-from actors.deepspeed_backend import train_loop_per_worker as deepspeed_train_loop
-from actors.stacked import split_seeds
-from actors.train_worker import train_loop_per_worker
+from actors.train.calibration import is_steered
+from actors.store.checkpoint import METRICS, checkpoint_folder, write_json_atomic
+from actors.store.checkpoint import is_trained
+from actors.train.deepspeed_backend import train_loop_per_worker as deepspeed_train_loop
+from actors.train.stacked import split_seeds
+from actors.train.worker import train_loop_per_worker
 
 from ..config import ExperimentConfig
 from ..plan import SAEConfiguration, slug
@@ -52,13 +52,13 @@ def train_hash(cfg: ExperimentConfig, manifest: dict) -> str:
 
 
 def train_hparams(cfg: ExperimentConfig, manifest: dict) -> dict:
-    """The settings `actors.training.train_saes` gets."""
+    """The settings `actors.train.training.train_saes` gets."""
     return cfg.train.model_dump() | {"eval_tokens": 65536, "train_hash": train_hash(cfg, manifest),
                                      "trust_remote_code": cfg.model.trust_remote_code}
 
 
 def _split_groups(groups: list[list[dict]], d_in: int, batch_size: int, max_stack_bytes: int) -> list[list[dict]]:
-    """Each configuration's seeds in stacks that fit the memory budget (actors/stacked.py), as separate groups,
+    """Each configuration's seeds in stacks that fit the memory budget (actors/train/stacked.py), as separate groups,
     which the workers deal round-robin. Every worker reads the same stream, so split seeds still see the same
     batches; the L1 calibration still probes with the configuration's smallest seed, and a part without that seed
     whose coefficient is steered to a target L0 also trains it as a pilot (steering only, never saved), so that

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import replace_folder, temporary_folder
+from ..store.checkpoint import replace_folder, temporary_folder
 
 STATE_TENSORS = "state.safetensors"
 STATE_META = "state.json"

@@ -31,11 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import checkpoint_folder, is_trained
+from ..sae import ARCHITECTURES, SparseAutoencoder
+from ..sae.base import batch_variance_total
+from ..store.checkpoint import checkpoint_folder, is_trained
 from .data import ActivationStream
 from .lm_eval import spliced_lm_metrics
-from .sae import ARCHITECTURES, SparseAutoencoder
-from .sae.base import batch_variance_total
 from .training import SAETrainer, build_trainer, first_rows, lm_eval_inputs, save_trained
 
 log = logging.getLogger(__name__)
@@ -207,7 +207,7 @@ def train_sae(job: dict, manifest: dict, hookpoint: str, hp: dict, device: torch
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point for `train.backend: deepspeed` (same `train_loop_config` as actors.train_worker's)."""
+    """Ray Train entry point for `train.backend: deepspeed` (same `train_loop_config` as actors.train.worker's)."""
     import ray
     import ray.train
     import ray.train.torch
@@ -215,8 +215,8 @@ def train_loop_per_worker(config: dict) -> None:
     from deepspeed.utils import logger as deepspeed_logger
     from ray.experimental.tqdm_ray import tqdm
 
-    from .storage import ActivationStore
-    from .train_worker import mlflow_reporter
+    from ..store.storage import ActivationStore
+    from .worker import mlflow_reporter
 
     deepspeed_logger.setLevel(logging.WARNING)  # it logs its whole config for every SAE at INFO
     ctx = ray.train.get_context()

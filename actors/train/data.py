@@ -14,8 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .activations import read_activations
-from .storage import ActivationStore
+from ..store.shards import read_activations
+from ..store.storage import ActivationStore
 
 
 class ActivationStream:

@@ -18,15 +18,16 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from ..sae import ARCHITECTURES
+from ..sae.l1_target import HOLD_FRACTION
 from .data import ActivationStream
-from .sae import ARCHITECTURES
+from .trainer import build_trainer
 
 
 def calibrate_l1_coefficient(job: dict, stream: ActivationStream, d_in: int, hp: dict, device: torch.device,
                              steps: int = 100, rounds: int = 8, bounds: tuple[float, float] = (1e-4, 1e2)
                              ) -> tuple[float, float]:
     """(coefficient, probe L0) whose probe L0 came closest to `job["params"]["target_l0"]`."""
-    from .training import build_trainer  # training imports this module
 
     target = job["params"]["target_l0"]
     steps = max(1, min(steps, len(stream)))
@@ -67,7 +68,6 @@ def steering_seed(job: dict, jobs: list[dict]) -> int:
 GAIN = 0.05  # integral gain: log-coefficient change per step per unit of log(L0 / target)
 PROPORTIONAL = 1.0  # proportional gain on the same error
 SMOOTHING = 0.8  # weight of the previous smoothed L0 (about 5 steps of memory)
-HOLD_FRACTION = 0.1  # default of train.target_l0_hold_fraction
 
 
 @dataclass

@@ -37,11 +37,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .sae.base import fraction_of_variance_unexplained
-from .sae.batchtopk import BatchTopKSAE
-from .sae.matryoshka import MatryoshkaSAE
-from .sae.relu_l1 import ReluL1SAE
-from .sae.topk import TopKSAE
+from ..sae.base import fraction_of_variance_unexplained
+from ..sae.batchtopk import BatchTopKSAE
+from ..sae.matryoshka import MatryoshkaSAE
+from ..sae.relu_l1 import ReluL1SAE
+from ..sae.topk import TopKSAE
 
 # Parameter names as the single-seed modules have them; the stack keeps one tensor per name.
 PARAM_NAMES = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")

@@ -1,6 +1,6 @@
 """Exact maximum-weight 1:1 assignment on cosine similarity without the dense n x n matrix.
 
-The dense route (actors/matching.py: cosine matrix + scipy's Hungarian) costs n^2 memory and n^3 time: hours and
+The dense route (actors/compare/matching.py: cosine matrix + scipy's Hungarian) costs n^2 memory and n^3 time: hours and
 ~270 GB at 131K latents. Here (../shared/reference/matching-notes.md):
 
 1. One blocked pass over the cosine matrix keeps, for every row AND every column, its top-k entries (merged from the
@@ -20,7 +20,7 @@ n * tol (reported as `gap_bound`); tol (~1e-6) absorbs float32 round-off between
 scaling of the solver's costs.
 
 Rectangular inputs: the smaller side is matched completely (as scipy does); rows of the larger side are left
-UNMATCHED. Zero-norm rows have cosine 0 with everything (as actors/matching.cosine_matrix).
+UNMATCHED. Zero-norm rows have cosine 0 with everything (as actors/compare/matching.cosine_matrix).
 """
 
 from __future__ import annotations
@@ -506,7 +506,7 @@ def sparse_max_weight_assignment(a: torch.Tensor, b: torch.Tensor, *, k: int = 6
                                  tol: float = FP32_ERR) -> SparseAssignment:
     """Exact maximum-weight 1:1 assignment of the rows of a [n_a, d] to the rows of b [n_b, d] by cosine.
 
-    Same result as actors/matching.max_weight_assignment(cosine_matrix(a, b)) (up to exact ties), with the
+    Same result as actors/compare/matching.max_weight_assignment(cosine_matrix(a, b)) (up to exact ties), with the
     optimality certificate recorded. `low_precision`: candidate pass in bf16 (edges re-scored in float32, bounds
     widened by LOW_PRECISION_ERR); None picks it on CUDA only -- on CPUs without AVX512-BF16/AMX (this one) a
     bf16 matmul runs ~7x slower than float32.

@@ -3,7 +3,7 @@
 Reading accepts this project's and sparsify's tensor names, and SAELens' (`W_enc` [d, n]). Weights come from
 safetensors only: nothing is unpickled. Writes go to a temporary folder that is renamed into place, so an
 interrupted save never leaves a folder that looks complete. `load_sae` rebuilds the SAE module itself, from this
-project's folders and from their exports (actors/export.py).
+project's folders and from their exports (actors/store/export.py).
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def load_sae_cfg(folder: str | Path) -> dict[str, Any]:
 def load_sae(folder: str | Path):
     """The SAE module a folder holds (this project's, an export of one, or a plain sparsify TopK SAE), in eval
     mode and on the CPU."""
-    from .sae import ARCHITECTURES
+    from ..sae import ARCHITECTURES
 
     folder = Path(folder)
     cfg = load_sae_cfg(folder)

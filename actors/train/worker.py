@@ -22,7 +22,7 @@ import ray.train.torch
 import torch
 from ray.experimental.tqdm_ray import tqdm
 
-from .storage import ActivationStore
+from ..store.storage import ActivationStore
 from .train_state import read_training_state
 from .training import train_saes
 

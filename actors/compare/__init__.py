@@ -1,0 +1,1 @@
+"""Compare stage, in Ray tasks: exact cross-seed matching of SAE latents and N-way statistics."""

@@ -1,0 +1,1 @@
+"""Generate stage, on Ray workers: model actors that capture hookpoint activations into Parquet shards."""
