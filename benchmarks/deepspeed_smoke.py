@@ -5,7 +5,7 @@ backend's single-worker step in the same run, with tokens/s and peak memory.
     python benchmarks/deepspeed_smoke.py --zero-stage 1 --width 262144 --steps 5
     python benchmarks/deepspeed_smoke.py --cpu --workers 2 --d-in 64 --width 1024 --batch 512   # wiring check, CPU
 
-Needs the `deepspeed` extra (README: DeepSpeed backend). Rows, each a fresh Ray Train run (`TorchTrainer`):
+Needs the `deepspeed` extra (docs/deepspeed.md). Rows, each a fresh Ray Train run (`TorchTrainer`):
 
 - torch:     one worker, one `SAETrainer` (actors/train/training.py) on the whole batch: the torch backend's step.
 - deepspeed: `--workers` workers (default: every GPU), each a `DataParallelSAE` (actors/train/deepspeed_backend.py) on its

@@ -129,7 +129,7 @@ class SAEGridConfig(_Strict):
 
 
 DEEPSPEED_INSTALL = ("DS_BUILD_OPS=0 pip install --no-build-isolation -c constraints.txt -e '.[deepspeed]' "
-                     "(README: DeepSpeed backend)")
+                     "(docs/deepspeed.md)")
 
 
 def deepspeed_installed() -> bool:
@@ -140,7 +140,7 @@ def deepspeed_installed() -> bool:
 class DeepSpeedConfig(_Strict):
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage: 0 replicates everything (plain data "
                                             "parallel), 1 partitions Adam's moments and fp32 master weights over "
-                                            "the workers, 2 the gradients too; 3 is refused (see README).")
+                                            "the workers, 2 the gradients too; 3 is refused (docs/deepspeed.md).")
     reduce_bucket_size: int = Field(50_000_000, gt=0, description="Elements per gradient-reduction bucket "
                                     "(ZeRO 1-2): larger is fewer, bigger messages and more memory.")
     overlap_comm: bool = Field(True, description="Overlap gradient reduction with the backward pass (ZeRO 1-2).")
@@ -160,7 +160,7 @@ class TrainConfig(_Strict):
     backend: Literal["torch", "deepspeed"] = Field(
         "torch", description="torch: configurations dealt over the workers, each SAE trained on one; deepspeed: one "
         "SAE at a time, data-parallel over all workers (each takes a slice of every batch), for SAEs too wide for one "
-        "device's memory (optional extra, see README).")
+        "device's memory (optional extra, docs/deepspeed.md).")
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig,
                                        description="DeepSpeed settings; used with backend: deepspeed.")
     batch_size: int = Field(1024, gt=0, description="Activation vectors (tokens) per step.")

@@ -1,6 +1,6 @@
 """DeepSpeed backend (`train.backend: deepspeed`): config validation and the data-parallel algebra run in the default
 suite, without deepspeed; the end-to-end run (two Ray Train workers, ZeRO 2, against the torch backend) only where
-deepspeed is installed (README: DeepSpeed backend)."""
+deepspeed is installed (docs/deepspeed.md)."""
 
 import importlib.util
 import json

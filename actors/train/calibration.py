@@ -63,7 +63,7 @@ def steering_seed(job: dict, jobs: list[dict]) -> int:
 
 
 # Controller settings. On the default config (target 16) and on planted data they end within a few percent of the
-# target (README); a pure integral controller (PROPORTIONAL = 0) oscillated on planted data at gains that track the
+# target (docs/architectures.md); a pure integral controller (PROPORTIONAL = 0) oscillated on planted data at gains that track the
 # default config's drifting L0, and a proportional term damps it.
 GAIN = 0.05  # integral gain: log-coefficient change per step per unit of log(L0 / target)
 PROPORTIONAL = 1.0  # proportional gain on the same error
