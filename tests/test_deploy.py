@@ -823,7 +823,7 @@ def test_dockerfile_pins_match_pyproject(dockerfile):
     for name in ("ray", "mlflow", "torch"):
         assert name in found, f"Dockerfile does not pin {name}"
         assert found[name][1] == pins[name][1] == constraints[name], (name, found[name], pins[name])
-    assert found["ray"][0] == pins["ray"][0] == "[default,data,train,tune]"
+    assert found["ray"][0] == pins["ray"][0] == "[default,data,train]"
     assert "pip install -c constraints.txt ." in run
     assert "download.pytorch.org/whl/cpu" in run, "cpu variant must use the CPU torch wheels"
 
