@@ -8,10 +8,12 @@ import json
 import sys
 
 from .config import DEFAULT_CONFIG, ConfigError, load_config
+from .console import set_verbose
 
 
 def _run(args) -> int:
     cfg = load_config(args.config, args.set, args.output)  # validated before anything starts
+    set_verbose(args.verbose)
     from .pipeline import run_experiment
 
     result = run_experiment(cfg)
@@ -59,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a field, e.g. --set sae.widths=[256,512] (repeatable)")
     run.add_argument("--output", help="output folder (overrides output_dir)")
+    run.add_argument("--verbose", action="store_true",
+                     help="show Ray's and the libraries' own logs and progress bars (default: one line per stage)")
     run.set_defaults(func=_run)
     match = sub.add_parser("match", help="match the latents of two SAE folders (sae.safetensors + cfg.json)")
     match.add_argument("a")

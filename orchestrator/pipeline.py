@@ -12,6 +12,7 @@ import pandas as pd
 import ray
 
 from .config import ExperimentConfig
+from .console import own_local_instance, quiet_driver, ray_init_options, stage_progress
 from .plan import plan_configurations
 from .stages.compare import run_compare
 from .stages.generate import run_generate
@@ -28,11 +29,12 @@ def ray_session(cfg: ExperimentConfig):
     started = False
     if not ray.is_initialized():
         if address:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, log_to_driver=True, **ray_init_options(local=False))
         else:
-            ray.init(address="local", num_cpus=cfg.ray.num_cpus or max(4, os.cpu_count() or 1),
-                     object_store_memory=cfg.ray.object_store_memory_mb * 2**20,
-                     dashboard_host=cfg.ray.dashboard_host, include_dashboard=True)
+            with own_local_instance(ray_init_options(local=True)) as options:
+                ray.init(address="local", num_cpus=cfg.ray.num_cpus or max(4, os.cpu_count() or 1),
+                         object_store_memory=cfg.ray.object_store_memory_mb * 2**20,
+                         dashboard_host=cfg.ray.dashboard_host, include_dashboard=True, **options)
         started = True
     try:
         yield
@@ -59,6 +61,7 @@ def summary_table(train_manifest: dict, compare: dict) -> pd.DataFrame:
 def run_experiment(cfg: ExperimentConfig) -> dict:
     """Run every stage; returns the summary, stage timings and where results are."""
     timings: dict[str, float] = {}
+    quiet_driver()
     tracker = ExperimentTracker(cfg)
     tracker.start_parent()
     ok = False
@@ -72,7 +75,8 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
             configurations = plan_configurations(cfg, list(manifest["hookpoints"]))
             tracker.create_child_runs(configurations)
             t0 = time.perf_counter()
-            train_manifest = run_train(cfg, manifest, configurations, tracker.uri)
+            with stage_progress("train", "step") as progress:
+                train_manifest = run_train(cfg, manifest, configurations, tracker.uri, progress=progress)
             timings["train"] = time.perf_counter() - t0
 
             t0 = time.perf_counter()

@@ -18,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
+from ..progress import quiet_worker
 from ..store.shards import (PARQUET_OPTIONS, activation_schema, activation_table, from_storage, record_rel, shard_rel,
                             to_storage)
 from ..store.storage import ActivationStore
@@ -97,6 +98,7 @@ class ActivationShardWriter:
     def __init__(self, model_path: str, revision: str | None, model_dtype: str, trust_remote_code: bool,
                  device_map: str | None, hookpoints: list[str], store_uri: str, storage_dtype: str, batch_size: int,
                  nonfinite: str, plan_hash: str, torch_threads: int = 0):
+        quiet_worker()
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"

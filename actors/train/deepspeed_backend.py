@@ -213,12 +213,13 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
     import torch.distributed as dist
     from deepspeed.utils import logger as deepspeed_logger
-    from ray.experimental.tqdm_ray import tqdm
 
+    from ..progress import quiet_worker
     from ..store.storage import ActivationStore
-    from .worker import mlflow_reporter
+    from .worker import mlflow_reporter, remote_progress
 
     deepspeed_logger.setLevel(logging.WARNING)  # it logs its whole config for every SAE at INFO
+    quiet_worker()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["torch_threads"])
@@ -242,8 +243,7 @@ def train_loop_per_worker(config: dict) -> None:
         if not needed:
             continue
         train_sae(job, manifest, hookpoint, hp, device, rank, world, report=report,
-                  progress=lambda total, job=job: tqdm(desc=f"train {job['configuration']} seed {job['seed']} "
-                                                       f"({world} workers)", total=total, unit="step"),
+                  progress=remote_progress(config.get("progress")),
                   node_id=ray.get_runtime_context().get_node_id(),
                   lm_eval=lm_eval if hp.get("lm_eval_chunks") else None)
         done += 1

@@ -20,8 +20,8 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from ray.experimental.tqdm_ray import tqdm
 
+from ..progress import RemoteProgress, quiet_worker
 from ..store.storage import ActivationStore
 from .train_state import read_training_state
 from .training import train_saes
@@ -47,6 +47,7 @@ def mlflow_reporter(tracking_uri: str | None):
 
 
 def train_loop_per_worker(config: dict) -> None:
+    quiet_worker()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["torch_threads"])
@@ -66,11 +67,17 @@ def train_loop_per_worker(config: dict) -> None:
                         checkpoint.path)
     results = train_saes(jobs, manifest, config["hookpoint"], config["hp"], device,
                          report=mlflow_reporter(config.get("tracking_uri")),
-                         progress=lambda total: tqdm(desc=f"train {config['hookpoint']} (worker {rank})",
-                                                     total=total, unit="step"),
+                         progress=remote_progress(config.get("progress")),
                          node_id=ray.get_runtime_context().get_node_id(),
                          resume=resume, save_state=_report_state, after_step=_fault_injection(config.get("fault")))
     ray.train.report({"done": len(results)})
+
+
+def remote_progress(counter):
+    """`progress(total)` for the training loop: steps go to the driver's bar (None: no bar)."""
+    if counter is None:
+        return None
+    return lambda total: RemoteProgress(counter, total)
 
 
 def _report_state(folder: Path, step: int) -> None:

@@ -23,6 +23,7 @@ from actors.compare.nway import consensus_groups, no_other_seed_curve, nway_coun
 from actors.sae import ARCHITECTURES
 
 from ..config import ExperimentConfig
+from ..console import gather
 from ..plan import slug
 
 
@@ -114,9 +115,12 @@ def run_compare(cfg: ExperimentConfig, train_manifest: dict) -> dict:
                 through[(conf, i, j)] = match_through_training.options(**opts).remote(pairs, threshold)
         if len(saes) > 1:
             chance[conf] = chance_overlap.options(**opts).remote(saes[0], saes[1], threshold)
-    results = dict(zip(futures, ray.get(list(futures.values()))))
-    chance = dict(zip(chance, ray.get(list(chance.values()))))
-    through = dict(zip(through, ray.get(list(through.values()))))
+    keys = [("pair", k) for k in futures] + [("chance", k) for k in chance] + [("through", k) for k in through]
+    refs = list(futures.values()) + list(chance.values()) + list(through.values())
+    done = dict(zip(keys, gather(refs, "compare", "task")))
+    results = {k: done[("pair", k)] for k in futures}
+    chance = {k: done[("chance", k)] for k in chance}
+    through = {k: done[("through", k)] for k in through}
 
     tables: dict[str, list[dict]] = defaultdict(list)
     configurations = {}

@@ -26,6 +26,7 @@ from actors.train.stacked import split_seeds
 from actors.train.worker import train_loop_per_worker
 
 from ..config import ExperimentConfig
+from ..console import train_logging_config
 from ..plan import SAEConfiguration, slug
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,9 @@ def _split_groups(groups: list[list[dict]], d_in: int, batch_size: int, max_stac
 
 
 def run_train(cfg: ExperimentConfig, manifest: dict, configurations: list[SAEConfiguration],
-              tracking_uri: str | None, fault: dict | None = None) -> dict:
-    """`fault` is a test hook: {"after_steps": n, "marker": path} kills a training worker once (see train_worker)."""
+              tracking_uri: str | None, fault: dict | None = None, progress=None) -> dict:
+    """`fault` is a test hook: {"after_steps": n, "marker": path} kills a training worker once (see train_worker).
+    `progress`: a `ProgressCounter` actor the workers add their steps to (the driver's bar)."""
     t = cfg.train
     use_gpu = t.use_gpu if t.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
     expected = train_hash(cfg, manifest)
@@ -99,7 +101,7 @@ def run_train(cfg: ExperimentConfig, manifest: dict, configurations: list[SAECon
             train_loop_config={
                 "groups": groups, "hookpoint": hookpoint, "hp": hp, "tracking_uri": tracking_uri,
                 "activations_uri": manifest["root"],
-                "torch_threads": t.cpus_per_worker, "fault": fault,
+                "torch_threads": t.cpus_per_worker, "fault": fault, "progress": progress,
             },
             scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": t.cpus_per_worker}),
@@ -108,7 +110,8 @@ def run_train(cfg: ExperimentConfig, manifest: dict, configurations: list[SAECon
             run_config=RunConfig(name=f"train-{cfg.content_hash()}-{slug(hookpoint)}",
                                  storage_path=str(cfg.output_path / "ray_train"),
                                  failure_config=FailureConfig(max_failures=t.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                 logging_config=train_logging_config()),
         )
         trainer.fit()
 
