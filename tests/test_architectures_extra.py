@@ -15,14 +15,7 @@ from actors.train.training import build_trainer, evaluate, sae_folder_cfg, train
 
 from .test_training import HP, planted_data, write_manifest
 
-PARAMS = {
-    "topk": {"k": 3, "auxk_alpha": 1 / 32},
-    "relu_l1": {"l1_coefficient": 1.0},
-    "batchtopk": {"k": 3},
-    "matryoshka": {"k": 3, "group_sizes": (8, 8, 16)},
-    "jumprelu": {"l0_coefficient": 1.0, "bandwidth": 0.1, "init_threshold": 0.5},
-    "gated": {"l1_coefficient": 3.0},
-}
+PARAMS = {name: arch.example_params for name, arch in ARCHITECTURES.items()}  # each declared by its own class
 
 
 def make(name, d=16, n=32, seed=0, **params):
@@ -48,8 +41,10 @@ def recovered(sae, dirs, cos=0.9):
     return float(((dirs @ dec.T).max(axis=1) > cos).mean())
 
 
-def test_registry_has_every_architecture():
-    assert set(ARCHITECTURES) == set(PARAMS)
+def test_every_architecture_declares_valid_example_params():
+    for name, arch in ARCHITECTURES.items():
+        assert arch.example_params, f"{name} declares no example_params"
+        arch.Params.model_validate(arch.example_params)
 
 
 @pytest.mark.parametrize("name", sorted(PARAMS))

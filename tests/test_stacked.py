@@ -3,14 +3,16 @@ without a stacked forward, and splits a configuration's seeds into several stack
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from actors.sae import ARCHITECTURES
+from actors.sae.relu_l1 import ReluL1SAE
 from actors.sae.topk import TopKSAE
-from actors.train.stacked import SingleTrainer, StackedTrainer, group_trainers, stack_bytes_per_seed
+from actors.train.stacked import SingleTrainer, StackedTrainer, group_trainers, stack_bytes_per_seed, stackable
 from actors.train.training import build_trainer, train_saes
 
 from .test_training import HP, planted_data, write_manifest
@@ -69,8 +71,21 @@ def test_stacked_steps_equal_single_seed_steps(name, params, batch_encoder, d, w
 
 
 class _UnstackedTopK(TopKSAE):
-    """A new architecture (here a TopK subclass) without a stacked forward of its own."""
+    """A new architecture (here a TopK subclass) that declares no stacking."""
     name = "unstacked_topk"
+    stacking = None
+
+
+class _ReluL1WithOwnLoss(ReluL1SAE):
+    """Inherits relu_l1's batched stacking but not its stacked forward, which would apply relu_l1's loss."""
+    name = "relu_l1_own_loss"
+
+
+def test_a_batched_stacked_forward_serves_only_the_class_that_defines_it():
+    for cls, expected in [(ReluL1SAE, True), (_ReluL1WithOwnLoss, False), (TopKSAE, True), (_UnstackedTopK, False)]:
+        trainer = SimpleNamespace(sae=cls(8, 16, cls.Params.model_validate(ReluL1SAE.example_params
+                                                                          if issubclass(cls, ReluL1SAE) else {"k": 2})))
+        assert stackable(trainer) is expected, cls.name
 
 
 def _train(tmp_path, manifest, out, hp, archs, seeds=(0, 1, 2), width=32):

@@ -43,6 +43,14 @@ class SparseAutoencoder(nn.Module):
     # The hyper-parameter a `target_l0` steers during training (an L1-style coefficient; actors/train/calibration.py);
     # None: the architecture takes no target L0.
     target_l0_controls: ClassVar[str | None] = None
+    # How the seeds of a configuration train as one stack (actors/train/stacked.py): "batched" (the class defines
+    # `stacked_forward`, every seed in one batched forward), "seed_by_seed" (each seed's own forward in turn; its
+    # `forward` takes the precomputed encoder outputs `pre`), or None (seeds train separately).
+    stacking: ClassVar[str | None] = None
+    # Written to cfg.json as sparsify's `normalize_decoder`: the recipe keeps decoder rows at unit norm.
+    normalize_decoder: ClassVar[bool] = False
+    # A small valid hyper-parameter setting, for tests that exercise every registered architecture.
+    example_params: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, d_in: int, num_latents: int, params: BaseModel):
         super().__init__()
@@ -88,6 +96,13 @@ class SparseAutoencoder(nn.Module):
         except ValidationError as err:
             e = err.errors()[0]
             raise ValueError(f"{where}.{'.'.join(map(str, e['loc']))}: {e['msg']}") from None
+
+    @classmethod
+    def stacked_forward(cls, saes: list["SparseAutoencoder"], params: dict[str, torch.Tensor], x: torch.Tensor,
+                        dead: torch.Tensor):
+        """All S seeds' forward on their stacked parameters (`actors/sae/stacked_ops.py`), for `stacking =
+        "batched"`: a `StackedOutput` whose summed loss gives each seed exactly its own loss's gradient."""
+        raise NotImplementedError(f"{cls.name} declares no batched stacked forward")
 
     @classmethod
     def check_width(cls, params: dict[str, Any], width: int) -> str | None:

@@ -13,6 +13,7 @@ class BatchTopKSAE(TopKSAE):
     """TopK's recipe (decoder init and unit norm, b_dec, FVU loss, optional AuxK) with a batch-level budget."""
 
     name = "batchtopk"
+    example_params = {"k": 3}
     # Weight of the newest batch in the threshold's running mean (the paper averages over training batches).
     threshold_momentum = 0.01
 

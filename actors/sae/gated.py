@@ -31,6 +31,7 @@ class GatedParams(L1Params):
 
 class GatedSAE(TargetL0, SparseAutoencoder):
     name = "gated"
+    example_params = {"l1_coefficient": 3.0}
     Params = GatedParams
     normalize_inputs = True
 

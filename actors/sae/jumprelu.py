@@ -81,6 +81,7 @@ class JumpReLUParams(BaseModel):
 
 class JumpReLUSAE(SparseAutoencoder):
     name = "jumprelu"
+    example_params = {"l0_coefficient": 1.0, "bandwidth": 0.1, "init_threshold": 0.5}
     Params = JumpReLUParams
     normalize_inputs = True
     adam_betas = (0.0, 0.999)  # the paper's Adam: no first-moment momentum

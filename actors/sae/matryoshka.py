@@ -54,6 +54,7 @@ class MatryoshkaParams(TopKParams):
 
 class MatryoshkaSAE(BatchTopKSAE):
     name = "matryoshka"
+    example_params = {"k": 3, "group_sizes": (8, 8, 16)}
     Params = MatryoshkaParams
     list_params = frozenset({"group_fractions", "group_sizes"})
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import SparseAutoencoder, unit_rows
+from .base import SparseAutoencoder, fraction_of_variance_unexplained, unit_rows
 from .l1_target import L1Params, TargetL0
+from .stacked_ops import decode, relu_pre_activations, stacked_output
 
 
 class ReluL1Params(L1Params):
@@ -21,6 +22,8 @@ class ReluL1SAE(TargetL0, SparseAutoencoder):
     name = "relu_l1"
     Params = ReluL1Params
     normalize_inputs = True
+    stacking = "batched"
+    example_params = {"l1_coefficient": 1.0}
 
     def __init__(self, d_in: int, num_latents: int, params: ReluL1Params):
         super().__init__(d_in, num_latents, params)
@@ -53,3 +56,16 @@ class ReluL1SAE(TargetL0, SparseAutoencoder):
         mse = (x - x_hat).pow(2).sum(-1).mean()
         l1 = (z * self.W_dec.norm(dim=-1)).sum(-1).mean()
         return mse + self.l1_coefficient * l1
+
+    @classmethod
+    def stacked_forward(cls, saes, params, x, dead):
+        z = relu_pre_activations(params, x)
+        x_hat = decode(params, z)
+        losses, fvus = [], []
+        # The loss of `loss`, on the stack's own decoder slices: their norms must carry the gradient to the stack.
+        for sae, x_hat_s, z_s, W_dec in zip(saes, x_hat.unbind(0), z.unbind(0), params["W_dec"].unbind(0)):
+            mse = (x - x_hat_s).pow(2).sum(-1).mean()
+            l1 = (z_s * W_dec.norm(dim=-1)).sum(-1).mean()
+            losses.append(mse + sae.l1_coefficient * l1)
+            fvus.append(fraction_of_variance_unexplained(x, x_hat_s).detach())
+        return stacked_output(losses, fvus, z)

@@ -29,6 +29,9 @@ class TopKSAE(SparseAutoencoder):
 
     name = "topk"
     Params = TopKParams
+    stacking = "seed_by_seed"
+    normalize_decoder = True
+    example_params = {"k": 3, "auxk_alpha": 1 / 32}
 
     def __init__(self, d_in: int, num_latents: int, params: TopKParams):
         super().__init__(d_in, num_latents, params)

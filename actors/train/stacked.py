@@ -3,9 +3,9 @@
 The S seeds' parameters are stacked along a leading dimension (encoder [S, n, d], bias [S, n], decoder [S, n, d],
 b_dec [S, d]) and each batch is hashed once for all of them. How a stack steps depends on the architecture:
 
-- a batched forward registered in `STACKED_FORWARD` (relu_l1) encodes and decodes all seeds with one batched
-  matmul each, with one backward;
-- the TopK family (`SEED_BY_SEED`) steps seed after seed, each through its own `SAETrainer.train_on`: its
+- an architecture with `stacking = "batched"` (relu_l1) encodes and decodes all seeds with one batched matmul
+  each in its `stacked_forward`, with one backward;
+- one with `stacking = "seed_by_seed"` (the TopK family) steps seed after seed, each through its own `SAETrainer.train_on`: its
   sparse codes leave only the (no-grad) encoder matmul that chooses the latents to batch. On a GPU one batched
   matmul computes every seed's encoder outputs [S, batch, width] first (one seed's matmul leaves much of a GPU
   idle); on a CPU each seed computes its own, which keeps its forward, backward and Adam on weights still in
@@ -23,83 +23,29 @@ Each seed's result is the one it gets trained alone (`SAETrainer`): bitwise on C
 - each seed keeps its own Adam and schedule, which step its slice (torch's fused Adam rounds an element
   differently when it sits at another offset of a larger tensor, so one Adam over the stack could not match).
 
-Only the exact classes listed stack (a subclass with another loss is not covered by its parent's forward); any
-other architecture trains each seed separately, as with stacking off.
+An architecture declares its stacking in its own file (`SparseAutoencoder.stacking`); a batched forward is used
+only by the class that defines it (a subclass with another loss is not covered by its parent's forward), and an
+architecture that declares none trains each seed separately, as with stacking off.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-from ..sae.base import fraction_of_variance_unexplained
-from ..sae.batchtopk import BatchTopKSAE
-from ..sae.matryoshka import MatryoshkaSAE
-from ..sae.relu_l1 import ReluL1SAE
-from ..sae.topk import TopKSAE
+from ..sae.stacked_ops import encoder_outputs
 
 # Parameter names as the single-seed modules have them; the stack keeps one tensor per name.
 PARAM_NAMES = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
 
 
-@dataclass
-class StackedOutput:
-    loss: torch.Tensor  # sum of the seeds' losses: each seed's parameters get exactly their own loss's gradient
-    losses: torch.Tensor  # [S], detached
-    fvu: torch.Tensor  # [S]
-    l0: torch.Tensor  # [S]
-    fired: torch.Tensor  # bool [S, n]
-
-
-def _encoder_outputs(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """encoder(x - b_dec) for every seed: [S, B, n]. baddbmm on CPU gives, per seed, F.linear's bits."""
-    centred = x.unsqueeze(0) - p["b_dec"].unsqueeze(1)
-    return torch.baddbmm(p["encoder.bias"].unsqueeze(1), centred, p["encoder.weight"].mT)
-
-
-def _pre_activations(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    return F.relu(_encoder_outputs(p, x))
-
-
-def _decode(p: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
-    # bmm then add, as `z @ W_dec + b_dec` (a fused baddbmm rounds differently at large sizes).
-    return torch.bmm(z, p["W_dec"]) + p["b_dec"].unsqueeze(1)
-
-
-def _output(losses, fvus, z) -> StackedOutput:
-    nonzero = z > 0
-    losses = torch.stack(losses)
-    return StackedOutput(loss=losses.sum(), losses=losses.detach(), fvu=torch.stack(fvus),
-                         l0=nonzero.sum(-1).float().mean(-1), fired=nonzero.any(1))
-
-
-def relu_l1_forward(saes, p, x, dead) -> StackedOutput:
-    z = _pre_activations(p, x)
-    x_hat = _decode(p, z)
-    losses, fvus = [], []
-    for sae, x_hat_s, z_s, W_dec in zip(saes, x_hat.unbind(0), z.unbind(0), p["W_dec"].unbind(0)):
-        mse = (x - x_hat_s).pow(2).sum(-1).mean()
-        l1 = (z_s * W_dec.norm(dim=-1)).sum(-1).mean()
-        losses.append(mse + sae.l1_coefficient * l1)
-        fvus.append(fraction_of_variance_unexplained(x, x_hat_s).detach())
-    return _output(losses, fvus, z)
-
-
-# Exact classes only: a subclass (another loss or activation) is not covered by its parent's forward.
-STACKED_FORWARD: dict[type, Callable[..., StackedOutput]] = {
-    ReluL1SAE: relu_l1_forward,
-}
-# Architectures whose stacked seeds step one after the other, each through its own `SAETrainer.train_on`.
-SEED_BY_SEED: frozenset[type] = frozenset({TopKSAE, BatchTopKSAE, MatryoshkaSAE})
-
-
 def stackable(trainer) -> bool:
-    return type(trainer.sae) in STACKED_FORWARD or type(trainer.sae) in SEED_BY_SEED
+    """Whether the architecture declares how its seeds step as a stack (`SparseAutoencoder.stacking`); a batched
+    forward counts only for the class that defines it."""
+    arch = type(trainer.sae)
+    return arch.stacking == "seed_by_seed" or (arch.stacking == "batched" and "stacked_forward" in vars(arch))
 
 
 class SingleTrainer:
@@ -124,7 +70,8 @@ class StackedTrainer:
         # TopK family: every seed's encoder outputs from one batched matmul (default: on GPUs; see the module doc).
         self.batch_encoder = batch_encoder
         self.saes = [t.sae for t in trainers]
-        self.forward = STACKED_FORWARD.get(type(self.saes[0]))  # None: seed by seed
+        arch = type(self.saes[0])
+        self.forward = arch.stacked_forward if arch.stacking == "batched" else None  # None: seed by seed
         names = {name for name, _ in self.saes[0].named_parameters()}
         assert names == set(PARAM_NAMES), f"a stacked forward expects parameters {PARAM_NAMES}, got {names}"
         self.params = {name: torch.nn.Parameter(torch.stack([dict(s.named_parameters())[name].detach()
@@ -147,7 +94,7 @@ class StackedTrainer:
     @torch.no_grad()
     def encoder_outputs(self, x: torch.Tensor) -> torch.Tensor:
         """Every seed's `TopKSAE.encoder_outputs` (before the relu), [S, batch, width], in one batched matmul."""
-        return _encoder_outputs(self.params, x)
+        return encoder_outputs(self.params, x)
 
     def step(self, x: torch.Tensor) -> list[dict[str, float]]:
         if not self.trainers[0].initialised:
@@ -167,7 +114,7 @@ class StackedTrainer:
             self.tokens_seen += x.shape[0]
             return metrics
         dead = (self.tokens_seen - self.last_fired) >= self.dead_window
-        out = self.forward(self.saes, self.params, x, dead)
+        out = self.forward(self.saes, self.params, x, dead)  # a StackedOutput
         for p in self.params.values():
             p.grad = None
         out.loss.backward()

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from ..sae import ARCHITECTURES, SparseAutoencoder
-from ..sae.topk import TopKSAE
 from ..store.checkpoint import checkpoint_folder, save_sae_folder
 from ..store.storage import ActivationStore
 from .calibration import SparsityTargets, calibrate_l1_coefficient, is_steered, steering_seed
@@ -328,7 +327,7 @@ def sae_folder_cfg(job: dict, d_in: int, hookpoint: str, hp: dict, num_steps: in
         "expansion_factor": job["width"] / d_in,
         "k": job["params"].get("k", 0),
         # sparsify's flag: decoder rows kept at unit norm (the TopK family; the others train freely or on scaled inputs).
-        "normalize_decoder": issubclass(ARCHITECTURES[job["architecture"]], TopKSAE),
+        "normalize_decoder": ARCHITECTURES[job["architecture"]].normalize_decoder,
         "multi_topk": False,
         "skip_connection": False,
         "architecture": job["architecture"],
