@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from actors.sae.l1_target import HOLD_FRACTION
-from actors.sae import ARCHITECTURES
+from actors.sae import ARCHITECTURES, import_architecture_modules
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
@@ -88,6 +88,9 @@ class GenerateConfig(_Strict):
 
 
 class SAEGridConfig(_Strict):
+    architecture_modules: list[str] = Field(
+        [], description="Python modules imported first (here and in every training worker) that register more "
+        "architectures with actors.sae.register; each must be importable on every node.")
     architectures: list[dict[str, Any]] = Field(
         ..., min_length=1, description="Each {name: <registered architecture>, <hyper-parameter>: value or list}."
     )
@@ -108,6 +111,12 @@ class SAEGridConfig(_Strict):
         if len(set(v)) != len(v):
             raise ValueError(f"seeds must be distinct, got {v}")
         return v
+
+    @field_validator("architecture_modules")
+    @classmethod
+    def _import_architecture_modules(cls, modules):
+        import_architecture_modules(modules)  # before `architectures` is checked against the registry
+        return modules
 
     @field_validator("architectures")
     @classmethod

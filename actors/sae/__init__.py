@@ -1,4 +1,13 @@
-"""Registry of SAE architectures: a new architecture is one file plus one line here."""
+"""Registry of SAE architectures: a new architecture is one file plus one `register` line here.
+
+An architecture defined outside this package registers itself with `register` when its module is imported; an
+experiment names such modules in `sae.architecture_modules`, which the config and every training worker import
+(the module must be importable on every node: an installed package, or part of `ray job submit`'s working dir).
+"""
+
+from __future__ import annotations
+
+import importlib
 
 from .base import SparseAutoencoder
 from .batchtopk import BatchTopKSAE
@@ -8,13 +17,28 @@ from .matryoshka import MatryoshkaSAE
 from .relu_l1 import ReluL1SAE
 from .topk import TopKSAE
 
-ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {
-    TopKSAE.name: TopKSAE,
-    ReluL1SAE.name: ReluL1SAE,
-    BatchTopKSAE.name: BatchTopKSAE,
-    MatryoshkaSAE.name: MatryoshkaSAE,
-    JumpReLUSAE.name: JumpReLUSAE,
-    GatedSAE.name: GatedSAE,
-}
+ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {}
 
-__all__ = ["ARCHITECTURES", "SparseAutoencoder"]
+
+def register(cls: type[SparseAutoencoder]) -> type[SparseAutoencoder]:
+    """Add an architecture under its `name` (usable as a class decorator); re-registering the same class is a no-op."""
+    if ARCHITECTURES.get(cls.name, cls) is not cls:
+        raise ValueError(f"architecture name {cls.name!r} is taken by {ARCHITECTURES[cls.name].__module__}."
+                         f"{ARCHITECTURES[cls.name].__qualname__}")
+    ARCHITECTURES[cls.name] = cls
+    return cls
+
+
+def import_architecture_modules(modules: list[str]) -> None:
+    """Import modules that register architectures; a module that fails to import is named in the error."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ValueError(f"architecture module {module!r} cannot be imported: {err}") from err
+
+
+for _cls in (TopKSAE, ReluL1SAE, BatchTopKSAE, MatryoshkaSAE, JumpReLUSAE, GatedSAE):
+    register(_cls)
+
+__all__ = ["ARCHITECTURES", "SparseAutoencoder", "import_architecture_modules", "register"]

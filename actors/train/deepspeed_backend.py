@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..sae import ARCHITECTURES, SparseAutoencoder
+from ..sae import ARCHITECTURES, SparseAutoencoder, import_architecture_modules
 from ..sae.base import batch_variance_total
 from ..store.checkpoint import checkpoint_folder, is_trained
 from .data import ActivationStream
@@ -220,6 +220,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     deepspeed_logger.setLevel(logging.WARNING)  # it logs its whole config for every SAE at INFO
     quiet_worker()
+    import_architecture_modules(config.get("architecture_modules", []))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["torch_threads"])

@@ -22,6 +22,7 @@ import ray.train.torch
 import torch
 
 from ..progress import RemoteProgress, quiet_worker
+from ..sae import import_architecture_modules
 from ..store.storage import ActivationStore
 from .train_state import read_training_state
 from .training import train_saes
@@ -48,6 +49,7 @@ def mlflow_reporter(tracking_uri: str | None):
 
 def train_loop_per_worker(config: dict) -> None:
     quiet_worker()
+    import_architecture_modules(config.get("architecture_modules", []))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["torch_threads"])

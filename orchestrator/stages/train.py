@@ -102,6 +102,7 @@ def run_train(cfg: ExperimentConfig, manifest: dict, configurations: list[SAECon
                 "groups": groups, "hookpoint": hookpoint, "hp": hp, "tracking_uri": tracking_uri,
                 "activations_uri": manifest["root"],
                 "torch_threads": t.cpus_per_worker, "fault": fault, "progress": progress,
+                "architecture_modules": cfg.sae.architecture_modules,
             },
             scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": t.cpus_per_worker}),

@@ -1,0 +1,68 @@
+"""A new architecture is one file plus one registry line: this module is that file. It defines an architecture,
+registers it, and the tests train it (stacked), export it and match it through the whole pipeline, with nothing
+about it anywhere else in the code base."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from actors.sae import ARCHITECTURES, register
+from actors.sae.topk import TopKSAE
+
+
+@register
+class TopKMSESAE(TopKSAE):
+    """TopK with the squared error as its loss instead of FVU (as SAELens trains TopK SAEs)."""
+
+    name = "topk_mse_test"
+    example_params = {"k": 3}
+
+    def reconstruction_loss(self, x, codes, values, fvu):
+        # FVU is the squared error over the batch's total variance: undo the division.
+        return fvu * (x - x.mean(0)).pow(2).sum(-1).mean()
+
+
+def test_the_new_architecture_trains_as_a_stack_of_seeds():
+    from actors.train.stacked import StackedTrainer, group_trainers
+    from actors.train.trainer import build_trainer
+
+    from .test_training import HP
+
+    jobs = [{"architecture": TopKMSESAE.name, "params": {"k": 3}, "width": 32, "seed": s} for s in (0, 1)]
+    trainers = [build_trainer(j, 16, 10, HP, torch.device("cpu")) for j in jobs]
+    [group] = group_trainers(trainers, HP, 16)
+    assert isinstance(group, StackedTrainer)
+    x = torch.randn(64, 16)
+    losses = [m["loss"] for m in group.step(x)]
+    x_hat = [trainer.sae(x).x_hat for trainer in trainers]  # after the step: the squared error it now has
+    assert all(np.isfinite(losses)) and all(torch.isfinite(h).all() for h in x_hat)
+
+
+def test_the_new_architecture_runs_through_the_pipeline(ray_local, tmp_path):
+    from actors.store.checkpoint import load_sae
+    from actors.store.export import export_sae
+    from orchestrator.config import load_config
+    from orchestrator.pipeline import run_experiment
+
+    from .conftest import TINY
+
+    cfg = load_config(TINY, [f"sae.architecture_modules=[{__name__}]",
+                             f"sae.architectures=[{{name: {TopKMSESAE.name}, k: 4}}]", "sae.widths=[64]",
+                             "sae.seeds=[0,1]", "train.checkpoint_tokens=[]", "generate.num_tokens=8192"],
+                      output_dir=str(tmp_path / "out"))
+    assert ARCHITECTURES[TopKMSESAE.name] is TopKMSESAE
+    result = run_experiment(cfg)
+    saes = json.loads((tmp_path / "out" / "saes" / "manifest.json").read_text())["saes"]
+    assert sorted((s["architecture"], s["seed"]) for s in saes) == [(TopKMSESAE.name, 0), (TopKMSESAE.name, 1)]
+    [row] = result["summary"].to_dict("records")
+    assert row["seeds"] == 2 and row["l0"] == 4.0
+    # Saved with its own name, loaded back as itself, and exported in sparsify's layout (TopK at inference).
+    folder = saes[0]["path"]
+    sae = load_sae(folder)
+    assert type(sae) is TopKMSESAE
+    exported = load_sae(export_sae(folder, "sparsify", tmp_path / "exported"))
+    x = torch.randn(32, sae.d_in)
+    torch.testing.assert_close(exported.activations(x), sae.activations(x))
