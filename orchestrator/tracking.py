@@ -62,6 +62,10 @@ BOOKKEEPING_PARAMS = ("output_dir", "ray.", "tracking.", "generate.output_uri", 
 # The runs table's preset columns (a shared view, see `runs_table_url`) and the default order.
 VIEW_COLUMNS = ["params.`architecture`", "params.`width`", "params.`k`", "params.`target_l0`", "params.`seed`",
                 "metrics.`mean_shared_fraction`", "metrics.`fvu`", "metrics.`l0`", "metrics.`dead_fraction`"]
+# A shared view (the UI's "Share" state, an experiment tag the URL names): these columns, and the child runs
+# grouped by configuration (each group's row shows the means over its seeds; the parent is under "Additional runs").
+VIEW = {"selectedColumns": VIEW_COLUMNS,
+        "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": "configuration"}]}}
 VIEW_KEY = "sae_seeds_results"
 
 
@@ -119,8 +123,7 @@ class ExperimentTracker:
             self.experiment_id = exp.experiment_id
         # The UI opens a "custom model development" experiment on its runs table, not the GenAI overview.
         self.client.set_experiment_tag(self.experiment_id, "mlflow.experimentKind", "custom_model_development")
-        self.client.set_experiment_tag(self.experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(
-            {"selectedColumns": VIEW_COLUMNS, "orderByKey": "attributes.start_time", "orderByAsc": True}))
+        self.client.set_experiment_tag(self.experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(VIEW))
         if local:
             self._hide_empty_default_experiment()
         self.parent_id: str | None = None
@@ -290,10 +293,11 @@ class ExperimentTracker:
             "",
             "**Figures** (Artifacts tab of this run): " + ", ".join(f"`{f}`" for f in main) + ".",
             "",
-            "**Compare**: on the experiment's runs table, expand this run to list one child run per SAE; tick them "
-            "and press *Compare* (e.g. a scatter of `width` against `mean_shared_fraction`, coloured by "
-            "`architecture`). Per-configuration values are this run's metrics `<quantity>/<configuration>`; "
-            "how the run ran is under `pipeline.`. See docs/mlflow.md.",
+            "**Compare**: the experiment's runs table (the URL the run printed) lists one child run per SAE, "
+            "grouped by configuration; tick runs and press *Compare*, or open the chart view (e.g. a scatter of "
+            "`width` against `mean_shared_fraction`). Per-configuration values are this run's metrics "
+            "`<quantity>/<configuration>`; "
+"how the run ran is under `pipeline.`. See docs/mlflow.md.",
         ])
 
     def finish(self, ok: bool) -> None:

@@ -206,3 +206,22 @@ def test_figures_read_without_help():
 
     fig = log_density(np.array([0, 0, 0.5, 0.01], dtype=np.float32), "TopK, k 4, 4 latents, seed 0")
     assert "2 of 4 latents never fired" in fig.axes[0].get_title()
+
+
+@pytest.mark.skipif(__import__("shutil").which("chromium") is None, reason="needs Debian's chromium")
+def test_printed_url_opens_the_runs_table_with_the_child_runs(views_run, tmp_path):
+    """Headless Chromium on the URL `sae-seeds run` prints (scripts/check_mlflow_ui.py, served by `mlflow server`):
+    the rendered page lists every child run by name, grouped by configuration, and the preset columns."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from check_mlflow_ui import check, mlflow_server, render
+
+    _, result, client, _, children = views_run
+    exp = client.get_experiment(result["experiment_id"])
+    with mlflow_server(result["tracking_uri"], tmp_path) as base:
+        dom = render(runs_table_url(base, exp), tmp_path)
+    assert check(dom, [r.info.run_name for r in children]) == []
+    assert "Group: TopK, k 4, 64 latents" in dom or "TopK, k 4, 64 latents" in dom
+    for column in ("mean_shared_fraction", "dead_fraction", "architecture"):
+        assert column in dom
