@@ -297,7 +297,7 @@ class ExperimentTracker:
             "grouped by configuration; tick runs and press *Compare*, or open the chart view (e.g. a scatter of "
             "`width` against `mean_shared_fraction`). Per-configuration values are this run's metrics "
             "`<quantity>/<configuration>`; "
-"how the run ran is under `pipeline.`. See docs/mlflow.md.",
+            "how the run ran is under `pipeline.`. See docs/mlflow.md.",
         ])
 
     def finish(self, ok: bool) -> None:

@@ -195,8 +195,7 @@ def test_figures_read_without_help():
         markers = {(h if isinstance(h, Line2D) else h[0]).get_marker() for h in handles}
         assert len(markers) == len(handles) == 3  # coinciding lines stay visible
     tokens = figs["figures/shared_vs_tokens.png"].axes[0]
-    assert [t.get_text() for t in tokens.get_xticklabels()] == ["2k", "16.384k"] or \
-        [t.get_text() for t in tokens.get_xticklabels()] == ["2.048k", "16.384k"]
+    assert [t.get_text() for t in tokens.get_xticklabels()] == ["2,048", "16,384"]
     hist = next(f for p, f in figs.items() if p.startswith("figures/matched_cos_"))
     assert any(isinstance(h, Line2D) and "threshold 0.7" in h.get_label()
                for h in hist.axes[0].get_legend().legend_handles)
