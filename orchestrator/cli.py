@@ -20,8 +20,13 @@ def _run(args) -> int:
     print("\nstage wall time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result["timings"].items()))
     print(result["summary"].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"\nresults: {result['output_dir']}")
-    print(f"MLflow:  mlflow ui --backend-store-uri {result['tracking_uri']}   "
-          f"(experiment {result['experiment_id']}, parent run {result['parent_run_id']})")
+    if result["tracking_uri"].startswith("http"):
+        print(f"MLflow:  {result['ui_url']}")
+    else:
+        print(f"MLflow:  mlflow server --backend-store-uri {result['tracking_uri']} --host 127.0.0.1 --port 5000\n"
+              f"         then open {result['ui_url']}")
+    print(f"         (experiment {result['experiment_name']}; expand run {result['parent_run_id'][:8]}... "
+          "for one run per SAE; docs/mlflow.md)")
     return 0
 
 

@@ -7,7 +7,6 @@ import os
 import time
 from contextlib import contextmanager
 
-import numpy as np
 import pandas as pd
 import ray
 
@@ -17,7 +16,7 @@ from .plan import plan_configurations
 from .stages.compare import run_compare
 from .stages.generate import run_generate
 from .stages.train import run_train
-from .tracking import ExperimentTracker
+from .tracking import ExperimentTracker, summary_frame
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +43,8 @@ def ray_session(cfg: ExperimentConfig):
 
 
 def summary_table(train_manifest: dict, compare: dict) -> pd.DataFrame:
-    rows = []
-    confs = compare["manifest"]["configurations"]
-    for name, c in confs.items():
-        saes = [s for s in train_manifest["saes"] if s["configuration"] == name]
-        rows.append({
-            "configuration": name, "seeds": len(saes),
-            "shared": f"{c['shared_mean']:.3f} ± {c['shared_std']:.3f}",
-            "fvu": np.mean([s["metrics"]["fvu"] for s in saes]),
-            "l0": np.mean([s["metrics"]["l0"] for s in saes]),
-            "dead": np.mean([s["metrics"]["dead_fraction"] for s in saes]),
-        })
-    return pd.DataFrame(rows)
+    """One row per configuration in plain words, columns named as in MLflow."""
+    return summary_frame(train_manifest, compare)
 
 
 def run_experiment(cfg: ExperimentConfig) -> dict:
@@ -89,8 +78,8 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
         ok = True
     finally:
         tracker.finish(ok)
-    for stage, seconds in timings.items():
-        tracker.client.log_metric(tracker.parent_id, f"seconds.{stage}", seconds)
+    tracker.log_timings(timings)
     return {"summary": summary_table(train_manifest, compare), "timings": timings,
             "output_dir": str(cfg.output_path), "tracking_uri": tracker.uri,
-            "experiment_id": tracker.experiment_id, "parent_run_id": tracker.parent_id}
+            "experiment_id": tracker.experiment_id, "parent_run_id": tracker.parent_id,
+            "experiment_name": tracker.experiment_name, "ui_url": tracker.ui_url()}

@@ -38,7 +38,18 @@ class SAEConfiguration:
 
     @property
     def name(self) -> str:
+        """The configuration's id: the key of manifests and tables (stable; not meant for reading)."""
         return f"{slug(self.hookpoint)}/{self.point.label}"
+
+    @property
+    def title(self) -> str:
+        """Plain words, e.g. `ReLU+L1, L0 target 16, 512 latents`."""
+        return describe(self.point.architecture, dict(self.point.params), self.point.width)
+
+    def run_name(self, seed: int, with_hookpoint: bool = False) -> str:
+        """MLflow child run name, varying part first, e.g. `topk k16 · 512 · seed 0`."""
+        return " · ".join([short_name(self.point.architecture, dict(self.point.params), self.point.width)]
+                          + ([self.hookpoint] if with_hookpoint else []) + [f"seed {seed}"])
 
     def sae_path(self, seed: int) -> Path:
         # sparsify's layout: one folder per hookpoint inside a run folder, one run folder per seed.
@@ -54,6 +65,52 @@ class SAEConfiguration:
 
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+
+
+# How a configuration reads. The architecture's own class may declare `title`; these cover the built-in ones.
+ARCHITECTURE_TITLES = {"topk": "TopK", "batchtopk": "BatchTopK", "relu_l1": "ReLU+L1", "gated": "Gated",
+                       "jumprelu": "JumpReLU", "matryoshka": "Matryoshka"}
+# Hyper-parameter -> (words, compact form); others read as `name value` and `name=value`.
+PARAM_WORDS = {"k": ("k {}", "k{}"), "target_l0": ("L0 target {}", "L0 {}"),
+               "l1_coefficient": ("L1 coefficient {}", "l1 {}"), "l0_coefficient": ("L0 coefficient {}", "l0coef {}"),
+               "auxk_alpha": ("AuxK weight {}", "auxk {}")}
+
+
+def _number(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return "/".join(map(_number, v))
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _shown_params(architecture: str, params: dict) -> dict:
+    """The hyper-parameters that tell configurations apart: required ones and those set away from their default."""
+    fields = ARCHITECTURES[architecture].Params.model_fields
+    return {k: v for k, v in sorted(params.items())
+            if v is not None and (k not in fields or fields[k].is_required() or v != fields[k].default)}
+
+
+def architecture_title(architecture: str) -> str:
+    return getattr(ARCHITECTURES[architecture], "title", None) or ARCHITECTURE_TITLES.get(architecture, architecture)
+
+
+def describe(architecture: str, params: dict, width: int | None = None) -> str:
+    """A configuration in plain words: `ReLU+L1, L0 target 16, 512 latents` (figure legends, summary tables)."""
+    words = [PARAM_WORDS.get(k, (k.replace("_", " ") + " {}",))[0].format(_number(v))
+             for k, v in _shown_params(architecture, params).items()]
+    return ", ".join([architecture_title(architecture), *words] + ([f"{width} latents"] if width else []))
+
+
+def short_name(architecture: str, params: dict, width: int | None = None) -> str:
+    """A configuration in a few characters, varying part first: `topk k16 · 512` (run names, metric keys)."""
+    forms = [PARAM_WORDS[k][1] if k in PARAM_WORDS else f"{k}={{}}" for k in _shown_params(architecture, params)]
+    text = " ".join([architecture] + [f.format(_number(v)) for f, v in
+                                      zip(forms, _shown_params(architecture, params).values())])
+    return f"{text} · {width}" if width else text
+
+
+def file_slug(text: str) -> str:
+    """A short name as a file or metric-key part: `topk k16 · 512` -> `topk-k16-512`."""
+    return re.sub(r"[^A-Za-z0-9_.]+", "-", text).strip("-")
 
 
 def grid_points(cfg: ExperimentConfig) -> list[GridPoint]:

@@ -82,10 +82,12 @@ def test_pipeline_logs_runs_metrics_and_figures_to_the_server(ray_local, mlflow_
 
     client = MlflowClient(url)
     exp = client.get_experiment(result["experiment_id"])
-    assert exp.name == "tiny" and exp.artifact_location.startswith("mlflow-artifacts:")
+    assert exp.name == "sae-seeds/tiny" and exp.artifact_location.startswith("mlflow-artifacts:")
     parent = client.get_run(result["parent_run_id"])
     assert parent.info.status == "FINISHED"
-    assert {"seconds.generate", "seconds.train", "seconds.compare"} <= set(parent.data.metrics)
+    assert {"pipeline.seconds.generate", "pipeline.seconds.train", "pipeline.seconds.compare"} <= set(parent.data.metrics)
+    assert result["ui_url"] == f"{url}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning" \
+        "&viewStateShareKey=sae_seeds_results"
     children = client.search_runs([exp.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(children) == 2 * 1 * 2  # two architectures x one width x two seeds

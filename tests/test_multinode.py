@@ -85,7 +85,7 @@ def check_outputs(out: Path) -> tuple[dict, list[dict]]:
 def check_mlflow(out: Path) -> None:
     """The last parent run of the experiment and its children finished."""
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
-    [exp] = [e for e in client.search_experiments() if e.name == "tiny"]
+    [exp] = [e for e in client.search_experiments() if e.name == "sae-seeds/tiny"]
     runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     parent = parents[0]

@@ -34,8 +34,7 @@ def test_mlflow_has_parent_and_child_runs(tiny_run):
     keys = None
     for run in children:
         assert run.info.status == "FINISHED"
-        for metric in ("fvu", "l0", "dead_fraction", "mean_shared_fraction", "chance_shared_init",
-                       "chance_shared_rotation", "config_mean_equal_fraction", "config_mean_maxcos_shared_fraction"):
+        for metric in ("fvu", "l0", "dead_fraction", "mean_shared_fraction"):
             assert metric in run.data.metrics, (metric, run.info.run_name)
         assert 0 < run.data.metrics["fvu"] < 1.5
         assert set(run.data.params) >= {"hookpoint", "architecture", "width", "seed", "k", "l1_coefficient"}
@@ -43,6 +42,10 @@ def test_mlflow_has_parent_and_child_runs(tiny_run):
         assert set(run.data.params) == keys  # identical keys: MLflow's compare view needs them
         # Training curves were logged from the Ray Train worker during training.
         assert len(client.get_metric_history(run.info.run_id, "train/fvu")) >= 2
+    # Per-configuration values on the parent, `<quantity>/<configuration>`.
+    for quantity in ("chance_shared_fraction_init", "chance_shared_fraction_rotation", "equal_fraction",
+                     "maxcos_shared_fraction"):
+        assert sum(k.startswith(quantity + "/") for k in parent.data.metrics) == n_configs, quantity
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
     assert {f"figures/{n}.png" for n in ("shared_vs_width", "exactly_k_seeds", "no_other_seed", "threshold_sweep",
                                          "frequency_vs_stability")} <= artifacts
@@ -112,9 +115,9 @@ def test_outputs_are_complete_and_rerun_reuses_them(tiny_run):
     # Generate throughput on the parent run: the total, and one point per shard (step = shard id).
     client = MlflowClient(result["tracking_uri"])
     parent = client.get_run(result["parent_run_id"]).data.metrics
-    assert parent["generate.tokens_per_s"] == pytest.approx(manifest["throughput"]["tokens_per_s"])
-    assert parent["generate.num_tokens"] == 16384 and parent["generate.corpus_empty_documents"] == 0
-    shards = client.get_metric_history(result["parent_run_id"], "generate.shard_tokens_per_s")
+    assert parent["pipeline.generate.tokens_per_s"] == pytest.approx(manifest["throughput"]["tokens_per_s"])
+    assert parent["pipeline.generate.num_tokens"] == 16384 and parent["pipeline.generate.corpus_empty_documents"] == 0
+    shards = client.get_metric_history(result["parent_run_id"], "pipeline.generate.shard_tokens_per_s")
     assert sorted(m.step for m in shards) == [0, 1, 2, 3] and all(m.value > 0 for m in shards)
     nway = pq.read_table(cfg.output_path / "overlap" / "nway.parquet").to_pandas()
     per_base = nway.groupby(["configuration", "base_seed"])["latents"].sum()
@@ -137,7 +140,7 @@ def test_failed_run_is_marked_failed_in_mlflow(ray_local, tmp_path):
     with pytest.raises(KeyError, match="columns: \\['content'\\]"):
         run_experiment(cfg)
     client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
-    [exp] = [e for e in client.search_experiments() if e.name == "tiny"]
+    [exp] = [e for e in client.search_experiments() if e.name == "sae-seeds/tiny"]
     assert [r.info.status for r in client.search_runs([exp.experiment_id])] == ["FAILED"]
     assert not (tmp_path / "out" / "activations" / "manifest.json").exists()
 

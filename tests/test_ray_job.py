@@ -32,6 +32,6 @@ def test_ray_job_submit_runs_the_experiment(ray_head, tmp_path):
     saes = json.loads((out / "saes" / "manifest.json").read_text())["saes"]
     assert len(saes) == 2 * 2  # two architectures x one width x two seeds
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
-    [exp] = [e for e in client.search_experiments() if e.name == "tiny"]
+    [exp] = [e for e in client.search_experiments() if e.name == "sae-seeds/tiny"]
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 1 + 4 and all(r.info.status == "FINISHED" for r in runs)

@@ -207,3 +207,19 @@ def test_intermediate_checkpoints_act_on_raw_inputs_and_leave_training_unchanged
             assert evaluate(sae, raw)[0]["fvu"] == pytest.approx(metrics["fvu"], rel=1e-4, abs=1e-6)
             weights = load_file(str(folder / "sae.safetensors"))
             assert not torch.equal(weights["encoder.weight"], final["encoder.weight"])
+
+
+def test_dead_fraction_counts_the_latents_that_never_fired_in_the_saved_frequencies(tmp_path):
+    """One definition of dead (`dead_latents`): fired on none of the evaluation tokens. The metric agrees with the
+    saved firing frequencies (the log-density figure's data), whatever the training-time window for AuxK says."""
+    from actors.store.checkpoint import load_firing_frequency
+
+    x, _ = planted_data(2048)
+    manifest = write_manifest(tmp_path / "acts", x)
+    job = {"configuration": "c", "architecture": "topk", "params": {"k": 1}, "width": 256, "seed": 0,
+           "path": str(tmp_path / "sae"), "run_id": None}
+    # A one-batch window: latents idle in the last batch but firing elsewhere in the evaluation set.
+    [res] = train_saes([job], manifest, "layers.0.mlp", HP | {"dead_window_tokens": 256}, torch.device("cpu"))
+    freq = load_firing_frequency(tmp_path / "sae")
+    assert 0 < (freq == 0).sum() < freq.size
+    assert res["metrics"]["dead_fraction"] * freq.size == pytest.approx((freq == 0).sum())

@@ -170,6 +170,15 @@ def load_sae_weights(folder: str | Path) -> SAEWeights:
     return SAEWeights(encoder=encoder.float(), decoder=decoder.float(), cfg=cfg)
 
 
+def dead_latents(frequency):
+    """The one definition of a dead latent, used by every metric, table and figure: it fired on none of the
+    evaluation tokens (its entry in `firing_frequency.safetensors` is 0). A boolean mask, numpy or torch alike.
+
+    (Training also tracks latents idle for `dead_window_tokens`, which AuxK-style losses revive; that is a
+    training mechanism, not a reported number.)"""
+    return frequency <= 0
+
+
 def load_firing_frequency(folder: str | Path):
     """Per-latent firing frequency measured after training (numpy float32), or None if not recorded."""
     path = Path(folder) / FREQUENCY

@@ -231,7 +231,7 @@ def train_loop_per_worker(config: dict) -> None:
     dist.broadcast_object_list(todo, src=0)
     manifest = ActivationStore(config["activations_uri"]).read_json("manifest.json")
     device = ray.train.torch.get_device()
-    report = mlflow_reporter(config.get("tracking_uri")) if rank == 0 else None
+    report = mlflow_reporter(config.get("tracking_uri"), config["hp"]["batch_size"]) if rank == 0 else None
     lm = {}
 
     def lm_eval():

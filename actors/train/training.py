@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..sae import ARCHITECTURES, SparseAutoencoder
-from ..store.checkpoint import checkpoint_folder, save_sae_folder
+from ..store.checkpoint import checkpoint_folder, dead_latents, save_sae_folder
 from ..store.storage import ActivationStore
 from .calibration import SparsityTargets, calibrate_l1_coefficient, is_steered, steering_seed
 from .data import ActivationStream
@@ -194,7 +194,7 @@ def save_trained(t: SAETrainer, folder: Path, raw: SparseAutoencoder, eval_set: 
     cfg["params"] = t.job["params"] | (steered_params or {})
     cfg |= {"data_digest": t.digest.hexdigest(), "tokens": t.tokens_seen}
     metrics, frequency = evaluate(t.sae, eval_set)
-    metrics["dead_fraction"] = float(((t.tokens_seen - t.last_fired) >= t.dead_window).float().mean())
+    metrics["dead_fraction"] = float(dead_latents(frequency).float().mean())
     metrics |= {"train_tokens": t.tokens_seen, "train_seconds": seconds, "resumed_from_tokens": resumed_from_tokens}
     if node_id is not None:
         metrics["node_id"] = node_id

@@ -30,7 +30,14 @@ from .training import train_saes
 log = logging.getLogger(__name__)
 
 
-def mlflow_reporter(tracking_uri: str | None):
+# A training step's metrics -> their MLflow names. `loss` is each architecture's own objective (FVU for TopK, squared
+# error plus the L1 penalty on scaled inputs for ReLU+L1): not comparable across architectures, hence not `loss`.
+TRAINING_CURVES = {"fvu": "train/fvu", "l0": "train/l0", "loss": "train/objective"}
+
+
+def mlflow_reporter(tracking_uri: str | None, tokens_per_step: int):
+    """`report(step, [(job, metrics), ...])` for `train_saes`: logs each job's curves to its MLflow run, with the
+    MLflow step = training tokens seen (step x batch size), the unit of every other curve of the experiment."""
     if not tracking_uri:
         return None
     from mlflow.entities import Metric
@@ -40,10 +47,11 @@ def mlflow_reporter(tracking_uri: str | None):
 
     def log(step: int, per_sae: list[tuple[dict, dict]]):
         now = int(time.time() * 1000)
+        tokens = step * tokens_per_step
         for job, metrics in per_sae:
             if job.get("run_id"):
                 client.log_batch(job["run_id"], metrics=[
-                    Metric(f"train/{k}", float(v), now, step) for k, v in metrics.items()])
+                    Metric(TRAINING_CURVES.get(k, f"train/{k}"), float(v), now, tokens) for k, v in metrics.items()])
     return log
 
 
@@ -68,7 +76,7 @@ def train_loop_per_worker(config: dict) -> None:
             log.warning("checkpoint %s lacks the state of some of this worker's SAEs: training from the start",
                         checkpoint.path)
     results = train_saes(jobs, manifest, config["hookpoint"], config["hp"], device,
-                         report=mlflow_reporter(config.get("tracking_uri")),
+                         report=mlflow_reporter(config.get("tracking_uri"), config["hp"]["batch_size"]),
                          progress=remote_progress(config.get("progress")),
                          node_id=ray.get_runtime_context().get_node_id(),
                          resume=resume, save_state=_report_state, after_step=_fault_injection(config.get("fault")))
