@@ -12,6 +12,7 @@ import pandas as pd
 import ray
 
 from .config import ExperimentConfig
+from .output_folder import claim_output_folder
 from .plan import plan_configurations
 from .stages.compare import run_compare
 from .stages.generate import run_generate
@@ -59,6 +60,7 @@ def summary_table(train_manifest: dict, compare: dict) -> pd.DataFrame:
 def run_experiment(cfg: ExperimentConfig) -> dict:
     """Run every stage; returns the summary, stage timings and where results are."""
     timings: dict[str, float] = {}
+    claim_output_folder(cfg.output_path)  # before anything is written there
     tracker = ExperimentTracker(cfg)
     tracker.start_parent()
     ok = False

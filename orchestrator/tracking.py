@@ -52,13 +52,36 @@ class ExperimentTracker:
         self.child_ids: list[str] = []
 
     def start_parent(self) -> str:
+        self.supersede_dead_attempts()
         run = self.client.create_run(self.experiment_id, run_name=self.cfg.name,
-                                     tags={"sae_seeds.config_hash": self.cfg.content_hash()})
+                                     tags={"sae_seeds.config_hash": self.cfg.content_hash(),
+                                           "sae_seeds.output_dir": str(self.cfg.output_path.resolve())})
         self.parent_id = run.info.run_id
         params = _flatten("", self.cfg.model_dump(mode="json"), {})
         self.client.log_batch(self.parent_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(params.items())])
         self.client.log_dict(self.parent_id, self.cfg.model_dump(mode="json"), "config.json")
         return self.parent_id
+
+    def supersede_dead_attempts(self) -> list[str]:
+        """Mark KILLED the runs an earlier attempt at this experiment (same config hash, same output folder) left
+        RUNNING: a driver that is killed never closes them, and this attempt replaces it. Returns their ids."""
+        status = RunStatus.to_string(RunStatus.KILLED)
+        output = str(self.cfg.output_path.resolve())
+        # A parent left RUNNING marks a dead attempt (a finished or failed one closed its children too).
+        parents = self.client.search_runs(
+            [self.experiment_id], f"tags.sae_seeds.config_hash = '{self.cfg.content_hash()}' and "
+                                  "attributes.status = 'RUNNING'", max_results=50000)
+        killed = []
+        for parent in parents:
+            if parent.data.tags.get("sae_seeds.output_dir", output) != output:
+                continue  # the same experiment run into another folder (a shared tracking server)
+            children = self.client.search_runs(
+                [self.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}' and "
+                                      "attributes.status = 'RUNNING'", max_results=50000)
+            for run in [*children, parent]:
+                self.client.set_terminated(run.info.run_id, status)
+                killed.append(run.info.run_id)
+        return killed
 
     def create_child_runs(self, configurations: list[SAEConfiguration]) -> None:
         # Identical param keys on every child so MLflow's compare view can plot across architectures.
