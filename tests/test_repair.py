@@ -47,33 +47,41 @@ def test_rerun_retrains_exactly_the_damaged_saes_to_the_same_results(finished, c
 
     cfg, out = finished, finished.output_path
     digests, stats = weight_digests(out), statistics(out)
-    saes = {(s["configuration"], s["seed"]): s for s in json.loads((out / "saes" / "manifest.json").read_text())["saes"]}
-    [topk, relu] = sorted({c for c, _ in saes if c.startswith("topk")})[:1] + \
-        sorted({c for c, _ in saes if c.startswith("relu")})[-1:]
-    truncated = out / saes[(topk, 1)]["path"] / "sae.safetensors"
+    saes = {(s["architecture"], s["width"], s["seed"]): s
+            for s in json.loads((out / "saes" / "manifest.json").read_text())["saes"]}
+    first, last = cfg.train.checkpoint_tokens[0], cfg.train.checkpoint_tokens[-1]
+    # Three kinds of damage, in three SAEs of three configurations:
+    truncated = out / saes[("topk", 64, 1)]["path"] / "sae.safetensors"  # a final SAE's weights cut short
     truncated.write_bytes(truncated.read_bytes()[:200])
-    flipped = checkpoint_folder(out / saes[(relu, 2)]["path"], cfg.train.checkpoint_tokens[0]) / "sae.safetensors"
+    flipped = checkpoint_folder(out / saes[("relu_l1", 128, 2)]["path"], first) / "sae.safetensors"
     data = bytearray(flipped.read_bytes())
-    data[-40] ^= 0xFF  # one byte of one weight: the file still reads, only its checksum tells
+    data[-40] ^= 0xFF  # one byte of one weight of an intermediate SAE: the file still reads, its checksum tells
     flipped.write_bytes(bytes(data))
-    damaged = {(topk, 1), (relu, 2)}
+    missing = checkpoint_folder(out / saes[("topk", 128, 0)]["path"], last)  # an intermediate SAE deleted
+    shutil.rmtree(missing)
+    damaged = {("topk", 64, 1), ("relu_l1", 128, 2), ("topk", 128, 0)}
     untouched = {p: p.stat().st_mtime_ns for key, s in saes.items() if key not in damaged
                  for p in (out / s["path"]).parent.rglob("sae.safetensors")}
-    assert untouched and len(untouched) == 3 * (len(saes) - 2)  # final + 2 checkpoints of every other SAE
+    assert len(untouched) == 3 * (len(saes) - len(damaged))  # final + 2 checkpoints of every other SAE
 
-    # A killed attempt (the driver died after creating its MLflow runs) before the re-run.
+    # A killed attempt before the re-run: its driver died after creating its MLflow runs.
     killed = ExperimentTracker(cfg)
     killed.start_parent()
     killed.create_child_runs(plan_configurations(cfg, ["gpt_neox.layers.0.mlp"]))
 
     with caplog.at_level("WARNING", logger="orchestrator.stages.train"):
         result = run_experiment(cfg)
-    lines = [r.getMessage() for r in caplog.records if r.name == "orchestrator.stages.train"]
-    assert len(lines) == 2, lines
-    [line_final] = [m for m in lines if str(truncated) in m]
-    [line_checkpoint] = [m for m in lines if str(flipped) in m]
-    assert "does not match the sha256" in line_final and line_final.endswith(f"retraining {topk} seed 1")
-    assert line_checkpoint.endswith(f"retraining {relu} seed 2")
+    lines = sorted(r.getMessage() for r in caplog.records if r.name == "orchestrator.stages.train")
+    expected = {truncated: "does not match the sha256 recorded when it was written",
+                flipped: "does not match the sha256 recorded when it was written",
+                missing: "missing (an intermediate checkpoint of a trained SAE)"}
+    conf = {k: saes[k]["configuration"] for k in damaged}
+    retraining = {truncated: f"retraining {conf['topk', 64, 1]} seed 1",
+                  flipped: f"retraining {conf['relu_l1', 128, 2]} seed 2",
+                  missing: f"retraining {conf['topk', 128, 0]} seed 0"}
+    assert lines == sorted(f"train: {path}: {problem} (corrupt or replaced): {retraining[path]}"
+                           if "sha256" in problem else f"train: {path}: {problem}: {retraining[path]}"
+                           for path, problem in expected.items())
 
     assert weight_digests(out) == digests  # every SAE, final and intermediate, as the undamaged run wrote it
     again = statistics(out)
@@ -84,21 +92,4 @@ def test_rerun_retrains_exactly_the_damaged_saes_to_the_same_results(finished, c
     client = MlflowClient(result["tracking_uri"])
     assert {client.get_run(i).info.status for i in [killed.parent_id, *killed.child_ids]} == {"KILLED"}
     assert client.get_run(result["parent_run_id"]).info.status == "FINISHED"
-    live = client.search_runs([result["experiment_id"]], "attributes.status = 'RUNNING'")
-    assert live == []
-
-
-def test_rerun_retrains_a_missing_checkpoint_folder(finished, caplog):
-    from actors.store.checkpoint import checkpoint_folder
-
-    cfg, out = finished, finished.output_path
-    digests = weight_digests(out)
-    sae = json.loads((out / "saes" / "manifest.json").read_text())["saes"][0]
-    missing = checkpoint_folder(out / sae["path"], cfg.train.checkpoint_tokens[-1])
-    shutil.rmtree(missing)
-    with caplog.at_level("WARNING", logger="orchestrator.stages.train"):
-        run_experiment(cfg)
-    lines = [r.getMessage() for r in caplog.records if r.name == "orchestrator.stages.train"]
-    assert lines == [f"train: {missing}: missing (an intermediate checkpoint of a trained SAE): retraining "
-                     f"{sae['configuration']} seed {sae['seed']}"]
-    assert weight_digests(out) == digests
+    assert client.search_runs([result["experiment_id"]], "attributes.status = 'RUNNING'") == []
