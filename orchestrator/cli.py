@@ -13,6 +13,9 @@ from .config import DEFAULT_CONFIG, ConfigError, load_config
 
 def _run(args) -> int:
     cfg = load_config(args.config, args.set, args.output)  # validated before anything starts
+    from .output_folder import check_output_folder
+
+    check_output_folder(cfg.output_path)  # in seconds, before the pipeline's imports
     from .pipeline import run_experiment
 
     result = run_experiment(cfg)

@@ -18,6 +18,14 @@ _TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{32}\.(tmp|old)$")  # checkpoint.tempor
 
 def claim_output_folder(path: Path) -> None:
     """Create `path` (or accept it: empty, marked, or holding only a run's outputs) and mark it as an output."""
+    check_output_folder(path)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / MARKER).touch()
+
+
+def check_output_folder(path: Path) -> None:
+    """Refuse `path` if it is not a folder, or holds files and is not a sae-seeds output; writes nothing."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"output folder {path}: exists and is not a folder; choose a new or empty folder with "
@@ -30,5 +38,3 @@ def claim_output_folder(path: Path) -> None:
             raise ConfigError(f"output folder {path}: not empty and not a sae-seeds output (it holds {shown}); a run "
                               "writes over its output folder, so choose a new or empty folder with --output (or "
                               "output_dir), or the output folder of an earlier run")
-    path.mkdir(parents=True, exist_ok=True)
-    (path / MARKER).touch()
