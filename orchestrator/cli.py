@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from .config import DEFAULT_CONFIG, ConfigError, load_config
@@ -14,6 +15,9 @@ from .console import set_verbose
 def _run(args) -> int:
     cfg = load_config(args.config, args.set, args.output)  # validated before anything starts
     set_verbose(args.verbose)
+    from .output_folder import check_output_folder
+
+    check_output_folder(cfg.output_path)  # in seconds, before the pipeline's imports
     from .pipeline import run_experiment
 
     result = run_experiment(cfg)
@@ -30,16 +34,35 @@ def _run(args) -> int:
     return 0
 
 
+def _threshold(text: str) -> float:
+    """--threshold as the config's `compare.threshold`: a finite cosine in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise argparse.ArgumentTypeError(f"must be a finite number in [0, 1] (a cosine), got {text!r}")
+    return value
+
+
+def _json_safe(value):
+    """JSON has no NaN or infinity: such a statistic (none is expected of finite weights) is written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def _match(args) -> int:
     from actors.store.checkpoint import load_sae_weights
     from actors.compare.matching import match_pair
 
-    a, b = load_sae_weights(args.a), load_sae_weights(args.b)
+    a, b = load_sae_weights(args.a), load_sae_weights(args.b)  # checksums verified, non-finite weights refused
     m = match_pair(a.encoder, a.decoder, b.encoder, b.decoder, args.threshold, args.method, args.device)
     certificate = (f"certificate: {'optimal (proven)' if m.certified else 'NOT proven optimal'}; "
                    f"rounds encoder {m.rounds[0]}, decoder {m.rounds[1]}")
     if args.json:
-        print(json.dumps(m.statistics()))  # exactly the documented keys; the certificate goes to stderr
+        # exactly the documented keys; the certificate goes to stderr
+        print(json.dumps({k: _json_safe(v) for k, v in m.statistics().items()}, allow_nan=False))
         print(certificate, file=sys.stderr)
     else:
         stats = m.extended_statistics()
@@ -72,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     match = sub.add_parser("match", help="match the latents of two SAE folders (sae.safetensors + cfg.json)")
     match.add_argument("a")
     match.add_argument("b")
-    match.add_argument("--threshold", type=float, default=0.7)
+    match.add_argument("--threshold", type=_threshold, default=0.7,
+                       help="cosine both matchings must exceed for a latent to count as shared, in [0, 1] "
+                            "(default: %(default)s)")
     match.add_argument("--json", action="store_true", help="print one JSON object")
     match.add_argument("--method", choices=["auto", "dense", "sparse"], default="auto",
                        help="dense Hungarian, or the candidate-graph solver with an optimality certificate "
@@ -83,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("folder", help="SAE folder (sae.safetensors + cfg.json) written by sae-seeds")
     export.add_argument("--layout", required=True, choices=["sparsify", "saelens"])
     export.add_argument("--out", required=True, help="folder to create")
-    export.add_argument("--force", action="store_true", help="replace --out if it exists")
+    export.add_argument("--force", action="store_true",
+                        help="replace --out if it holds an earlier export (and nothing else)")
     export.set_defaults(func=_export)
     return parser
 

@@ -12,6 +12,7 @@ import ray
 
 from .config import ExperimentConfig
 from .console import own_local_instance, quiet_driver, ray_init_options, stage_progress
+from .output_folder import claim_output_folder
 from .plan import plan_configurations
 from .stages.compare import run_compare
 from .stages.generate import run_generate
@@ -51,6 +52,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     """Run every stage; returns the summary, stage timings and where results are."""
     timings: dict[str, float] = {}
     quiet_driver()
+    claim_output_folder(cfg.output_path)  # before anything is written there
     tracker = ExperimentTracker(cfg)
     tracker.start_parent()
     ok = False

@@ -145,8 +145,10 @@ class ExperimentTracker:
         return runs_table_url(self.uri if self.uri.startswith("http") else base, self.experiment)
 
     def start_parent(self) -> str:
+        self.supersede_dead_attempts()
         run = self.client.create_run(self.experiment_id, run_name=f"{self.cfg.name} (running)",
-                                     tags=self.tags | {"sae_seeds.config_hash": self.cfg.content_hash()})
+                                     tags=self.tags | {"sae_seeds.config_hash": self.cfg.content_hash(),
+                                                       "sae_seeds.output_dir": str(self.cfg.output_path.resolve())})
         self.parent_id = run.info.run_id
         # Set values now; unset ones once generate has resolved them (`log_generate`).
         params = _flatten("", self.cfg.model_dump(mode="json"), {})
@@ -169,6 +171,27 @@ class ExperimentTracker:
                     "ray.address": "a new local instance", "train.use_gpu": "when the cluster has a GPU"}
         params = _flatten("", self.cfg.model_dump(mode="json"), {})
         return {_param_name(k): _value(resolved.get(k)) for k, v in params.items() if v is None}
+
+    def supersede_dead_attempts(self) -> list[str]:
+        """Mark KILLED the runs an earlier attempt at this experiment (same config hash, same output folder) left
+        RUNNING: a driver that is killed never closes them, and this attempt replaces it. Returns their ids."""
+        status = RunStatus.to_string(RunStatus.KILLED)
+        output = str(self.cfg.output_path.resolve())
+        # A parent left RUNNING marks a dead attempt (a finished or failed one closed its children too).
+        parents = self.client.search_runs(
+            [self.experiment_id], f"tags.sae_seeds.config_hash = '{self.cfg.content_hash()}' and "
+                                  "attributes.status = 'RUNNING'", max_results=50000)
+        killed = []
+        for parent in parents:
+            if parent.data.tags.get("sae_seeds.output_dir", output) != output:
+                continue  # the same experiment run into another folder (a shared tracking server)
+            children = self.client.search_runs(
+                [self.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}' and "
+                                      "attributes.status = 'RUNNING'", max_results=50000)
+            for run in [*children, parent]:
+                self.client.set_terminated(run.info.run_id, status)
+                killed.append(run.info.run_id)
+        return killed
 
     def create_child_runs(self, configurations: list[SAEConfiguration]) -> None:
         # Identical param keys on every child so MLflow's compare view can plot across architectures.

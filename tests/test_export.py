@@ -158,7 +158,7 @@ def test_export_refuses_what_a_layout_cannot_hold_and_bad_targets(tmp_path):
     assert not (tmp_path / "out").exists()
     with pytest.raises(ExportError, match="unknown layout 'onnx'"):
         export_sae(folder, "onnx", tmp_path / "out")
-    with pytest.raises(ExportError, match="would replace the SAE folder"):
+    with pytest.raises(ExportError, match="is the SAE folder being exported"):
         export_sae(folder, "saelens", folder, overwrite=True)
     with pytest.raises(FileNotFoundError, match="not an SAE folder"):
         export_sae(tmp_path / "missing", "saelens", tmp_path / "out")
@@ -166,9 +166,14 @@ def test_export_refuses_what_a_layout_cannot_hold_and_bad_targets(tmp_path):
     out = export_sae(folder, "saelens", tmp_path / "out")
     with pytest.raises(FileExistsError):
         export_sae(folder, "saelens", out)
-    (out / "stale").write_text("")
-    export_sae(folder, "saelens", out, overwrite=True)  # replaced whole, not merged
-    assert sorted(p.name for p in out.iterdir()) == ["cfg.json", "sae_weights.safetensors"]
+    (out / "stale").write_text("")  # a file the export did not write: --force keeps its hands off
+    with pytest.raises(ExportError, match="also holds stale"):
+        export_sae(folder, "saelens", out, overwrite=True)
+    (out / "stale").unlink()
+    (out / "sae_weights.safetensors").write_bytes(b"")  # an earlier export, damaged: replaced whole
+    export_sae(folder, "saelens", out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["cfg.json", "checksums.json", "sae_weights.safetensors"]
+    assert load_sae(out).num_latents == N
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
 
 

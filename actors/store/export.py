@@ -13,6 +13,10 @@ Each architecture declares how a library can compute exactly its latents (`Spars
 folders already act on raw activations (input normalisation is folded in at save), so neither export asks the
 library to normalise. Both cfg.json files keep this project's cfg under "sae_seeds" (both libraries ignore keys
 they do not know), which lets `checkpoint.load_sae` read an export back.
+
+An export ends with `checksums.json` (written_by "sae-seeds export"), which also marks the folder as an export:
+`overwrite` replaces only such a folder, and only if it holds nothing but the files it lists, so that no export
+deletes the SAE it reads or files of the user's.
 """
 
 from __future__ import annotations
@@ -23,10 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
-
-from .checkpoint import (CONFIG, EXPORTED_CFG, SAELENS_WEIGHTS, WEIGHTS, load_sae, load_sae_cfg, replace_folder,
-                         temporary_folder)
+from .checkpoint import (CHECKSUMS, CONFIG, EXPORTED_CFG, SAELENS_WEIGHTS, WEIGHTS, WRITTEN_BY_EXPORT, SAEFolderError,
+                         load_sae, load_sae_cfg, read_checksums, replace_folder, save_safetensors, temporary_folder,
+                         write_checksums)
 
 LAYOUTS = ("sparsify", "saelens")
 # The cfg format the SAELens export follows; SAELens reads cfgs that claim an older version through a legacy path.
@@ -80,10 +83,7 @@ def export_sae(folder: str | Path, layout: str, out_dir: str | Path, overwrite: 
     if layout not in _WRITERS:
         raise ExportError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     folder, out_dir = Path(folder), Path(out_dir)
-    if out_dir.resolve() == folder.resolve():
-        raise ExportError(f"{out_dir}: the export would replace the SAE folder it reads")
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; choose another folder or overwrite it")
+    check_export_target(folder, out_dir, overwrite)
     sae, cfg = load_sae(folder), load_sae_cfg(folder)
     written = _WRITERS[layout](sae, cfg)
     if written is None:
@@ -93,9 +93,50 @@ def export_sae(folder: str | Path, layout: str, out_dir: str | Path, overwrite: 
     weights_name, tensors, out_cfg = written
     tmp = temporary_folder(out_dir)
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / weights_name))
+        save_safetensors(tensors, tmp / weights_name)
         (tmp / CONFIG).write_text(json.dumps(out_cfg | {EXPORTED_CFG: cfg}, indent=2, sort_keys=True))
+        write_checksums(tmp, WRITTEN_BY_EXPORT, layout=layout, source=str(folder.resolve()))
+        check_export_target(folder, out_dir, overwrite)  # nothing appeared there meanwhile
         replace_folder(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already unless the write failed
     return out_dir
+
+
+def check_export_target(source: Path, out_dir: Path, overwrite: bool) -> None:
+    """Refuse an `out_dir` whose replacement would delete data the export did not write: the source SAE folder,
+    a folder containing it or inside it, or an existing folder that is not an earlier export (one whose
+    checksums.json says "sae-seeds export" and that holds nothing else). An empty folder is fine."""
+    src, out = source.resolve(), out_dir.resolve()
+    if out == src or out in src.parents:
+        raise ExportError(f"--out {out_dir}: {'is' if out == src else 'contains'} the SAE folder being exported "
+                          f"({source}); replacing it would delete the source: choose a new folder")
+    if src in out.parents:
+        raise ExportError(f"--out {out_dir}: inside the SAE folder being exported ({source}); choose a folder "
+                          "outside it")
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ExportError(f"--out {out_dir}: exists and is not a folder; choose a new folder")
+    present = sorted(p.name for p in out_dir.iterdir())
+    if not present:
+        return
+    if not overwrite:
+        raise FileExistsError(f"--out {out_dir} exists; choose a new folder, or --force to replace an earlier "
+                              "export there")
+    try:
+        record = read_checksums(out_dir)
+    except SAEFolderError:
+        record = None
+    if record is None or record.get("written_by") != WRITTEN_BY_EXPORT:
+        raise ExportError(f"--out {out_dir}: not an earlier export (no {CHECKSUMS} written by sae-seeds export), so "
+                          f"--force will not replace it (it holds {_listing(present)}); choose a new folder")
+    others = [name for name in present if name not in record["files"] and name != CHECKSUMS]
+    if others:
+        raise ExportError(f"--out {out_dir}: an earlier export, but it also holds {_listing(others)}, which the "
+                          "export did not write; --force will not delete them: move them or choose a new folder")
+
+
+def _listing(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

@@ -4,7 +4,9 @@ With `train.backend: deepspeed` the same trainer runs actors/train/deepspeed_bac
 the SAEs one at a time, each data-parallel over all the workers.
 
 Reads the generate manifest; writes SAE folders and `saes/manifest.json`, the one thing compare reads.
-An SAE whose folder is complete (weights, cfg, metrics) is not trained again.
+An SAE whose folders (final and intermediate) are complete and match their checksums is not trained again; one
+whose folders are damaged is retrained, alone (each seed's weights do not depend on which seeds train beside it),
+with one line saying what was damaged.
 """
 
 from __future__ import annotations
@@ -13,14 +15,14 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import Iterable
 
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from actors.train.calibration import is_steered
-from actors.store.checkpoint import METRICS, checkpoint_folder, write_json_atomic
-from actors.store.checkpoint import is_trained
+from actors.store.checkpoint import METRICS, checkpoint_folder, is_trained, training_state, write_json_atomic
 from actors.train.deepspeed_backend import train_loop_per_worker as deepspeed_train_loop
 from actors.train.stacked import split_seeds
 from actors.train.worker import train_loop_per_worker
@@ -58,23 +60,51 @@ def train_hparams(cfg: ExperimentConfig, manifest: dict) -> dict:
                                      "trust_remote_code": cfg.model.trust_remote_code}
 
 
-def _split_groups(groups: list[list[dict]], d_in: int, batch_size: int, max_stack_bytes: int) -> list[list[dict]]:
+def _split_groups(groups: list[list[dict]], d_in: int, batch_size: int, max_stack_bytes: int,
+                  todo: Iterable[str] | None = None) -> list[list[dict]]:
     """Each configuration's seeds in stacks that fit the memory budget (actors/train/stacked.py), as separate groups,
     which the workers deal round-robin. Every worker reads the same stream, so split seeds still see the same
     batches; the L1 calibration still probes with the configuration's smallest seed, and a part without that seed
     whose coefficient is steered to a target L0 also trains it as a pilot (steering only, never saved), so that
-    every part follows the same coefficients."""
+    every part follows the same coefficients. `todo`: the paths of the seeds to train (default: all)."""
+    todo = None if todo is None else set(todo)
     out = []
     for group in groups:
         first = min(group, key=lambda j: j["seed"])
         probe = {"calibration_seed": first["seed"]}
-        for part in split_seeds(group, d_in, batch_size, max_stack_bytes):
+        train = [j for j in group if todo is None or j["path"] in todo]
+        for part in split_seeds(train, d_in, batch_size, max_stack_bytes) if train else []:
             part = [j | probe for j in part]
             if is_steered(first) and first["seed"] not in {j["seed"] for j in part}:
                 # its own path (the state of a training-state checkpoint is keyed by path); no MLflow run
                 part.append(first | probe | {"l0_pilot": True, "path": part[0]["path"] + ".l0-pilot", "run_id": None})
             out.append(part)
     return out
+
+
+def _untrained(groups: list[list[dict]], expected: str, checkpoint_tokens: list[int]) -> tuple[set[str], list[str]]:
+    """The paths of the SAEs to train, and the intermediate checkpoint folders among them that are damaged. One
+    line per damaged folder says so."""
+    todo, repair_checkpoints = set(), []
+    for job in (j for g in groups for j in g):
+        reusable, damage = training_state(job["path"], expected, checkpoint_tokens)
+        for folder, problem in damage:
+            log.warning("train: %s: retraining %s seed %s", problem, job["configuration"], job["seed"])
+            if folder != Path(job["path"]):
+                repair_checkpoints.append(str(folder))
+        if not reusable:
+            todo.add(job["path"])
+    return todo, repair_checkpoints
+
+
+def _run_name(cfg: ExperimentConfig, hookpoint: str, repair_checkpoints: list[str]) -> str:
+    """The Ray Train run: the same name on every re-run, so that a re-run resumes from the training state the
+    last one reported. Except to rewrite a damaged intermediate checkpoint folder: a state from after that
+    checkpoint would never pass it again, so that repair trains from the start under a name of its own."""
+    name = f"train-{cfg.content_hash()}-{slug(hookpoint)}"
+    if repair_checkpoints:
+        name += "-repair-" + hashlib.sha256("\n".join(sorted(repair_checkpoints)).encode()).hexdigest()[:8]
+    return name
 
 
 def run_train(cfg: ExperimentConfig, manifest: dict, configurations: list[SAEConfiguration],
@@ -87,13 +117,17 @@ def run_train(cfg: ExperimentConfig, manifest: dict, configurations: list[SAECon
     hp = train_hparams(cfg, manifest)
     for hookpoint in manifest["hookpoints"]:
         groups = [c.jobs() for c in configurations if c.hookpoint == hookpoint]
-        # A configuration is retrained whole if any seed is missing: seeds must share one stream.
-        groups = [g for g in groups if not all(is_trained(j["path"], expected, t.checkpoint_tokens) for j in g)]
+        todo, repair_checkpoints = _untrained(groups, expected, t.checkpoint_tokens)
+        groups = [g for g in groups if any(j["path"] in todo for j in g)]
         if not groups:
             log.info("train: every SAE of %s is already trained", hookpoint)
             continue
-        if t.stack_seeds:  # seeds of a configuration that do not fit one stack go to different workers
-            groups = _split_groups(groups, manifest["hookpoints"][hookpoint]["d_in"], t.batch_size, t.max_stack_bytes)
+        partial = any(j["path"] not in todo for g in groups for j in g)
+        if t.stack_seeds or partial:
+            # Seeds of a configuration that do not fit one stack go to different workers; a configuration some of
+            # whose seeds are intact trains only the others (on the same stream, steered by the same seed).
+            groups = _split_groups(groups, manifest["hookpoints"][hookpoint]["d_in"], t.batch_size,
+                                   t.max_stack_bytes if t.stack_seeds else float("inf"), todo)
         # torch: configurations dealt over at most as many workers; deepspeed: every SAE across all the workers.
         num_workers = t.num_workers if t.backend == "deepspeed" else min(t.num_workers, len(groups))
         trainer = TorchTrainer(
@@ -108,7 +142,7 @@ def run_train(cfg: ExperimentConfig, manifest: dict, configurations: list[SAECon
                                          resources_per_worker={"CPU": t.cpus_per_worker}),
             # A worker failure restarts the workers from the last training state they reported; re-running the
             # experiment after the driver died resumes from it too (same run name and storage).
-            run_config=RunConfig(name=f"train-{cfg.content_hash()}-{slug(hookpoint)}",
+            run_config=RunConfig(name=_run_name(cfg, hookpoint, repair_checkpoints),
                                  storage_path=str(cfg.output_path / "ray_train"),
                                  failure_config=FailureConfig(max_failures=t.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2),
