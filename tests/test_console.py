@@ -5,19 +5,11 @@ from __future__ import annotations
 import io
 import re
 
-import pytest
 import ray
 from tqdm.auto import tqdm
 
 from actors.progress import RemoteProgress
 from orchestrator import console
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, object_store_memory=100 * 2**20, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 @ray.remote(num_cpus=0.5)
@@ -29,7 +21,7 @@ def work(counter, steps: int) -> int:
     return steps
 
 
-def test_stage_progress_sums_every_workers_steps(local_ray, monkeypatch):
+def test_stage_progress_sums_every_workers_steps(ray_local, monkeypatch):
     out = io.StringIO()
     monkeypatch.setattr(console, "tqdm", lambda **kw: tqdm(file=out, **kw))
     with console.stage_progress("train", "step", poll_s=0.05) as counter:
@@ -38,7 +30,7 @@ def test_stage_progress_sums_every_workers_steps(local_ray, monkeypatch):
     assert re.search(r"\b15/15\b", final), final
 
 
-def test_gather_returns_results_in_order_and_counts_them(local_ray, monkeypatch):
+def test_gather_returns_results_in_order_and_counts_them(ray_local, monkeypatch):
     out = io.StringIO()
     monkeypatch.setattr(console, "tqdm", lambda **kw: tqdm(file=out, **kw))
 

@@ -1,31 +1,32 @@
-"""A new architecture is one file plus one registry line: this module is that file. It defines an architecture,
-registers it, and the tests train it (stacked), export it and match it through the whole pipeline, with nothing
-about it anywhere else in the code base."""
+"""A new architecture is one file plus one registry line (`tests/new_architecture.py`, registered by
+importing it): trained as a stack of seeds, exported and matched through the whole pipeline."""
 
 from __future__ import annotations
 
+import importlib
 import json
+import sys
 
 import numpy as np
+import pytest
 import torch
 
-from actors.sae import ARCHITECTURES, register
-from actors.sae.topk import TopKSAE
+from actors.sae import ARCHITECTURES
+
+MODULE = "tests.new_architecture"
 
 
-@register
-class TopKMSESAE(TopKSAE):
-    """TopK with the squared error as its loss instead of FVU (as SAELens trains TopK SAEs)."""
-
-    name = "topk_mse_test"
-    example_params = {"k": 3}
-
-    def reconstruction_loss(self, x, codes, values, fvu):
-        # FVU is the squared error over the batch's total variance: undo the division.
-        return fvu * (x - x.mean(0)).pow(2).sum(-1).mean()
+@pytest.fixture
+def new_architecture():
+    """Imported (so registered) for one test, then removed from the registry and from sys.modules."""
+    module = importlib.import_module(MODULE)
+    yield module.TopKMSESAE
+    ARCHITECTURES.pop(module.TopKMSESAE.name, None)
+    sys.modules.pop(MODULE, None)
 
 
-def test_the_new_architecture_trains_as_a_stack_of_seeds():
+def test_the_new_architecture_trains_as_a_stack_of_seeds(new_architecture):
+    TopKMSESAE = new_architecture
     from actors.train.stacked import StackedTrainer, group_trainers
     from actors.train.trainer import build_trainer
 
@@ -41,7 +42,8 @@ def test_the_new_architecture_trains_as_a_stack_of_seeds():
     assert all(np.isfinite(losses)) and all(torch.isfinite(h).all() for h in x_hat)
 
 
-def test_the_new_architecture_runs_through_the_pipeline(ray_local, tmp_path):
+def test_the_new_architecture_runs_through_the_pipeline(ray_local, tmp_path, new_architecture):
+    TopKMSESAE = new_architecture
     from actors.store.checkpoint import load_sae
     from actors.store.export import export_sae
     from orchestrator.config import load_config
@@ -49,7 +51,7 @@ def test_the_new_architecture_runs_through_the_pipeline(ray_local, tmp_path):
 
     from .conftest import TINY
 
-    cfg = load_config(TINY, [f"sae.architecture_modules=[{__name__}]",
+    cfg = load_config(TINY, [f"sae.architecture_modules=[{MODULE}]",
                              f"sae.architectures=[{{name: {TopKMSESAE.name}, k: 4}}]", "sae.widths=[64]",
                              "sae.seeds=[0,1]", "train.checkpoint_tokens=[]", "generate.num_tokens=8192"],
                       output_dir=str(tmp_path / "out"))
