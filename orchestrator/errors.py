@@ -20,7 +20,7 @@ def _unwrap_once(err: BaseException) -> BaseException | None:
     if isinstance(err, WorkerGroupError):
         failures = [e for _, e in sorted(err.worker_failures.items())]
         # A worker whose own code raised explains more than a worker killed because another one failed.
-        return next((e for e in failures if not _is_ray_error(e)), failures[0] if failures else None)
+        return next((e for e in failures if not _is_ray_error(root_cause(e))), failures[0] if failures else None)
     if isinstance(err, ControllerError):
         return err.controller_failure
     if isinstance(err, RayTaskError):

@@ -33,6 +33,7 @@ def config(out, **generate):
         "generate": {"hookpoints": ["layers.0.mlp"], "ctx_len": 32, "num_tokens": 4096, "shard_tokens": 512,
                      "batch_size": 4, "num_actors": 1} | generate,
         "sae": {"architectures": [{"name": "topk", "k": 2}], "widths": [32], "seeds": [0]},
+        "train": {"batch_size": 64},  # at most the smallest num_tokens here
     })
 
 

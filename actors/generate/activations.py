@@ -182,7 +182,7 @@ class ActivationShardWriter:
             raise
         fault_point("files_written", shard_id)
         for h, s in stats.items():
-            s["sha256"] = self.store.sha256(s["path"])
+            s["sha256"], s["bytes"] = self.store.sha256(s["path"]), self.store.size(s["path"])
         seconds = time.perf_counter() - t0
         record = {"shard_id": shard_id, "start": start, "stop": stop, "tokens": int(token_ids.size),
                   "seconds": seconds, "tokens_per_s": token_ids.size / seconds, "node_id": self.node_id,

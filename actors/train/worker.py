@@ -22,7 +22,7 @@ import ray.train.torch
 import torch
 from ray.experimental.tqdm_ray import tqdm
 
-from ..store.storage import ActivationStore
+from ..store.shards import read_manifest
 from .train_state import read_training_state
 from .training import train_saes
 
@@ -54,7 +54,7 @@ def train_loop_per_worker(config: dict) -> None:
     jobs = [job for i, group in enumerate(groups) if i % world == rank for job in group]
     if not jobs:
         return
-    manifest = ActivationStore(config["activations_uri"]).read_json("manifest.json")
+    manifest = read_manifest(config["activations_uri"], config.get("model_path"))
     device = ray.train.torch.get_device()
     resume = None
     checkpoint = ray.train.get_checkpoint()  # the last state every worker reported, after a restart

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 
 from actors.train.calibration import is_steered
 from actors.store.checkpoint import METRICS, checkpoint_folder, write_json_atomic
@@ -27,6 +26,7 @@ from actors.train.worker import train_loop_per_worker
 
 from ..config import ExperimentConfig
 from ..plan import SAEConfiguration, slug
+from .failure_policy import SAETrainer
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +94,11 @@ def run_train(cfg: ExperimentConfig, manifest: dict, configurations: list[SAECon
             groups = _split_groups(groups, manifest["hookpoints"][hookpoint]["d_in"], t.batch_size, t.max_stack_bytes)
         # torch: configurations dealt over at most as many workers; deepspeed: every SAE across all the workers.
         num_workers = t.num_workers if t.backend == "deepspeed" else min(t.num_workers, len(groups))
-        trainer = TorchTrainer(
+        trainer = SAETrainer(  # a TorchTrainer that does not retry a worker's BadInputError
             deepspeed_train_loop if t.backend == "deepspeed" else train_loop_per_worker,
             train_loop_config={
                 "groups": groups, "hookpoint": hookpoint, "hp": hp, "tracking_uri": tracking_uri,
-                "activations_uri": manifest["root"],
+                "activations_uri": manifest["root"], "model_path": manifest["model"]["path"],
                 "torch_threads": t.cpus_per_worker, "fault": fault,
             },
             scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
@@ -124,5 +124,16 @@ def run_train(cfg: ExperimentConfig, manifest: dict, configurations: list[SAECon
                                "data_digest": cfg_json["data_digest"], "checkpoints": checkpoints})
     train_manifest = {"config_hash": cfg.content_hash(), "threshold": cfg.compare.threshold,
                       "configurations": [c.name for c in configurations], "saes": saes}
-    write_json_atomic(train_manifest_path(cfg), train_manifest)
+    write_json_atomic(train_manifest_path(cfg), _relative_to(cfg.output_path, train_manifest))
     return train_manifest
+
+
+def _relative_to(root: Path, train_manifest: dict) -> dict:
+    """The manifest as written: SAE folders relative to the output folder, so a moved or copied output folder
+    names its own SAEs (`<output>/<path>`)."""
+    def rel(path: str) -> str:
+        return Path(path).relative_to(root).as_posix() if Path(path).is_relative_to(root) else path
+
+    return train_manifest | {"saes": [s | {"path": rel(s["path"]),
+                                           "checkpoints": [c | {"path": rel(c["path"])} for c in s["checkpoints"]]}
+                                       for s in train_manifest["saes"]]}
