@@ -98,7 +98,7 @@ def run_train(cfg: ExperimentConfig, manifest: dict, configurations: list[SAECon
             deepspeed_train_loop if t.backend == "deepspeed" else train_loop_per_worker,
             train_loop_config={
                 "groups": groups, "hookpoint": hookpoint, "hp": hp, "tracking_uri": tracking_uri,
-                "activations_uri": manifest["root"], "model_path": manifest["model"]["path"],
+                "activations_uri": manifest["root"], "model_path": manifest.get("model", {}).get("path"),
                 "torch_threads": t.cpus_per_worker, "fault": fault,
             },
             scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
