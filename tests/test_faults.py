@@ -186,6 +186,26 @@ def test_failure_policy_does_not_retry_bad_input():
     assert [policy.make_decision(killed) for _ in range(4)] == [FailureDecision.RETRY] * 3 + [FailureDecision.RAISE]
 
 
+def test_shard_verification_modes(tmp_path):
+    """sha256 catches any change; size (a stat) catches a missing or truncated file, not a flipped byte."""
+    from actors.store.storage import ActivationStore
+    from orchestrator.stages.generate import verify_shards
+
+    store = ActivationStore(tmp_path)
+    records = {}
+    for sid in range(3):
+        store.write_bytes(f"h/shard-{sid}.parquet", bytes(range(256)) * 4)
+        records[sid] = {"hookpoints": {"h": {"path": f"h/shard-{sid}.parquet", "bytes": 1024,
+                                             "sha256": store.sha256(f"h/shard-{sid}.parquet")}}}
+    flip_bytes(tmp_path / "h" / "shard-0.parquet")
+    (tmp_path / "h" / "shard-1.parquet").write_bytes(b"truncated")
+    assert verify_shards(store, records, "sha256") == {0: ["h/shard-0.parquet: sha256 differs from its record"],
+                                                       1: ["h/shard-1.parquet: 9 bytes, recorded 1024"]}
+    assert verify_shards(store, records, "size") == {1: ["h/shard-1.parquet: 9 bytes, recorded 1024"]}
+    (tmp_path / "h" / "shard-2.parquet").unlink()
+    assert verify_shards(store, records, "size")[2] == ["h/shard-2.parquet: missing"]
+
+
 # ---- on a real local Ray instance: one small finished run, copied by each test that damages it ----
 
 @pytest.fixture(scope="module")
