@@ -7,20 +7,23 @@ import argparse
 import json
 import math
 import sys
+import traceback
 
 from .config import DEFAULT_CONFIG, ConfigError, load_config
 from .console import set_verbose
 
+MAX_MESSAGE_LINES = 12
+
 
 def _run(args) -> int:
     cfg = load_config(args.config, args.set, args.output)  # validated before anything starts
-    set_verbose(args.verbose)
+    set_verbose(getattr(args, "verbose", False))
     from .output_folder import check_output_folder
 
     check_output_folder(cfg.output_path)  # in seconds, before the pipeline's imports
     from .pipeline import run_experiment
 
-    result = run_experiment(cfg)
+    result = run_experiment(cfg)  # checks the inputs (preflight) before Ray starts
     print("\nstage wall time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result["timings"].items()))
     print(result["summary"].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"\nresults: {result['output_dir']}")
@@ -82,17 +85,20 @@ def _export(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sae-seeds", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="show Ray's and the libraries' own logs and progress bars (default: one line per stage) "
+                             "and, on failure, the full traceback (Ray's wrappers included), not just the cause")
+    parser = argparse.ArgumentParser(prog="sae-seeds", description=__doc__, parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run an experiment end to end (generate, train, compare, track)")
+    run = sub.add_parser("run", parents=[common],
+                         help="run an experiment end to end (generate, train, compare, track)")
     run.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG), help="experiment YAML (default: %(default)s)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a field, e.g. --set sae.widths=[256,512] (repeatable)")
     run.add_argument("--output", help="output folder (overrides output_dir)")
-    run.add_argument("--verbose", action="store_true",
-                     help="show Ray's and the libraries' own logs and progress bars (default: one line per stage)")
     run.set_defaults(func=_run)
-    match = sub.add_parser("match", help="match the latents of two SAE folders (sae.safetensors + cfg.json)")
+    match = sub.add_parser("match", parents=[common], help="match the latents of two SAE folders (sae.safetensors + cfg.json)")
     match.add_argument("a")
     match.add_argument("b")
     match.add_argument("--threshold", type=_threshold, default=0.7,
@@ -104,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "(auto: dense up to 4096x4096)")
     match.add_argument("--device", default="cpu", help="torch device for the cosine blocks, e.g. cuda")
     match.set_defaults(func=_match)
-    export = sub.add_parser("export", help="write an SAE folder in EleutherAI sparsify's or SAELens' layout")
+    export = sub.add_parser("export", parents=[common], help="write an SAE folder in EleutherAI sparsify's or SAELens' layout")
     export.add_argument("folder", help="SAE folder (sae.safetensors + cfg.json) written by sae-seeds")
     export.add_argument("--layout", required=True, choices=["sparsify", "saelens"])
     export.add_argument("--out", required=True, help="folder to create")
@@ -114,15 +120,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _short(text: str) -> str:
+    lines = text.strip().splitlines() or [""]
+    if len(lines) > MAX_MESSAGE_LINES:
+        lines = lines[:MAX_MESSAGE_LINES] + [f"... ({len(lines) - MAX_MESSAGE_LINES} more lines)"]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """One message per failure: what failed and where (the cause, unwrapped from Ray's layers), exit code 2 for
+    bad input and 1 for other failures; `--verbose` adds the whole traceback."""
     args = build_parser().parse_args(argv)
+    verbose = getattr(args, "verbose", False)
     try:
         return args.func(args)
-    except ConfigError as err:
-        print(f"sae-seeds: {err}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, FileExistsError, KeyError, ValueError) as err:
-        if args.command not in ("match", "export"):
-            raise
-        print(f"sae-seeds {args.command}: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"sae-seeds {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the one place every failure is turned into a message
+        from .errors import is_bad_input, root_cause
+
+        cause = root_cause(err)
+        if verbose:
+            traceback.print_exception(err, file=sys.stderr)
+        if isinstance(cause, ConfigError) or (args.command == "run" and is_bad_input(cause)):
+            print(f"sae-seeds: {_short(str(cause))}", file=sys.stderr)
+            return 2
+        if args.command in ("match", "export") and isinstance(
+                cause, (FileNotFoundError, FileExistsError, KeyError, ValueError)):
+            print(f"sae-seeds {args.command}: {_short(str(cause))}", file=sys.stderr)
+            return 2
+        hint = "" if verbose else "\n(run again with --verbose for the traceback)"
+        print(f"sae-seeds {args.command} failed: {type(cause).__name__}: {_short(str(cause))}{hint}",
+              file=sys.stderr)
+        return 1

@@ -85,6 +85,9 @@ class GenerateConfig(_Strict):
                                    "than one GPU; give each actor that many GPUs with gpus_per_actor.")
     nonfinite: Literal["fail", "drop"] = Field(
         "fail", description="Activation rows with NaN or inf: fail naming the shard, or drop them (counted).")
+    verify: Literal["sha256", "size"] = Field(
+        "sha256", description="How a re-run checks the shards it reuses before training: sha256 reads each once "
+        "(catches any damage), size only stats them (a damaged byte is then caught when training reads it).")
 
 
 class SAEGridConfig(_Strict):
@@ -259,6 +262,24 @@ class RayConfig(_Strict):
     num_cpus: int | None = Field(None, gt=0, description="Logical CPUs of a new local instance.")
     object_store_memory_mb: int = Field(512, gt=64, description="Object store of a new local instance, MiB.")
     dashboard_host: str = Field("127.0.0.1", description="Interface the dashboard of a new local instance binds to.")
+    bind_address: str | None = Field("127.0.0.1", description="Address every service of a new local instance "
+                                     "listens on: 127.0.0.1 (loopback only), a node IP, or null for Ray's default "
+                                     "(the node's network address; some services on all interfaces).")
+
+    @field_validator("bind_address")
+    @classmethod
+    def _an_address_of_this_machine(cls, v):
+        import ipaddress
+
+        if v is None or v == "localhost":
+            return v
+        try:
+            ip = ipaddress.ip_address(v)
+        except ValueError:
+            raise ValueError(f"{v!r} is not an IP address; allowed: 127.0.0.1, an IP of this machine, or null") from None
+        if ip.is_unspecified:
+            raise ValueError(f"{v} is not one address; use null for Ray's default binding")
+        return v
 
 
 class ExperimentConfig(_Strict):
@@ -290,7 +311,17 @@ class ExperimentConfig(_Strict):
                     if problem:
                         raise ValueError(f"sae.architectures[{i}] cannot train with train.backend=deepspeed: "
                                          f"{problem}")
+        g = self.generate
+        if g.num_tokens < g.ctx_len:
+            raise ValueError(f"generate.num_tokens ({g.num_tokens}) is smaller than one chunk of generate.ctx_len "
+                             f"({g.ctx_len}) tokens; raise generate.num_tokens or lower generate.ctx_len")
         budget = self.train_tokens
+        if self.train.batch_size > budget:
+            source = ("train.tokens" if self.train.tokens else
+                      f"one pass over generate.num_tokens = {g.num_tokens // g.ctx_len} chunks of {g.ctx_len}")
+            raise ValueError(f"train.batch_size ({self.train.batch_size}) is larger than the training budget of "
+                             f"{budget} tokens ({source}): not one step could run; lower train.batch_size or give "
+                             "more tokens")
         late = [t for t in self.train.checkpoint_tokens if t >= budget]
         if late:
             raise ValueError(f"train.checkpoint_tokens {late} must be below the training budget of {budget} tokens "
@@ -308,31 +339,49 @@ class ExperimentConfig(_Strict):
 
     def content_hash(self) -> str:
         """Hash of everything that decides the results (not where they go or how they are tracked)."""
-        data = self.model_dump(exclude={"output_dir", "tracking", "ray"})
+        data = self.model_dump(exclude={"output_dir": True, "tracking": True, "ray": True,
+                                      "generate": {"verify"}})  # how reuse is checked changes no result
         if self.train.backend == "torch":  # hashes from before the backend setting existed stay valid
             data["train"] = {k: v for k, v in data["train"].items() if k not in ("backend", "deepspeed")}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _apply_override(data: dict, assignment: str) -> None:
-    if "=" not in assignment:
-        raise ConfigError(f"--set expects dotted.key=value, got {assignment!r}")
-    key, raw = assignment.split("=", 1)
-    node = data
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """'line L, column C: problem' from a YAML error (1-based, as editors count)."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    if getattr(err, "context", None) and getattr(err, "problem", None):
+        problem = f"{problem} ({err.context})"
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
+
+
+def _apply_override(data: dict, assignment: str) -> str:
+    """Apply one `--set dotted.key=value`; returns the dotted key."""
+    key, sep, raw = assignment.partition("=")
+    key = key.strip()
     parts = key.split(".")
-    for part in parts[:-1]:
+    if not sep or not key or not all(p.strip() for p in parts):
+        raise ConfigError(f"--set {assignment!r}: expected dotted.key=value, e.g. --set sae.widths=[64,128]")
+    node = data
+    for i, part in enumerate(parts[:-1]):
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"--set {key}: {part!r} is not a section")
-    # YAML parses the value so that numbers, booleans and lists get their types.
-    node[parts[-1]] = yaml.safe_load(raw)
+            raise ConfigError(f"--set {assignment!r}: {'.'.join(parts[:i + 1])} is not a section")
+    try:  # YAML parses the value so that numbers, booleans and lists get their types
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {assignment!r}: the value is not valid YAML: {_yaml_problem(err)}") from None
+    return key
 
 
-def _format_errors(err: ValidationError) -> str:
+def _format_errors(err: ValidationError, set_by: dict[str, str] | None = None) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
-        lines.append(f"  {loc}: {e['msg']}")
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        origin = next((a for k, a in (set_by or {}).items() if loc == k or loc.startswith(k + ".")), None)
+        where = f" (from --set {origin!r})" if origin else ""
+        lines.append(f"  {loc}: {msg}{where}" if loc else f"  {msg}{where}")
     return "invalid config:\n" + "\n".join(lines)
 
 
@@ -341,7 +390,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     path = Path(path) if path else DEFAULT_CONFIG
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     return parse_config(data, overrides, output_dir)
@@ -349,11 +401,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def parse_config(data: dict, overrides: list[str] | None = None, output_dir: str | None = None) -> ExperimentConfig:
     data = copy.deepcopy(data)
-    for assignment in overrides or []:
-        _apply_override(data, assignment)
+    set_by = {_apply_override(data, assignment): assignment for assignment in overrides or []}
     if output_dir:
         data["output_dir"] = output_dir
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err)) from None
+        raise ConfigError(_format_errors(err, set_by)) from None

@@ -75,16 +75,18 @@ def ray_init_options(local: bool) -> dict:
 
 
 @contextmanager
-def own_local_instance(options: dict):
+def own_local_instance(options: dict, host: str | None = None):
     """Start a local instance whose workers know its address. Ray Train's placement-group monitor looks the
     cluster up by address and, with two Ray instances on one machine (two experiments, or a test session's
     instance beside a run), cannot tell which is its own and prints a traceback each run. The GCS port is chosen
-    here so that `RAY_ADDRESS` can be put in the workers' environment before they start."""
+    here so that `RAY_ADDRESS` can be put in the workers' environment before they start. `host`: the address the
+    instance binds to (`ray.bind_address`; None: all interfaces, reachable on loopback)."""
+    host = host or "127.0.0.1"
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         port = sock.getsockname()[1]
     runtime_env = dict(options.get("runtime_env") or {})
-    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), "RAY_ADDRESS": f"{host}:{port}"}
     previous = os.environ.get(GCS_PORT_ENV)
     os.environ[GCS_PORT_ENV] = str(port)
     try:

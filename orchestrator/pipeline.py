@@ -14,6 +14,7 @@ from .config import ExperimentConfig
 from .console import own_local_instance, quiet_driver, ray_init_options, stage_progress
 from .output_folder import claim_output_folder
 from .plan import plan_configurations
+from .preflight import preflight
 from .stages.compare import run_compare
 from .stages.generate import run_generate
 from .stages.train import run_train
@@ -22,25 +23,56 @@ from .tracking import ExperimentTracker, summary_frame
 log = logging.getLogger(__name__)
 
 
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
 @contextmanager
-def ray_session(cfg: ExperimentConfig):
-    """Join the configured or ambient cluster (e.g. under `ray job submit`), else start a local instance."""
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    started = False
-    if not ray.is_initialized():
-        if address:
-            ray.init(address=address, log_to_driver=True, **ray_init_options(local=False))
-        else:
-            with own_local_instance(ray_init_options(local=True)) as options:
-                ray.init(address="local", num_cpus=cfg.ray.num_cpus or max(4, os.cpu_count() or 1),
-                         object_store_memory=cfg.ray.object_store_memory_mb * 2**20,
-                         dashboard_host=cfg.ray.dashboard_host, include_dashboard=True, **options)
-        started = True
+def _single_machine_mode(bind_address: str | None):
+    """Ray binds every service of a node to that node's address, but turns a loopback node address into the
+    machine's network address unless its cluster mode is off (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, the mode Ray
+    uses on macOS and Windows). So for a loopback bind address this switches cluster mode off: in the environment,
+    for the processes Ray starts, and in this process, which read the setting when ray was imported."""
+    if bind_address not in LOOPBACK:
+        yield
+        return
+    from ray._private import ray_constants
+
+    env, flag = os.environ.get(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
     try:
         yield
     finally:
-        if started:
-            ray.shutdown()
+        ray_constants.ENABLE_RAY_CLUSTER = flag
+        if env is None:
+            os.environ.pop(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, None)
+        else:
+            os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = env
+
+
+@contextmanager
+def ray_session(cfg: ExperimentConfig, log_to_driver: bool = True):
+    """Join the configured or ambient cluster (e.g. under `ray job submit`), else start a local instance whose
+    services listen on `ray.bind_address` only (loopback by default)."""
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    started = False
+    with _single_machine_mode(None if address else cfg.ray.bind_address):
+        if not ray.is_initialized():
+            if address:
+                ray.init(address=address, log_to_driver=log_to_driver, **ray_init_options(local=False))
+            else:
+                bind = {"_node_ip_address": cfg.ray.bind_address} if cfg.ray.bind_address else {}
+                with own_local_instance(ray_init_options(local=True), cfg.ray.bind_address) as options:
+                    ray.init(address="local", num_cpus=cfg.ray.num_cpus or max(4, os.cpu_count() or 1),
+                             object_store_memory=cfg.ray.object_store_memory_mb * 2**20,
+                             dashboard_host=cfg.ray.dashboard_host, include_dashboard=True,
+                             log_to_driver=log_to_driver, **bind, **options)
+            started = True
+        try:
+            yield
+        finally:
+            if started:
+                ray.shutdown()
 
 
 def summary_table(train_manifest: dict, compare: dict) -> pd.DataFrame:
@@ -48,16 +80,18 @@ def summary_table(train_manifest: dict, compare: dict) -> pd.DataFrame:
     return summary_frame(train_manifest, compare)
 
 
-def run_experiment(cfg: ExperimentConfig) -> dict:
-    """Run every stage; returns the summary, stage timings and where results are."""
+def run_experiment(cfg: ExperimentConfig, log_to_driver: bool = True) -> dict:
+    """Run every stage; returns the summary, stage timings and where results are. Inputs are checked first
+    (`preflight`), before Ray or MLflow start; `log_to_driver` shows the Ray workers' output here."""
     timings: dict[str, float] = {}
     quiet_driver()
+    preflight(cfg)
     claim_output_folder(cfg.output_path)  # before anything is written there
     tracker = ExperimentTracker(cfg)
     tracker.start_parent()
     ok = False
     try:
-        with ray_session(cfg):
+        with ray_session(cfg, log_to_driver):
             t0 = time.perf_counter()
             manifest = run_generate(cfg)
             timings["generate"] = time.perf_counter() - t0

@@ -33,6 +33,7 @@ def config(out, **generate):
         "generate": {"hookpoints": ["layers.0.mlp"], "ctx_len": 32, "num_tokens": 4096, "shard_tokens": 512,
                      "batch_size": 4, "num_actors": 1} | generate,
         "sae": {"architectures": [{"name": "topk", "k": 2}], "widths": [32], "seeds": [0]},
+        "train": {"batch_size": 64},  # at most the smallest num_tokens here
     })
 
 
@@ -223,12 +224,14 @@ def test_shuffle_buffer_order_is_seeded_and_mixes_shards(tmp_path):
 # ---- on a real local Ray instance ----
 
 def _driver(cfg_data: dict, address: str, fault: dict | None = None) -> subprocess.Popen:
-    """run_generate in a separate driver process joined to the test's Ray instance."""
+    """run_generate in a separate driver process joined to the test's Ray instance; `fault` is installed in its
+    workers by tests/fault_hooks.py."""
     code = ("import json, sys, ray\n"
             "from orchestrator.config import parse_config\n"
             "from orchestrator.stages.generate import run_generate\n"
             "env = json.loads(sys.argv[2])\n"
-            "ray.init(address=sys.argv[1], runtime_env={'env_vars': env}, log_to_driver=False)\n"
+            "ray.init(address=sys.argv[1], runtime_env={'env_vars': env, 'worker_process_setup_hook':\n"
+            "         'tests.fault_hooks.install'}, log_to_driver=False)\n"
             "run_generate(parse_config(json.loads(sys.stdin.read())))\n")
     env_vars = {"SAE_SEEDS_FAULT": json.dumps(fault)} if fault else {}
     proc = subprocess.Popen([sys.executable, "-c", code, address, json.dumps(env_vars)], cwd=REPO,

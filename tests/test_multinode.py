@@ -73,9 +73,9 @@ def check_outputs(out: Path) -> tuple[dict, list[dict]]:
     assert len(saes) == EXPECTED_SAES
     assert len({s["path"] for s in saes}) == EXPECTED_SAES
     folders = sorted(str(p.parent) for p in final_metrics(out))
-    assert folders == sorted(s["path"] for s in saes)  # one complete folder per SAE, no other
+    assert folders == sorted(str(out / s["path"]) for s in saes)  # one complete folder per SAE, no other
     for s in saes:
-        assert (Path(s["path"]) / "sae.safetensors").is_file()
+        assert (out / s["path"] / "sae.safetensors").is_file()
 
     assert (out / "overlap" / "pairs.parquet").is_file() and (out / "overlap" / "nway.parquet").is_file()
     assert len(list((out / "overlap" / "assignments").rglob("*.parquet"))) == 2  # one seed pair per config

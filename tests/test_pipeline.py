@@ -62,7 +62,7 @@ def test_parent_overlap_equals_cli_match(tiny_run, capsys):
     rows = [dict(zip(table["columns"], r)) for r in table["data"]]
     assert len(rows) == 4 * 3  # 4 configurations x 3 seed pairs
     saes = json.loads((cfg.output_path / "saes" / "manifest.json").read_text())["saes"]
-    path = {(s["configuration"], s["seed"]): s["path"] for s in saes}
+    path = {(s["configuration"], s["seed"]): str(cfg.output_path / s["path"]) for s in saes}
     for row in rows:
         capsys.readouterr()
         assert main(["match", path[(row["configuration"], row["seed_a"])],
@@ -101,7 +101,7 @@ def test_seeds_share_batches_and_differ_in_weights(tiny_run):
         by_conf.setdefault(s["configuration"], []).append(s)
     for conf, group in by_conf.items():
         assert len({s["data_digest"] for s in group}) == 1, conf
-        w = [load_sae_weights(s["path"]).encoder.numpy() for s in group]
+        w = [load_sae_weights(cfg.output_path / s["path"]).encoder.numpy() for s in group]
         assert not np.allclose(w[0], w[1]) and not np.allclose(w[1], w[2])
 
 
@@ -134,10 +134,12 @@ def test_outputs_are_complete_and_rerun_reuses_them(tiny_run):
 
 
 def test_failed_run_is_marked_failed_in_mlflow(ray_local, tmp_path):
+    # A corpus too short for generate.num_tokens passes the preflight checks (it reads the first record only)
+    # and fails once the generate stage packs it, with the MLflow runs already started.
     data = tmp_path / "docs.jsonl"
-    data.write_text('{"content": "a document without the configured text column"}\n')
+    data.write_text('{"text": "a single short document"}\n')
     cfg = load_config(TINY, ["dataset.kind=files", f"dataset.path={data}"], str(tmp_path / "out"))
-    with pytest.raises(KeyError, match="columns: \\['content'\\]"):
+    with pytest.raises(ValueError, match="the corpus yields only"):
         run_experiment(cfg)
     client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
     [exp] = [e for e in client.search_experiments() if e.name == "sae-seeds/tiny"]
@@ -179,7 +181,7 @@ def test_overlap_through_training(tiny_run):
     # An intermediate point equals `sae-seeds match` on the two checkpoint folders.
     saes = json.loads((cfg.output_path / "saes" / "manifest.json").read_text())["saes"]
     row = through[through["tokens"] == 2048].iloc[0]
-    ckpt = {(s["configuration"], s["seed"]): s["checkpoints"][0]["path"] for s in saes}
+    ckpt = {(s["configuration"], s["seed"]): cfg.output_path / s["checkpoints"][0]["path"] for s in saes}
     a = load_sae_weights(ckpt[(row["configuration"], row["seed_a"])])
     b = load_sae_weights(ckpt[(row["configuration"], row["seed_b"])])
     from actors.compare.matching import match_pair
@@ -208,7 +210,7 @@ def test_trained_folders_are_reused_only_with_the_same_settings(tiny_run):
     other_order = train_hash(load_config(TINY, ["train.data_seed=1"], str(cfg.output_path)), manifest)
     more_workers = train_hash(load_config(TINY, ["train.num_workers=2"], str(cfg.output_path)), manifest)
     assert same != other_order and same == more_workers
-    assert all(is_trained(s["path"], same, cfg.train.checkpoint_tokens) for s in saes)
-    assert not any(is_trained(s["path"], other_order, cfg.train.checkpoint_tokens) for s in saes)
+    assert all(is_trained(cfg.output_path / s["path"], same, cfg.train.checkpoint_tokens) for s in saes)
+    assert not any(is_trained(cfg.output_path / s["path"], other_order, cfg.train.checkpoint_tokens) for s in saes)
     # A missing intermediate checkpoint makes the folder untrained.
-    assert not is_trained(saes[0]["path"], same, cfg.train.checkpoint_tokens + [12000])
+    assert not is_trained(cfg.output_path / saes[0]["path"], same, cfg.train.checkpoint_tokens + [12000])

@@ -143,7 +143,7 @@ def test_worker_killed_mid_training_resumes_to_identical_weights(ray_local, tmp_
     def no_training(*args, **kwargs):
         raise AssertionError("a finished experiment was trained again")
 
-    monkeypatch.setattr(train_stage, "TorchTrainer", no_training)
+    monkeypatch.setattr(train_stage, "SAETrainer", no_training)
     saes = [Path(s["path"]) for s in killed["saes"]]
     mtimes = {p: (p / WEIGHTS).stat().st_mtime_ns for p in saes}
     again = train_stage.run_train(cfg, manifest, configurations, None)

@@ -10,7 +10,6 @@ norms, non-finite counts, timing) is written last and is what marks the shard co
 from __future__ import annotations
 
 import json
-import os
 import resource
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,25 +22,6 @@ from ..store.shards import (PARQUET_OPTIONS, activation_schema, activation_table
                             to_storage)
 from ..store.storage import ActivationStore
 from .models import load_model, resolve_hookpoints
-
-FAULT_ENV = "SAE_SEEDS_FAULT"
-
-
-def fault_point(point: str, shard_id: int) -> None:
-    """Test hook for resumption tests: with $SAE_SEEDS_FAULT = {"point", "shard", "action": "exit"|"hang",
-    "marker"}, the actor dies (or hangs, for a driver to be killed meanwhile) once at that point of that shard."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    fault = json.loads(spec)
-    if fault["point"] != point or fault["shard"] != shard_id or os.path.exists(fault["marker"]):
-        return
-    with open(fault["marker"], "w") as f:  # fire once: the restarted actor must get through
-        f.write(str(os.getpid()))
-    if fault["action"] == "exit":
-        os._exit(1)
-    time.sleep(3600)
-
 
 class _StopForward(Exception):
     """Raised by the last hookpoint's hook: nothing after it is needed."""
@@ -182,9 +162,8 @@ class ActivationShardWriter:
             for w in writers.values():
                 w.abort()
             raise
-        fault_point("files_written", shard_id)
         for h, s in stats.items():
-            s["sha256"] = self.store.sha256(s["path"])
+            s["sha256"], s["bytes"] = self.store.sha256(s["path"]), self.store.size(s["path"])
         seconds = time.perf_counter() - t0
         record = {"shard_id": shard_id, "start": start, "stop": stop, "tokens": int(token_ids.size),
                   "seconds": seconds, "tokens_per_s": token_ids.size / seconds, "node_id": self.node_id,
@@ -192,7 +171,6 @@ class ActivationShardWriter:
                   # peak resident memory of this actor so far (KiB on Linux): sizing actors needs it
                   "actor_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
         self.store.write_json(record_rel(shard_id), record)  # the commit marker: written last
-        fault_point("committed", shard_id)
         return record
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:

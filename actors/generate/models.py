@@ -35,20 +35,28 @@ def byte_level_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS)
 
 
-def build_local_model(build: dict, init_seed: int, folder: Path) -> Path:
-    """Create (once) a randomly initialised model + tokenizer folder; returns the folder."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def build_config(build: dict, tokenizer=None):
+    """The transformers config of a locally built model (`model.build`), sized to the byte-level tokenizer."""
+    from transformers import AutoConfig
 
-    folder = Path(folder)
-    if (folder / "config.json").is_file():
-        return folder
-    tokenizer = byte_level_tokenizer()
+    tokenizer = tokenizer or byte_level_tokenizer()
     kwargs = dict(build)
     model_type = kwargs.pop("model_type")
     kwargs.setdefault("vocab_size", len(tokenizer))
     kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
     kwargs.setdefault("bos_token_id", tokenizer.bos_token_id)
-    config = AutoConfig.for_model(model_type, **kwargs)
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def build_local_model(build: dict, init_seed: int, folder: Path) -> Path:
+    """Create (once) a randomly initialised model + tokenizer folder; returns the folder."""
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(folder)
+    if (folder / "config.json").is_file():
+        return folder
+    tokenizer = byte_level_tokenizer()
+    config = build_config(build, tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
         model = AutoModelForCausalLM.from_config(config)
@@ -84,9 +92,16 @@ def load_tokenizer(name_or_path: str, revision: str | None, trust_remote_code: b
 
 def skeleton_model(name_or_path: str, revision: str | None, trust_remote_code: bool) -> nn.Module:
     """The model's module tree on the meta device: no weights loaded, so hookpoints are checked in a second."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    return skeleton_from_config(config, trust_remote_code)
+
+
+def skeleton_from_config(config, trust_remote_code: bool = False) -> nn.Module:
+    """The module tree a transformers config describes, on the meta device (no memory, no weights)."""
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 

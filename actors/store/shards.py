@@ -10,7 +10,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from .errors import BadInputError
 from .storage import ActivationStore
+
+REMEDY = "re-run the same command: the generate stage verifies every shard and rewrites missing or damaged ones"
 
 ACTIVATION_COLUMN = "activation"
 _DTYPE_KEY = b"sae_seeds.dtype"  # field metadata: how to read the activation column back
@@ -80,9 +83,28 @@ def decode_activation_column(table: pa.Table) -> np.ndarray:
 
 
 def read_activations(store: ActivationStore, rel: str, expected_sha256: str | None = None) -> np.ndarray:
-    """[rows, d_in] float32; checks the file against the manifest's checksum when given."""
+    """[rows, d_in] float32; checks the file against the manifest's checksum when given. A missing or damaged
+    shard is a `BadInputError` (a retry would read the same bytes) naming the file and the remedy."""
+    if not store.exists(rel):
+        raise BadInputError(f"activation shard {store.display(rel)} is missing; {REMEDY}")
     if expected_sha256 is not None and store.sha256(rel) != expected_sha256:
-        raise ValueError(f"activation shard {store.display(rel)} does not match its manifest checksum "
-                         f"(expected sha256 {expected_sha256[:12]}...): corrupt or replaced; delete it and re-run "
-                         "the generate stage to rewrite it")
+        raise BadInputError(f"activation shard {store.display(rel)} does not match its manifest checksum "
+                            f"(expected sha256 {expected_sha256[:12]}...): damaged or replaced; {REMEDY}")
     return decode_activation_column(store.read_table(rel, columns=[ACTIVATION_COLUMN]))
+
+
+MANIFEST = "manifest.json"
+
+
+def locate_manifest(manifest: dict, root: str, model_path: str | None = None) -> dict:
+    """The generate manifest with this run's locations filled in: on disk its paths are relative to the store
+    holding it (so a moved or copied output folder reads its own files); `model_path` is where this run's model
+    is, when the caller knows it."""
+    located = manifest | {"root": root}
+    if model_path is not None:
+        located["model"] = manifest["model"] | {"path": model_path}
+    return located
+
+
+def read_manifest(root: str, model_path: str | None = None) -> dict:
+    return locate_manifest(ActivationStore(root).read_json(MANIFEST), root, model_path)

@@ -45,6 +45,16 @@ class ActivationStore:
     def exists(self, rel: str) -> bool:
         return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
 
+    def size(self, rel: str) -> int | None:
+        """Bytes of a file; None if it does not exist."""
+        info = self.fs.get_file_info(self.path(rel))
+        return None if info.type == pafs.FileType.NotFound else info.size
+
+    def delete(self, rel: str) -> None:
+        """Remove a file if it exists."""
+        if self.exists(rel):
+            self.fs.delete_file(self.path(rel))
+
     def listdir(self, rel: str) -> list[str]:
         """Base names of the files directly under `rel` (empty if it does not exist)."""
         selector = pafs.FileSelector(self.path(rel), allow_not_found=True)

@@ -215,7 +215,7 @@ def train_loop_per_worker(config: dict) -> None:
     from deepspeed.utils import logger as deepspeed_logger
 
     from ..progress import quiet_worker
-    from ..store.storage import ActivationStore
+    from ..store.shards import read_manifest
     from .worker import mlflow_reporter, remote_progress
 
     deepspeed_logger.setLevel(logging.WARNING)  # it logs its whole config for every SAE at INFO
@@ -229,7 +229,7 @@ def train_loop_per_worker(config: dict) -> None:
     # After a restart (worker failure) the SAEs already saved are skipped; rank 0 decides so all agree.
     todo = [[not is_trained(j["path"], hp.get("train_hash"), hp.get("checkpoint_tokens") or []) for j in jobs]]
     dist.broadcast_object_list(todo, src=0)
-    manifest = ActivationStore(config["activations_uri"]).read_json("manifest.json")
+    manifest = read_manifest(config["activations_uri"], config.get("model_path"))
     device = ray.train.torch.get_device()
     report = mlflow_reporter(config.get("tracking_uri"), config["hp"]["batch_size"]) if rank == 0 else None
     lm = {}

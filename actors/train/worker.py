@@ -23,7 +23,7 @@ import torch
 
 from ..progress import RemoteProgress, quiet_worker
 from ..sae import import_architecture_modules
-from ..store.storage import ActivationStore
+from ..store.shards import read_manifest
 from .train_state import read_training_state
 from .training import train_saes
 
@@ -65,7 +65,7 @@ def train_loop_per_worker(config: dict) -> None:
     jobs = [job for i, group in enumerate(groups) if i % world == rank for job in group]
     if not jobs:
         return
-    manifest = ActivationStore(config["activations_uri"]).read_json("manifest.json")
+    manifest = read_manifest(config["activations_uri"], config.get("model_path"))
     device = ray.train.torch.get_device()
     resume = None
     checkpoint = ray.train.get_checkpoint()  # the last state every worker reported, after a restart

@@ -7,6 +7,11 @@ Reads only the config; writes, in the activation store (a folder or object-store
   manifest.json    the one thing the train stage reads, assembled from the records
 A re-run with the same config skips every shard that has a record and computes only the rest, so a run killed
 anywhere (actor, node or driver) resumes with each row written exactly once and identical checksums.
+
+Nothing is reused unchecked: before a re-run reuses shards (all of them, when the manifest exists, or the committed
+ones of an interrupted run) it checks each file against its record (`generate.verify`: sha256, one read of every
+file, threads in parallel; or size, a stat) and recomputes exactly the missing or damaged shards, one log line each.
+Paths in the manifest are relative to the activation store, so a moved or copied output folder reads its own files.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +32,7 @@ from tqdm.auto import tqdm
 from actors.generate.activations import ActivationShardWriter
 from actors.generate.corpus import load_documents, pack_chunks
 from actors.generate.models import build_local_model, load_tokenizer, resolve_hookpoints, skeleton_model
+from actors.store.shards import locate_manifest, record_rel
 from actors.store.storage import ActivationStore
 
 from ..config import ExperimentConfig
@@ -42,7 +50,7 @@ def generate_hash(cfg: ExperimentConfig) -> str:
     """Everything that decides the activations' bytes; not where or on how many actors they are computed."""
     data = json.dumps({"model": cfg.model.model_dump(), "dataset": cfg.dataset.model_dump(),
                        "generate": cfg.generate.model_dump(exclude={"num_actors", "gpus_per_actor", "cpus_per_actor",
-                                                                    "device_map", "output_uri"})},
+                                                                    "device_map", "output_uri", "verify"})},
                       sort_keys=True)
     return hashlib.sha256(data.encode()).hexdigest()[:16]
 
@@ -81,7 +89,7 @@ def _make_plan(cfg: ExperimentConfig, store: ActivationStore, model_path: str, r
         "num_chunks": num_chunks,
         "ctx_len": g.ctx_len,
         "corpus": counts,
-        "tokenizer": {"name_or_path": tokenizer.name_or_path, "class": type(tokenizer).__name__,
+        "tokenizer": {"name_or_path": _portable(tokenizer.name_or_path, cfg), "class": type(tokenizer).__name__,
                       "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id},
         "shards": shard_plan(num_chunks, g.ctx_len, g.shard_tokens),
     }
@@ -127,20 +135,79 @@ def _model_revision(model_path: str, revision: str | None, trust_remote_code: bo
                    "_commit_hash", None)
 
 
+def _shard_files(records: dict[int, dict]) -> list[tuple[int, dict]]:
+    """(shard id, the record's entry for one hookpoint file: path, sha256, bytes) for every file of every shard."""
+    return [(sid, entry) for sid, r in sorted(records.items()) for entry in r["hookpoints"].values()]
+
+
+def _file_problem(store: ActivationStore, entry: dict, mode: str) -> str | None:
+    size = store.size(entry["path"])
+    if size is None:
+        return "missing"
+    if entry.get("bytes") is not None and size != entry["bytes"]:
+        return f"{size} bytes, recorded {entry['bytes']}"
+    if mode == "sha256" and store.sha256(entry["path"]) != entry["sha256"]:
+        return "sha256 differs from its record"
+    return None
+
+
+def verify_shards(store: ActivationStore, records: dict[int, dict], mode: str) -> dict[int, list[str]]:
+    """Shards whose files are missing or differ from their records: {shard id: ['path: problem', ...]}."""
+    files = _shard_files(records)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="verify") as pool:
+        problems = list(pool.map(lambda f: _file_problem(store, f[1], mode), files))
+    damaged: dict[int, list[str]] = {}
+    for (sid, entry), problem in zip(files, problems):
+        if problem:
+            damaged.setdefault(sid, []).append(f"{entry['path']}: {problem}")
+    return damaged
+
+
+def _manifest_records(manifest: dict) -> dict[int, dict]:
+    """The manifest's shard list regrouped per shard, in the records' layout."""
+    records: dict[int, dict] = {}
+    for h, entry in manifest["hookpoints"].items():
+        for shard in entry["shards"]:
+            records.setdefault(shard["shard_id"], {"hookpoints": {}})["hookpoints"][h] = shard
+    return records
+
+
+def _uncommit(store: ActivationStore, damaged: dict[int, list[str]]) -> None:
+    """Say what is wrong with each damaged shard and remove its record, so that it is computed again."""
+    for sid, problems in sorted(damaged.items()):
+        log.warning("generate: shard %d is damaged (%s); recomputing it", sid, "; ".join(problems))
+        store.delete(record_rel(sid))
+
+
+def _located(manifest: dict, store: ActivationStore, model_path: str) -> dict:
+    """The manifest with the locations of this run filled in (on disk it holds only relative paths)."""
+    return locate_manifest(manifest, store.uri, model_path)
+
+
 def run_generate(cfg: ExperimentConfig) -> dict:
     store = ActivationStore(activation_uri(cfg))
-    if store.exists(MANIFEST):
-        manifest = store.read_json(MANIFEST)
-        if manifest.get("config_hash") == generate_hash(cfg):
-            log.info("generate: reusing %s", store.display(MANIFEST))
-            return manifest
-    model_path, revision = _model_source(cfg)
     g = cfg.generate
+    manifest = store.read_json(MANIFEST) if store.exists(MANIFEST) else None
+    if manifest is not None and manifest.get("config_hash") != generate_hash(cfg):
+        manifest = None
+    damaged: dict[int, list[str]] = {}
+    if manifest is not None:
+        damaged = verify_shards(store, _manifest_records(manifest), g.verify)
+        if not damaged:
+            log.info("generate: reusing %s (%d shards verified by %s)", store.display(MANIFEST),
+                     manifest["plan"]["shards"], g.verify)
+            return _located(manifest, store, _model_source(cfg)[0])
+        _uncommit(store, damaged)
+    model_path, revision = _model_source(cfg)
     # A hookpoint pattern that matches nothing fails here, before tokenising or starting any actor.
     hookpoints = resolve_hookpoints(skeleton_model(model_path, revision, cfg.model.trust_remote_code), g.hookpoints)
     log.info("generate: hookpoints %s", hookpoints)
     plan = _load_plan(cfg, store, model_path, revision)
     records = committed_records(store, plan)
+    if manifest is None:  # shards committed by an interrupted run: checked before they are reused
+        damaged = verify_shards(store, records, g.verify)
+        _uncommit(store, damaged)
+    records = {sid: r for sid, r in records.items() if sid not in damaged}
     todo = [s for s in plan["shards"] if s["shard_id"] not in records]
     if records:
         log.info("generate: %d of %d shards already committed; computing %d", len(records), len(plan["shards"]),
@@ -178,7 +245,15 @@ def run_generate(cfg: ExperimentConfig) -> dict:
         "seconds": seconds, "tokens_per_s": sum(r["tokens"] for r in computed) / seconds if computed else None,
     }
     store.write_json(MANIFEST, manifest)
-    return manifest
+    return _located(manifest, store, model_path)
+
+
+def _portable(model_path: str, cfg: ExperimentConfig) -> str:
+    """A model built into the output folder is recorded relative to it (provenance; the run uses its own)."""
+    try:
+        return os.path.relpath(model_path, cfg.output_path) if cfg.model.build is not None else model_path
+    except ValueError:
+        return model_path
 
 
 def assemble_manifest(cfg: ExperimentConfig, store: ActivationStore, plan: dict, records: dict[int, dict],
@@ -196,7 +271,8 @@ def assemble_manifest(cfg: ExperimentConfig, store: ActivationStore, plan: dict,
             entry["sum_norm"] += s["sum_norm"]
             entry["nonfinite_rows"] += s["nonfinite_rows"]
             entry["shards"].append({"shard_id": shard_id, "path": s["path"], "rows": s["rows"], "sha256": s["sha256"],
-                                    "nonfinite_rows": s["nonfinite_rows"], "node_id": r["node_id"],
+                                    "bytes": s.get("bytes"), "nonfinite_rows": s["nonfinite_rows"],
+                                    "node_id": r["node_id"],
                                     "seconds": r["seconds"], "tokens_per_s": r["tokens_per_s"]})
     for h, entry in hookpoints.items():
         entry["mean_norm"] = entry.pop("sum_norm") / max(1, entry["rows"])
@@ -204,8 +280,9 @@ def assemble_manifest(cfg: ExperimentConfig, store: ActivationStore, plan: dict,
             log.warning("generate: %d rows of %s had NaN/inf activations and were dropped", entry["nonfinite_rows"], h)
     return {
         "config_hash": plan["generate_hash"],
-        "root": store.uri,
-        "model": {"name": cfg.model.name, "path": model_path, "revision": revision, "dtype": cfg.model.dtype,
+        "root": ".",  # every path here is relative to the store holding this manifest; run_generate fills it in
+        "model": {"name": cfg.model.name, "path": _portable(model_path, cfg), "revision": revision,
+                  "dtype": cfg.model.dtype,
                   "resolved_revision": _model_revision(model_path, revision, cfg.model.trust_remote_code)},
         "tokenizer": plan["tokenizer"],
         "dataset": cfg.dataset.model_dump(),

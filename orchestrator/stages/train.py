@@ -19,7 +19,6 @@ from typing import Iterable
 
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 
 from actors.train.calibration import is_steered
 from actors.store.checkpoint import METRICS, checkpoint_folder, is_trained, training_state, write_json_atomic
@@ -30,6 +29,7 @@ from actors.train.worker import train_loop_per_worker
 from ..config import ExperimentConfig
 from ..console import train_logging_config
 from ..plan import SAEConfiguration, slug
+from .failure_policy import SAETrainer
 
 log = logging.getLogger(__name__)
 
@@ -130,11 +130,11 @@ def run_train(cfg: ExperimentConfig, manifest: dict, configurations: list[SAECon
                                    t.max_stack_bytes if t.stack_seeds else float("inf"), todo)
         # torch: configurations dealt over at most as many workers; deepspeed: every SAE across all the workers.
         num_workers = t.num_workers if t.backend == "deepspeed" else min(t.num_workers, len(groups))
-        trainer = TorchTrainer(
+        trainer = SAETrainer(  # a TorchTrainer that does not retry a worker's BadInputError
             deepspeed_train_loop if t.backend == "deepspeed" else train_loop_per_worker,
             train_loop_config={
                 "groups": groups, "hookpoint": hookpoint, "hp": hp, "tracking_uri": tracking_uri,
-                "activations_uri": manifest["root"],
+                "activations_uri": manifest["root"], "model_path": manifest.get("model", {}).get("path"),
                 "torch_threads": t.cpus_per_worker, "fault": fault, "progress": progress,
                 "architecture_modules": cfg.sae.architecture_modules,
             },
@@ -162,5 +162,16 @@ def run_train(cfg: ExperimentConfig, manifest: dict, configurations: list[SAECon
                                "data_digest": cfg_json["data_digest"], "checkpoints": checkpoints})
     train_manifest = {"config_hash": cfg.content_hash(), "threshold": cfg.compare.threshold,
                       "configurations": [c.name for c in configurations], "saes": saes}
-    write_json_atomic(train_manifest_path(cfg), train_manifest)
+    write_json_atomic(train_manifest_path(cfg), _relative_to(cfg.output_path, train_manifest))
     return train_manifest
+
+
+def _relative_to(root: Path, train_manifest: dict) -> dict:
+    """The manifest as written: SAE folders relative to the output folder, so a moved or copied output folder
+    names its own SAEs (`<output>/<path>`)."""
+    def rel(path: str) -> str:
+        return Path(path).relative_to(root).as_posix() if Path(path).is_relative_to(root) else path
+
+    return train_manifest | {"saes": [s | {"path": rel(s["path"]),
+                                           "checkpoints": [c | {"path": rel(c["path"])} for c in s["checkpoints"]]}
+                                       for s in train_manifest["saes"]]}
