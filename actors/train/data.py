@@ -18,6 +18,37 @@ from ..store.shards import read_activations
 from ..store.storage import ActivationStore
 
 
+HELD_OUT_MAX_FRACTION = 1 / 8  # of a source's rows: small data keeps most of its rows for training
+
+
+def held_out_rows(total_rows: int, eval_tokens: int) -> int:
+    """Rows held out from training for evaluation: `eval_tokens`, at most an eighth of the rows."""
+    return max(1, min(eval_tokens, int(total_rows * HELD_OUT_MAX_FRACTION)))
+
+
+def split_held_out(shards: list[dict], held_out: int) -> tuple[list[dict], list[dict]]:
+    """(training shards, held-out shards): the last `held_out` rows in manifest order are held out, the same rows
+    for every seed and architecture. A shard cut in two appears in both with a row range (`row_start`,
+    `row_stop`), which `read_rows` honours; `rows` counts the rows of each part."""
+    train, held, remaining = [], [], held_out
+    for shard in reversed(shards):
+        take = min(remaining, shard["rows"])
+        remaining -= take
+        if take:
+            held.insert(0, shard | {"row_start": shard["rows"] - take, "rows": take})
+        if take < shard["rows"]:
+            train.insert(0, shard | ({"row_stop": shard["rows"] - take, "rows": shard["rows"] - take} if take else {}))
+    return train, held
+
+
+def read_rows(store: ActivationStore, shard: dict) -> np.ndarray:
+    """A shard's rows (checksum checked), cut to its row range when `split_held_out` gave it one."""
+    rows = read_activations(store, shard["path"], shard.get("sha256"))
+    if "row_start" in shard or "row_stop" in shard:
+        rows = rows[shard.get("row_start", 0):shard.get("row_stop")]
+    return rows
+
+
 class ActivationStream:
     def __init__(self, root: str, shards: list[dict], batch_size: int, data_seed: int, total_tokens: int,
                  scale: float = 1.0, shuffle_buffer: int = 0):
@@ -33,7 +64,7 @@ class ActivationStream:
         return self.num_steps
 
     def _read(self, shard: dict) -> np.ndarray:
-        return read_activations(self.store, shard["path"], shard.get("sha256"))
+        return read_rows(self.store, shard)
 
     def _shards(self, order: np.ndarray) -> Iterator[np.ndarray]:
         """The shards in `order`, each read while the previous one is being consumed."""

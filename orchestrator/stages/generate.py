@@ -39,8 +39,18 @@ def activation_uri(cfg: ExperimentConfig) -> str:
 
 
 def generate_hash(cfg: ExperimentConfig) -> str:
-    """Everything that decides the activations' bytes; not where or on how many actors they are computed."""
-    data = json.dumps({"model": cfg.model.model_dump(), "dataset": cfg.dataset.model_dump(),
+    """The manifest's hash: the model's activations and, when configured, the planted source's."""
+    if cfg.planted is None:
+        return lm_generate_hash(cfg)
+    from .planted import planted_hash
+
+    return hashlib.sha256(f"{lm_generate_hash(cfg)}:{planted_hash(cfg)}".encode()).hexdigest()[:16]
+
+
+def lm_generate_hash(cfg: ExperimentConfig) -> str:
+    """Everything that decides the model activations' bytes; not where or on how many actors they are computed."""
+    model = cfg.model.model_dump(exclude={"random_init_seed"} if cfg.model.random_init_seed is None else None)
+    data = json.dumps({"model": model, "dataset": cfg.dataset.model_dump(),
                        "generate": cfg.generate.model_dump(exclude={"num_actors", "gpus_per_actor", "cpus_per_actor",
                                                                     "device_map", "output_uri"})},
                       sort_keys=True)
@@ -76,7 +86,7 @@ def _make_plan(cfg: ExperimentConfig, store: ActivationStore, model_path: str, r
         "input_ids": pa.array(chunks, pa.list_(pa.int32())),
     }))
     plan = {
-        "generate_hash": generate_hash(cfg),
+        "generate_hash": lm_generate_hash(cfg),
         "tokens_sha256": store.sha256(TOKENS),
         "num_chunks": num_chunks,
         "ctx_len": g.ctx_len,
@@ -92,7 +102,7 @@ def _make_plan(cfg: ExperimentConfig, store: ActivationStore, model_path: str, r
 def _load_plan(cfg: ExperimentConfig, store: ActivationStore, model_path: str, revision: str | None) -> dict:
     if store.exists(PLAN) and store.exists(TOKENS):
         plan = store.read_json(PLAN)
-        if plan.get("generate_hash") == generate_hash(cfg) and store.sha256(TOKENS) == plan["tokens_sha256"]:
+        if plan.get("generate_hash") == lm_generate_hash(cfg) and store.sha256(TOKENS) == plan["tokens_sha256"]:
             return plan
     return _make_plan(cfg, store, model_path, revision)
 
@@ -139,6 +149,9 @@ def run_generate(cfg: ExperimentConfig) -> dict:
     # A hookpoint pattern that matches nothing fails here, before tokenising or starting any actor.
     hookpoints = resolve_hookpoints(skeleton_model(model_path, revision, cfg.model.trust_remote_code), g.hookpoints)
     log.info("generate: hookpoints %s", hookpoints)
+    if cfg.planted is not None and cfg.planted.hookpoint in hookpoints:
+        raise ValueError(f"planted.hookpoint {cfg.planted.hookpoint!r} is also a module of the model; give the "
+                         "planted source another name")
     plan = _load_plan(cfg, store, model_path, revision)
     records = committed_records(store, plan)
     todo = [s for s in plan["shards"] if s["shard_id"] not in records]
@@ -156,7 +169,8 @@ def run_generate(cfg: ExperimentConfig) -> dict:
                 model_path=model_path, revision=revision, model_dtype=cfg.model.dtype,
                 trust_remote_code=cfg.model.trust_remote_code, device_map=g.device_map, hookpoints=g.hookpoints,
                 store_uri=store.uri, storage_dtype=g.dtype, batch_size=g.batch_size, nonfinite=g.nonfinite,
-                plan_hash=plan["generate_hash"], torch_threads=max(1, int(g.cpus_per_actor)) if gpus == 0 else 0),
+                plan_hash=plan["generate_hash"], torch_threads=max(1, int(g.cpus_per_actor)) if gpus == 0 else 0,
+                random_init_seed=cfg.model.random_init_seed),
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=_actor_count(cfg, gpus, len(todo))),
             num_gpus=gpus,
@@ -177,6 +191,12 @@ def run_generate(cfg: ExperimentConfig) -> dict:
         "shards_computed": len(computed), "shards_reused": len(plan["shards"]) - len(computed),
         "seconds": seconds, "tokens_per_s": sum(r["tokens"] for r in computed) / seconds if computed else None,
     }
+    if cfg.planted is not None:  # one more activation source, read by training like a hookpoint
+        from .planted import run_planted
+
+        entry = run_planted(cfg, store)
+        manifest["planted_throughput"] = entry.pop("throughput")
+        manifest["hookpoints"][cfg.planted.hookpoint] = entry
     store.write_json(MANIFEST, manifest)
     return manifest
 
@@ -203,9 +223,10 @@ def assemble_manifest(cfg: ExperimentConfig, store: ActivationStore, plan: dict,
         if entry["nonfinite_rows"]:
             log.warning("generate: %d rows of %s had NaN/inf activations and were dropped", entry["nonfinite_rows"], h)
     return {
-        "config_hash": plan["generate_hash"],
+        "config_hash": generate_hash(cfg),
         "root": store.uri,
         "model": {"name": cfg.model.name, "path": model_path, "revision": revision, "dtype": cfg.model.dtype,
+                  "random_init_seed": cfg.model.random_init_seed,
                   "resolved_revision": _model_revision(model_path, revision, cfg.model.trust_remote_code)},
         "tokenizer": plan["tokenizer"],
         "dataset": cfg.dataset.model_dump(),
