@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from actors.sae.l1_target import HOLD_FRACTION
 from actors.sae import ARCHITECTURES
+from actors.store.shards import held_out_rows
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
@@ -340,9 +341,10 @@ class ExperimentConfig(_Strict):
         budget = max(self.source_tokens.values())
         late = [t for t in self.train.checkpoint_tokens if t >= budget]
         if late:
-            raise ValueError(f"train.checkpoint_tokens {late} must be below the largest training budget, {budget} "
-                             "tokens (train.tokens, else one pass over a source's activations); the final SAE is saved "
-                             "anyway, and a source with a smaller budget skips the checkpoints beyond its own")
+            raise ValueError(f"train.checkpoint_tokens {late} must be below the training budget of {budget} tokens "
+                             "(the largest over the activation sources: train.tokens, else one pass over a source's "
+                             "rows less those held out for evaluation); the final SAE is saved anyway, and a source "
+                             "with a smaller budget skips the checkpoints beyond its own")
         if self.planted is not None and self.planted.hookpoint in self.generate.hookpoints:
             raise ValueError(f"planted.hookpoint {self.planted.hookpoint!r} is also in generate.hookpoints; "
                              "give the planted source another name")
@@ -352,15 +354,20 @@ class ExperimentConfig(_Strict):
     def source_tokens(self) -> dict[str, int]:
         """Training tokens per SAE of each activation source ('model': the hookpoints; the planted source by its
         name): `train.tokens`, else one pass over that source's activations."""
-        out = {"model": self.train_tokens}
+        def one_pass(rows):
+            return rows - held_out_rows(rows, self.train.eval_tokens)
+
+        rows = (self.generate.num_tokens // self.generate.ctx_len) * self.generate.ctx_len
+        out = {"model": self.train.tokens or one_pass(rows)}
         if self.planted is not None:
-            out[self.planted.hookpoint] = self.train.tokens or self.planted.num_tokens
+            out[self.planted.hookpoint] = self.train.tokens or one_pass(self.planted.num_tokens)
         return out
 
     @property
     def train_tokens(self) -> int:
-        """Training tokens per SAE: `train.tokens`, else one pass over the generated activations."""
-        return self.train.tokens or (self.generate.num_tokens // self.generate.ctx_len) * self.generate.ctx_len
+        """Training tokens per SAE of the model's hookpoints: `train.tokens`, else one pass over the generated
+        activations less the rows held out for evaluation."""
+        return self.source_tokens["model"]
 
     @property
     def output_path(self) -> Path:

@@ -11,7 +11,7 @@ import torch
 from actors.compare.ground_truth import precision_by_shared_count, score_against_truth, shared_precision
 from actors.compare.matching import match_pair
 from actors.generate.planted import (BLOCK, PlantedParams, PlantedShardWriter, generate_rows, load_ground_truth,
-                                     planted_codes, true_features)
+                                     planted_codes, sparse_combination, true_features)
 from actors.store.storage import ActivationStore
 from actors.train.training import train_saes
 from orchestrator.config import ConfigError, parse_config
@@ -33,6 +33,10 @@ def test_rows_depend_only_on_the_parameters_and_their_index():
     assert not np.allclose(whole, generate_rows(other, 0, 3 * BLOCK))
     features, _, _ = true_features(PARAMS)
     np.testing.assert_allclose(np.linalg.norm(features, axis=1), 1, rtol=1e-5)
+    # Rows are the codes' combination of the features plus noise of the configured size.
+    codes = planted_codes(PARAMS, 1)
+    np.testing.assert_allclose(sparse_combination(codes, features), codes @ features, atol=1e-5)
+    assert np.std(whole[BLOCK:2 * BLOCK] - codes @ features) == pytest.approx(0.01, rel=0.05)
 
 
 def test_firing_follows_the_zipf_probabilities_scaled_to_the_active_count():

@@ -135,7 +135,20 @@ def _block(p: PlantedParams, block: int, features: np.ndarray, probability: np.n
     rng = _block_rng(p, block)
     codes = planted_codes(p, block, features, probability, parent, rng)
     noise = rng.standard_normal((BLOCK, p.d), dtype=np.float32) * np.float32(p.noise_std)
-    return codes @ features + noise
+    return sparse_combination(codes, features) + noise
+
+
+def sparse_combination(codes: np.ndarray, features: np.ndarray) -> np.ndarray:
+    """codes @ features, summed feature by feature in index order with elementwise float32 operations: the same
+    bits on every machine and thread count (a BLAS matmul's summation order, hence its rounding, varies)."""
+    fires = codes > 0
+    width = int(fires.sum(1).max(initial=0))
+    order = np.argsort(~fires, axis=1, kind="stable")[:, :width]  # each row's firing features, in index order
+    weights = np.take_along_axis(codes, order, axis=1)  # 0 where a row has fewer than `width`
+    out = np.zeros((codes.shape[0], features.shape[1]), dtype=np.float32)
+    for j in range(width):
+        out += weights[:, j, None] * features[order[:, j]]
+    return out
 
 
 def ground_truth_bytes(p: PlantedParams) -> bytes:

@@ -86,3 +86,11 @@ def read_activations(store: ActivationStore, rel: str, expected_sha256: str | No
                          f"(expected sha256 {expected_sha256[:12]}...): corrupt or replaced; delete it and re-run "
                          "the generate stage to rewrite it")
     return decode_activation_column(store.read_table(rel, columns=[ACTIVATION_COLUMN]))
+
+
+HELD_OUT_MAX_FRACTION = 1 / 8  # of a source's rows: small data keeps most of its rows for training
+
+
+def held_out_rows(total_rows: int, eval_tokens: int) -> int:
+    """Rows at the tail of a source held out from training, for evaluation: `eval_tokens`, at most an eighth."""
+    return max(1, min(eval_tokens, int(total_rows * HELD_OUT_MAX_FRACTION)))

@@ -14,16 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ..store.shards import read_activations
+from ..store.shards import held_out_rows, read_activations  # noqa: F401 (held_out_rows: re-exported)
 from ..store.storage import ActivationStore
-
-
-HELD_OUT_MAX_FRACTION = 1 / 8  # of a source's rows: small data keeps most of its rows for training
-
-
-def held_out_rows(total_rows: int, eval_tokens: int) -> int:
-    """Rows held out from training for evaluation: `eval_tokens`, at most an eighth of the rows."""
-    return max(1, min(eval_tokens, int(total_rows * HELD_OUT_MAX_FRACTION)))
 
 
 def split_held_out(shards: list[dict], held_out: int) -> tuple[list[dict], list[dict]]:
