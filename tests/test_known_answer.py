@@ -244,3 +244,51 @@ def test_planted_source_resumes_after_killed_actor_and_killed_driver_with_identi
     assert [s["sha256"] for s in other["hookpoints"]["planted"]["shards"]] != sums
     lm = "gpt_neox.layers.0.mlp"
     assert other["hookpoints"][lm]["shards"] == manifest["hookpoints"][lm]["shards"]
+
+
+# ---- end to end: a planted source beside a model hookpoint ----
+
+def test_pipeline_scores_a_planted_source_beside_the_model_hookpoint(ray_local, tmp_path):
+    import pyarrow.parquet as pq
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.config import load_config
+    from orchestrator.pipeline import run_experiment
+
+    from .conftest import TINY
+
+    cfg = load_config(TINY, ["sae.architectures=[{name: topk, k: 2}]", "sae.widths=[16,32]", "sae.seeds=[0,1]",
+                             "train.lm_eval_chunks=0", "train.checkpoint_tokens=[2048]", "train.batch_size=128",
+                             "planted={num_features: 16, d: 8, num_tokens: 16384, shard_tokens: 8192, "
+                             "active_per_token: 1.5, noise_std: 0.01, zipf_exponent: 0}", "train.lr=0.01"],
+                      str(tmp_path / "out"))
+    result = run_experiment(cfg)
+    summary = result["summary"].set_index("configuration")
+    planted = summary[summary.index.str.startswith("planted/")]
+    model = summary[~summary.index.str.startswith("planted/")]
+    assert len(planted) == 2 and len(model) == 2
+    assert planted["recovered"].notna().all() and model["recovered"].isna().all()
+    assert (planted["prec_shared"] > planted["prec_orphan"]).any()
+    assert any("RANDOMLY INITIALISED" in n and "pipeline check" in n for n in result["notes"])
+    overlap = cfg.output_path / "overlap"
+    latents = pq.read_table(overlap / "ground_truth" / "planted_topk-k2-w16" / "seed0.parquet").to_pandas()
+    assert len(latents) == 16 and set(latents.columns) >= {"best_true_cos", "matched_feature", "true_feature"}
+    nway = pq.read_table(overlap / "ground_truth_nway.parquet").to_pandas()
+    assert set(nway["shared_with_k_seeds"]) == {0, 1}
+    client = MlflowClient(result["tracking_uri"])
+    parent = client.get_run(result["parent_run_id"])
+    assert "figures/ground_truth.png" in {a.path for a in client.list_artifacts(result["parent_run_id"], "figures")}
+    assert any(k.startswith("gt.recovered_mean.planted") for k in parent.data.metrics)
+    children = client.search_runs([result["experiment_id"]],
+                                  filter_string=f"tags.mlflow.parentRunId = '{result['parent_run_id']}'")
+    scored = [c for c in children if c.data.params["hookpoint"] == "planted"]
+    assert len(scored) == 4 and all("gt_recovered_fraction" in c.data.metrics for c in scored)
+    assert through_planted_checkpoints(result) == [2048]
+
+
+def through_planted_checkpoints(result):
+    import json
+    from pathlib import Path
+
+    saes = json.loads((Path(result["output_dir"]) / "saes" / "manifest.json").read_text())["saes"]
+    return sorted({c["tokens"] for s in saes if s["hookpoint"] == "planted" for c in s["checkpoints"]})
