@@ -292,3 +292,32 @@ def through_planted_checkpoints(result):
 
     saes = json.loads((Path(result["output_dir"]) / "saes" / "manifest.json").read_text())["saes"]
     return sorted({c["tokens"] for s in saes if s["hookpoint"] == "planted" for c in s["checkpoints"]})
+
+
+# ---- random-model control ----
+
+def test_random_init_seed_reinitialises_a_loaded_model_deterministically(tmp_path):
+    from actors.generate.models import build_local_model, load_model
+
+    folder = build_local_model({"model_type": "gpt_neox", "hidden_size": 16, "num_hidden_layers": 1,
+                                "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 32},
+                               0, tmp_path / "model")
+    # A "pretrained" model: every weight moved away from any init, so a re-init must change all matrices.
+    trained = load_model(str(folder), None, "float32", False, "cpu")
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.5)
+    trained.save_pretrained(tmp_path / "trained")
+    loaded = load_model(str(tmp_path / "trained"), None, "float32", False, "cpu").state_dict()
+    a = load_model(str(tmp_path / "trained"), None, "float32", False, "cpu", random_init_seed=1).state_dict()
+    b = load_model(str(tmp_path / "trained"), None, "float32", False, "cpu", random_init_seed=1).state_dict()
+    c = load_model(str(tmp_path / "trained"), None, "float32", False, "cpu", random_init_seed=2).state_dict()
+    assert a.keys() == loaded.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # deterministic across loads
+    assert all(not torch.equal(a[k], loaded[k]) for k in a)  # every tensor re-drawn (norms to 1, biases to 0 too)
+    matrices = [k for k in a if a[k].dim() == 2]
+    assert matrices and all(not torch.equal(a[k], c[k]) for k in matrices)  # the seed decides the draw
+    assert all(a[k].std() < 0.1 for k in matrices)  # transformers' init (normal, std = initializer_range 0.02)
+    assert parse_config({"name": "x", "model": {"random_init_seed": 3}, "generate": {"hookpoints": ["h"],
+                         "num_tokens": 256}, "sae": {"architectures": [{"name": "topk", "k": 2}], "widths": [8],
+                                                     "seeds": [0]}}).model.random_init_seed == 3
