@@ -29,6 +29,7 @@ def test_rows_depend_only_on_the_parameters_and_their_index():
     parts = np.concatenate([generate_rows(PARAMS, a, b) for a, b in [(0, 1000), (1000, BLOCK + 7), (BLOCK + 7, 3 * BLOCK)]])
     assert np.array_equal(whole, parts)
     assert np.array_equal(whole[BLOCK:BLOCK + 10], generate_rows(PARAMS, BLOCK, BLOCK + 10))
+    assert [(s["start"], s["stop"]) for s in planted_plan(10, 4)] == [(0, 4), (4, 8), (8, 10)]
     other = PlantedParams(**{**PARAMS.__dict__, "seed": 1})
     assert not np.allclose(whole, generate_rows(other, 0, 3 * BLOCK))
     features, _, _ = true_features(PARAMS)
