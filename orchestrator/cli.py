@@ -26,6 +26,11 @@ def _run(args) -> int:
     result = run_experiment(cfg)  # checks the inputs (preflight) before Ray starts
     print("\nstage wall time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result["timings"].items()))
     print(result["summary"].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    if not result["through_training"].empty:
+        print("\nshared fraction through training (mean over seed pairs; last column: the final SAEs):")
+        print(result["through_training"].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    for note in result["notes"]:
+        print(f"\n{note}")
     print(f"\nresults: {result['output_dir']}")
     if result["tracking_uri"].startswith("http"):
         print(f"MLflow:  {result['ui_url']}")

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from actors.sae.l1_target import HOLD_FRACTION
 from actors.sae import ARCHITECTURES, import_architecture_modules
+from actors.store.shards import held_out_rows
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
@@ -38,6 +39,9 @@ class ModelConfig(_Strict):
         None, description="transformers config kwargs (with model_type): build the model locally, no download."
     )
     init_seed: int = Field(0, description="torch seed for the weights of a locally built model.")
+    random_init_seed: int | None = Field(
+        None, description="Random-model control: re-initialise the loaded model's weights with transformers' own "
+        "init under this torch seed (a trained model's random-transformer baseline); None: the weights as loaded.")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="dtype the model runs in.")
     trust_remote_code: bool = Field(False, description="Allow model code from the Hub; off unless asked.")
 
@@ -88,6 +92,51 @@ class GenerateConfig(_Strict):
     verify: Literal["sha256", "size"] = Field(
         "sha256", description="How a re-run checks the shards it reuses before training: sha256 reads each once "
         "(catches any damage), size only stats them (a damaged byte is then caught when training reads it).")
+
+
+class PlantedHierarchyConfig(_Strict):
+    parents: int = Field(..., gt=0, description="Parent features: the most frequent ones (lowest indices).")
+    children_per_parent: int = Field(..., gt=0, description="Child features per parent; they follow the parents in "
+                                     "index order, each fires only on tokens where its parent fires.")
+    child_probability: float = Field(0.3, gt=0, le=1, description="Probability that a child fires given its parent "
+                                     "fires (independently per child).")
+
+
+class PlantedConfig(_Strict):
+    """Activations with a known answer: sparse non-negative combinations of F unit features in d dimensions."""
+
+    hookpoint: str = Field("planted", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$",
+                           description="Name of this activation source: it is trained and compared like a hookpoint.")
+    num_features: int = Field(256, gt=0, description="F, the number of true features (unit vectors).")
+    d: int = Field(64, gt=1, description="Dimension of the activations.")
+    num_tokens: int = Field(1_048_576, gt=0, description="Activation rows (tokens) to generate for this source.")
+    shard_tokens: int = Field(65536, gt=0, description="Rows per Parquet shard (the unit of resumption).")
+    active_per_token: float = Field(4.0, gt=0, description="Mean number of features firing per token.")
+    zipf_exponent: float = Field(0.7, ge=0, description="Firing probability of feature i is proportional to "
+                                 "(i + 1) ** -zipf_exponent (0: all equally frequent), scaled to active_per_token.")
+    max_firing_probability: float = Field(0.5, gt=0, le=1, description="Cap on any feature's firing probability "
+                                          "(the scaling is solved with the cap in place).")
+    magnitude_min: float = Field(0.5, ge=0, description="Lower end of a firing feature's magnitude, uniform.")
+    magnitude_max: float = Field(2.5, gt=0, description="Upper end of a firing feature's magnitude, uniform.")
+    noise_std: float = Field(0.05, ge=0, description="Standard deviation of the Gaussian noise added per dimension.")
+    hierarchy: PlantedHierarchyConfig | None = Field(
+        None, description="Parents that gate children (child fires only with its parent); None: independent features.")
+    seed: int = Field(0, description="Seed of the features, probabilities and every shard's rows.")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.magnitude_max < self.magnitude_min:
+            raise ValueError(f"planted.magnitude_max ({self.magnitude_max}) must be at least planted.magnitude_min "
+                             f"({self.magnitude_min})")
+        if self.active_per_token > self.num_features * self.max_firing_probability:
+            raise ValueError(f"planted.active_per_token ({self.active_per_token}) cannot exceed num_features x "
+                             f"max_firing_probability ({self.num_features} x {self.max_firing_probability})")
+        h = self.hierarchy
+        if h is not None and h.parents * (1 + h.children_per_parent) > self.num_features:
+            raise ValueError(f"planted.hierarchy: parents x (1 + children_per_parent) = "
+                             f"{h.parents * (1 + h.children_per_parent)} exceeds planted.num_features "
+                             f"({self.num_features})")
+        return self
 
 
 class SAEGridConfig(_Strict):
@@ -181,7 +230,11 @@ class TrainConfig(_Strict):
     shuffle_buffer_tokens: int = Field(65536, ge=0, description="Rows carried from shard to shard and shuffled "
                                        "with the next one (0: shuffle within each shard only).")
     lr: float | None = Field(None, gt=0, description="Learning rate; None: the architecture's recipe.")
-    warmup_steps: int = Field(100, ge=0, description="Linear lr warm-up steps, then linear decay to 0.")
+    warmup_steps: int = Field(1000, ge=0, description="Linear lr warm-up steps, then linear decay to 0; the default "
+                              "is sparsify's recipe (1,000), cut to half the run where a run is under 2,000 steps.")
+    eval_tokens: int = Field(65536, gt=0, description="Held-out activation rows (the tail of each source in manifest "
+                             "order, at most an eighth of it, the same for every seed) that no SAE trains on; FVU, L0 "
+                             "and dead fraction are measured on them.")
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
     dead_window_tokens: int | None = Field(
         None, gt=0, description="A latent not firing for this many tokens is dead; None: min(10M, tokens/5)."
@@ -250,6 +303,8 @@ class TrainConfig(_Strict):
 class CompareConfig(_Strict):
     threshold: float = Field(0.7, ge=-1, le=1, description="Cosine above which a matched latent counts as shared.")
     cpus_per_task: float = Field(1.0, gt=0, description="CPUs reserved by each pair-matching Ray task.")
+    ground_truth_threshold: float = Field(0.9, gt=-1, lt=1, description="Decoder-row cosine above which a latent "
+                                          "counts as a true feature (sources with a ground truth only).")
 
 
 class TrackingConfig(_Strict):
@@ -288,6 +343,8 @@ class ExperimentConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     generate: GenerateConfig
+    planted: PlantedConfig | None = Field(None, description="A planted-feature activation source with a known "
+                                          "answer, trained and compared beside the model's hookpoints; None: none.")
     sae: SAEGridConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     compare: CompareConfig = Field(default_factory=CompareConfig)
@@ -315,23 +372,45 @@ class ExperimentConfig(_Strict):
         if g.num_tokens < g.ctx_len:
             raise ValueError(f"generate.num_tokens ({g.num_tokens}) is smaller than one chunk of generate.ctx_len "
                              f"({g.ctx_len}) tokens; raise generate.num_tokens or lower generate.ctx_len")
-        budget = self.train_tokens
-        if self.train.batch_size > budget:
-            source = ("train.tokens" if self.train.tokens else
-                      f"one pass over generate.num_tokens = {g.num_tokens // g.ctx_len} chunks of {g.ctx_len}")
-            raise ValueError(f"train.batch_size ({self.train.batch_size}) is larger than the training budget of "
-                             f"{budget} tokens ({source}): not one step could run; lower train.batch_size or give "
-                             "more tokens")
+        for source, budget in self.source_tokens.items():
+            if self.train.batch_size > budget:
+                what = ("train.tokens" if self.train.tokens else
+                        f"one pass over generate.num_tokens = {g.num_tokens // g.ctx_len} chunks of {g.ctx_len}, "
+                        "less the rows held out for evaluation" if source == "model" else
+                        "one pass over planted.num_tokens, less the rows held out for evaluation")
+                raise ValueError(f"train.batch_size ({self.train.batch_size}) is larger than the training budget of "
+                                 f"{budget} tokens ({what}): not one step could run; lower train.batch_size or give "
+                                 "more tokens")
+        budget = max(self.source_tokens.values())
         late = [t for t in self.train.checkpoint_tokens if t >= budget]
         if late:
             raise ValueError(f"train.checkpoint_tokens {late} must be below the training budget of {budget} tokens "
-                             "(train.tokens, else one pass over generate.num_tokens); the final SAE is saved anyway")
+                             "(the largest over the activation sources: train.tokens, else one pass over a source's "
+                             "rows less those held out for evaluation); the final SAE is saved anyway, and a source "
+                             "with a smaller budget skips the checkpoints beyond its own")
+        if self.planted is not None and self.planted.hookpoint in self.generate.hookpoints:
+            raise ValueError(f"planted.hookpoint {self.planted.hookpoint!r} is also in generate.hookpoints; "
+                             "give the planted source another name")
         return self
 
     @property
+    def source_tokens(self) -> dict[str, int]:
+        """Training tokens per SAE of each activation source ('model': the hookpoints; the planted source by its
+        name): `train.tokens`, else one pass over that source's activations."""
+        def one_pass(rows):
+            return rows - held_out_rows(rows, self.train.eval_tokens)
+
+        rows = (self.generate.num_tokens // self.generate.ctx_len) * self.generate.ctx_len
+        out = {"model": self.train.tokens or one_pass(rows)}
+        if self.planted is not None:
+            out[self.planted.hookpoint] = self.train.tokens or one_pass(self.planted.num_tokens)
+        return out
+
+    @property
     def train_tokens(self) -> int:
-        """Training tokens per SAE: `train.tokens`, else one pass over the generated activations."""
-        return self.train.tokens or (self.generate.num_tokens // self.generate.ctx_len) * self.generate.ctx_len
+        """Training tokens per SAE of the model's hookpoints: `train.tokens`, else one pass over the generated
+        activations less the rows held out for evaluation."""
+        return self.source_tokens["model"]
 
     @property
     def output_path(self) -> Path:

@@ -13,6 +13,7 @@ import ray
 from .config import ExperimentConfig
 from .console import own_local_instance, quiet_driver, ray_init_options, stage_progress
 from .output_folder import claim_output_folder
+from .known_answer_tracking import log_known_answer, tag_uncertified
 from .plan import plan_configurations
 from .preflight import preflight
 from .stages.compare import run_compare
@@ -80,6 +81,35 @@ def summary_table(train_manifest: dict, compare: dict) -> pd.DataFrame:
     return summary_frame(train_manifest, compare)
 
 
+def through_training_table(compare: dict) -> pd.DataFrame:
+    """Shared fraction (mean over seed pairs) at each saved token count, one row per configuration."""
+    rows = []
+    for name, c in compare["manifest"]["configurations"].items():
+        if c.get("through_training"):
+            rows.append({"configuration": name, **{f"{p['tokens']} tok": p["mean"] for p in c["through_training"]}})
+    return pd.DataFrame(rows)
+
+
+def summary_notes(cfg: ExperimentConfig, train_manifest: dict, compare: dict) -> list[str]:
+    """What the summary table needs said in words: uncertified matchings, what each source can show."""
+    confs = compare["manifest"]["configurations"]
+    notes = [f"WARNING: matching of {name} is NOT certified optimal (an assignment was not proven maximal); its "
+             "shared fractions are lower bounds" for name, c in confs.items() if not c["certified"]]
+    truths = set(train_manifest.get("ground_truths") or {})
+    model_hookpoints = sorted({c["hookpoint"] for c in confs.values()} - truths)
+    if model_hookpoints and (cfg.model.build is not None or cfg.model.random_init_seed is not None):
+        notes.append(f"{', '.join(model_hookpoints)}: activations of a RANDOMLY INITIALISED model. This is a pipeline "
+                     "check (HF model, hooks, shards, training, matching), not a finding: such activations have no "
+                     "sparse structure, so the shared fraction is expected near chance (the chance column: "
+                     "init/rotation = two untrained SAEs / trained SAEs under a random rotation).")
+    for h in sorted(truths):
+        notes.append(f"{h}: planted features with a known answer (docs/known-answer.md); recovered = fraction of true "
+                     "features some latent matches (decoder cos > "
+                     f"{cfg.compare.ground_truth_threshold}); prec_shared / prec_orphan = fraction of shared / "
+                     "not-shared latents that are true features.")
+    return notes
+
+
 def run_experiment(cfg: ExperimentConfig, log_to_driver: bool = True) -> dict:
     """Run every stage; returns the summary, stage timings and where results are. Inputs are checked first
     (`preflight`), before Ray or MLflow start; `log_to_driver` shows the Ray workers' output here."""
@@ -110,12 +140,16 @@ def run_experiment(cfg: ExperimentConfig, log_to_driver: bool = True) -> dict:
 
         t0 = time.perf_counter()
         tracker.log_results(train_manifest, compare)
+        log_known_answer(tracker.client, tracker.parent_id, train_manifest, compare)
+        tag_uncertified(tracker.client, tracker.parent_id, train_manifest, compare)
         timings["track"] = time.perf_counter() - t0
         ok = True
     finally:
         tracker.finish(ok)
     tracker.log_timings(timings)
     return {"summary": summary_table(train_manifest, compare), "timings": timings,
+            "through_training": through_training_table(compare),
+            "notes": summary_notes(cfg, train_manifest, compare),
             "output_dir": str(cfg.output_path), "tracking_uri": tracker.uri,
             "experiment_id": tracker.experiment_id, "parent_run_id": tracker.parent_id,
             "experiment_name": tracker.experiment_name, "ui_url": tracker.ui_url()}

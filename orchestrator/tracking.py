@@ -350,10 +350,17 @@ def summary_frame(train_manifest: dict, compare: dict):
         rows.append({
             "configuration": describe(c["architecture"], c["params"], c["width"]), "seeds": len(saes),
             "mean_shared_fraction": f"{c['shared_mean']:.3f} ± {c['shared_std']:.3f}",
-            "chance (rotation)": c["chance"].get("rotation_shared", float("nan")),
+            "chance (init/rotation)": "{:.3f}/{:.3f}".format(c["chance"].get("init_shared", float("nan")),
+                                                               c["chance"].get("rotation_shared", float("nan"))),
             **{q: float(np.mean([s["metrics"][k] for s in saes])) for k, q in PER_SAE.items()
                if k in ("fvu", "l0", "dead_fraction")},
+            "certified": "yes" if c.get("certified", True) else "NO",
         })
+        truth = c.get("ground_truth")
+        if truth:  # a source with planted features: are the shared latents the true ones?
+            rows[-1] |= {"recovered": truth.get("recovered_mean", float("nan")),
+                         "precision shared": truth.get("precision_shared", float("nan")),
+                         "precision orphan": truth.get("precision_orphan", float("nan"))}
     return pd.DataFrame(rows)
 
 

@@ -3,7 +3,8 @@
 `install` is a Ray `worker_process_setup_hook`: with $SAE_SEEDS_FAULT = {"point", "shard", "action": "exit"|"hang",
 "marker"} it wraps `ActivationStore.write_json` in that worker so that, once (the marker file records it), the
 process dies or hangs at that point of that shard: "files_written" is just before the shard's record is written
-(its Parquet files are complete, it is not committed), "committed" is just after.
+(its Parquet files are complete, it is not committed), "committed" is just after; "planted_files_written" and
+"planted_committed" are the same points of the planted source's shards.
 """
 
 import json
@@ -33,14 +34,21 @@ def install() -> None:
     from actors.store.storage import ActivationStore
 
     fault = json.loads(spec)
-    target = record_rel(fault["shard"])
+    point = fault["point"]
+    if point.startswith("planted_"):  # the planted source's shard records (its "hookpoint", default "planted")
+        from actors.generate.planted import record_rel as planted_record_rel
+
+        point = point.removeprefix("planted_")
+        target = planted_record_rel(fault.get("hookpoint", "planted"), fault["shard"])
+    else:
+        target = record_rel(fault["shard"])
     write_json = ActivationStore.write_json
 
     def faulty_write_json(self, rel, obj):
-        if rel == target and fault["point"] == "files_written":
+        if rel == target and point == "files_written":
             _fire(fault)
         write_json(self, rel, obj)
-        if rel == target and fault["point"] == "committed":
+        if rel == target and point == "committed":
             _fire(fault)
 
     ActivationStore.write_json = faulty_write_json

@@ -13,7 +13,7 @@ from actors.store.checkpoint import load_sae, save_sae_folder
 from actors.sae import ARCHITECTURES
 from actors.train.training import build_trainer, evaluate, sae_folder_cfg, train_saes
 
-from .test_training import HP, planted_data, write_manifest
+from .test_training import HP, held_out, planted_data, write_manifest
 
 PARAMS = {name: arch.example_params for name, arch in ARCHITECTURES.items()}  # each declared by its own class
 
@@ -122,7 +122,7 @@ def test_trained_folders_reload_and_act_on_raw_activations(tmp_path):
     jobs = [{"configuration": n, "architecture": n, "params": PARAMS[n], "width": 32, "seed": 0,
              "path": str(tmp_path / n), "run_id": None} for n in names]
     results = train_saes(jobs, manifest, "layers.0.mlp", HP | {"lr": 1e-3}, torch.device("cpu"))
-    raw = [torch.from_numpy(x[:HP["eval_tokens"]] * 5.0)]
+    raw = [torch.from_numpy(held_out(x) * 5.0)]
     for name, res in zip(names, results):
         sae = load_sae(tmp_path / name)
         assert sae.name == name

@@ -189,7 +189,7 @@ def test_failure_policy_does_not_retry_bad_input():
 def test_shard_verification_modes(tmp_path):
     """sha256 catches any change; size (a stat) catches a missing or truncated file, not a flipped byte."""
     from actors.store.storage import ActivationStore
-    from orchestrator.stages.generate import verify_shards
+    from actors.store.shards import verify_shards
 
     store = ActivationStore(tmp_path)
     records = {}

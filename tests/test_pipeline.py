@@ -173,10 +173,11 @@ def test_overlap_through_training(tiny_run):
     overlap = cfg.output_path / "overlap"
     through = pq.read_table(overlap / "through_training.parquet").to_pandas()
     pairs = pq.read_table(overlap / "pairs.parquet").to_pandas()
-    # tiny.yaml: checkpoints at 2,048 and 8,192 tokens, then the final SAEs at 16,384, for every seed pair.
-    assert sorted(through["tokens"].unique()) == [2048, 8192, 16384]
+    # tiny.yaml: checkpoints at 2,048 and 8,192 tokens, then the final SAEs at 14,336 (16,384 less the held-out
+    # eighth), for every seed pair.
+    assert sorted(through["tokens"].unique()) == [2048, 8192, 14336]
     assert len(through) == 3 * len(pairs)
-    final = through[through["tokens"] == 16384].merge(pairs, on=["configuration", "seed_a", "seed_b"])
+    final = through[through["tokens"] == 14336].merge(pairs, on=["configuration", "seed_a", "seed_b"])
     np.testing.assert_allclose(final["shared_fraction_x"], final["shared_fraction_y"])
     # An intermediate point equals `sae-seeds match` on the two checkpoint folders.
     saes = json.loads((cfg.output_path / "saes" / "manifest.json").read_text())["saes"]
@@ -193,7 +194,7 @@ def test_overlap_through_training(tiny_run):
     child = client.search_runs([result["experiment_id"]],
                                filter_string=f"tags.mlflow.parentRunId = '{result['parent_run_id']}'")[0]
     history = client.get_metric_history(child.info.run_id, "shared_fraction_vs_tokens")
-    assert sorted(m.step for m in history) == [2048, 8192, 16384]
+    assert sorted(m.step for m in history) == [2048, 8192, 14336]
     assert all(0 <= m.value <= 1 for m in history)
     figures = {a.path for a in client.list_artifacts(result["parent_run_id"], "figures")}
     assert "figures/shared_vs_tokens.png" in figures

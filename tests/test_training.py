@@ -29,6 +29,13 @@ def planted_data(n_rows, d=32, n_features=48, active=3, seed=0):
     return x.astype(np.float32), dirs
 
 
+def held_out(x, eval_tokens=HP["eval_tokens"]):
+    """The rows train_saes evaluates on: the tail it holds out (actors/train/data.py)."""
+    from actors.train.data import held_out_rows
+
+    return x[len(x) - held_out_rows(len(x), eval_tokens):]
+
+
 def write_manifest(root, acts, rows_per_shard=2048, hookpoint="layers.0.mlp"):
     store = ActivationStore(root)
     shards = []
@@ -132,7 +139,7 @@ def test_relu_l1_saved_weights_act_on_raw_activations(tmp_path):
     [res] = train_saes([job], manifest, "layers.0.mlp", HP, torch.device("cpu"))
     sae = ARCHITECTURES["relu_l1"](32, 32, ARCHITECTURES["relu_l1"].Params(l1_coefficient=0.1))
     sae.load_state_dict(load_file(str(tmp_path / "sae" / "sae.safetensors")))
-    raw = torch.from_numpy(x[:2048] * 5.0)
+    raw = torch.from_numpy(held_out(x) * 5.0)
     fvu = sae(raw).fvu.item()
     assert fvu == pytest.approx(res["metrics"]["fvu"], rel=1e-3)
 
@@ -188,7 +195,7 @@ def test_intermediate_checkpoints_act_on_raw_inputs_and_leave_training_unchanged
 
     plain = run("plain", [])
     with_checkpoints = run("ckpt", [1000, 2048])
-    raw = [torch.from_numpy(x[:HP["eval_tokens"]])]  # the evaluation rows, unscaled
+    raw = [torch.from_numpy(held_out(x))]  # the evaluation rows, unscaled
     for (arch, params), job, ref in zip(archs, with_checkpoints, plain):
         final = load_file(str(tmp_path / "ckpt" / arch / "layers.0.mlp" / "sae.safetensors"))
         # Saving checkpoints (a folded copy for relu_l1) must not disturb training.

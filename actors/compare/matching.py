@@ -116,7 +116,7 @@ class PairMatch:
         """Shared, decoder-shared and max-cosine fractions as the threshold runs over [0, 1]."""
         t = np.linspace(0, 1, 41) if thresholds is None else np.asarray(thresholds)
         with np.errstate(invalid="ignore"):
-            both = np.fmin(self.enc_cos, self.dec_cos)  # NaN (unmatched) never passes
+            both = np.minimum(self.enc_cos, self.dec_cos)  # NaN (unmatched on either side) propagates, never passes
             best = np.minimum(self.enc_max_cos, self.dec_max_cos)
             return {
                 "threshold": t,

@@ -13,12 +13,16 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 
-def nway_counts(shared: dict[tuple[int, int], np.ndarray], n_seeds: int) -> np.ndarray:
-    """counts[base, k] = latents of seed `base` shared with exactly k other seeds."""
+def nway_counts(shared: dict[tuple[int, int], np.ndarray], n_seeds: int,
+                widths: list[int] | None = None) -> np.ndarray:
+    """counts[base, k] = latents of seed `base` shared with exactly k other seeds. `widths` (latents per seed) is
+    needed when a seed has no pair (a single seed: all its latents are shared with 0 others)."""
     counts = np.zeros((n_seeds, n_seeds), dtype=np.int64)
     for base in range(n_seeds):
         masks = [shared[(base, other)] for other in range(n_seeds) if other != base]
-        per_latent = np.sum(masks, axis=0) if masks else np.zeros(0, dtype=np.int64)
+        if not masks and widths is None:
+            raise ValueError(f"seed {base} has no pairs: pass widths to count its latents")
+        per_latent = np.sum(masks, axis=0) if masks else np.zeros(widths[base], dtype=np.int64)
         counts[base] = np.bincount(per_latent, minlength=n_seeds)[:n_seeds]
     return counts
 

@@ -77,12 +77,13 @@ class ActivationShardWriter:
 
     def __init__(self, model_path: str, revision: str | None, model_dtype: str, trust_remote_code: bool,
                  device_map: str | None, hookpoints: list[str], store_uri: str, storage_dtype: str, batch_size: int,
-                 nonfinite: str, plan_hash: str, torch_threads: int = 0):
+                 nonfinite: str, plan_hash: str, torch_threads: int = 0, random_init_seed: int | None = None):
         quiet_worker()
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = load_model(model_path, revision, model_dtype, trust_remote_code, self.device, device_map)
+        self.model = load_model(model_path, revision, model_dtype, trust_remote_code, self.device, device_map,
+                                random_init_seed)
         self.input_device = self.model.get_input_embeddings().weight.device
         self.capture = HookpointCapture(self.model, hookpoints)
         self.store = ActivationStore(store_uri)

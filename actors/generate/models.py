@@ -72,16 +72,36 @@ def build_local_model(build: dict, init_seed: int, folder: Path) -> Path:
 
 
 def load_model(name_or_path: str, revision: str | None, dtype: str, trust_remote_code: bool, device: str,
-               device_map: str | dict | None = None):
+               device_map: str | dict | None = None, random_init_seed: int | None = None):
     """A causal LM in eval mode, from safetensors only; `device_map` (e.g. "auto") spreads a model too large for
-    one GPU over several (through accelerate), otherwise the whole model goes to `device`."""
+    one GPU over several (through accelerate), otherwise the whole model goes to `device`. `random_init_seed`:
+    the random-model control, weights re-initialised after loading (`reinitialise`)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
         name_or_path, revision=revision, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
         use_safetensors=True, device_map=device_map,
     )
-    return (model if device_map is not None else model.to(device)).eval()
+    model = model if device_map is not None else model.to(device)
+    if random_init_seed is not None:
+        reinitialise(model, random_init_seed)
+    return model.eval()
+
+
+def reinitialise(model, seed: int) -> None:
+    """Re-draw every weight with the model class's own transformers init (`init_weights`: `_init_weights` per
+    module, then weight tying) under torch seed `seed`: the random-transformer baseline of a trained model (Heap et
+    al. 2025). transformers marks loaded tensors as initialised and its init functions skip those, so the marks are
+    cleared first. Deterministic for a given seed, model and device."""
+    for module in model.modules():
+        if getattr(module, "_is_hf_initialized", False):
+            module._is_hf_initialized = False
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if getattr(tensor, "_is_hf_initialized", False):
+            tensor._is_hf_initialized = False
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
+        torch.manual_seed(seed)
+        model.init_weights()
 
 
 def load_tokenizer(name_or_path: str, revision: str | None, trust_remote_code: bool):

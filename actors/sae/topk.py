@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from .base import (ForwardOutput, SparseAutoencoder, fraction_of_variance_unexplained, unit_rows, unit_rows_,
-                   without_parallel_component)
+from .base import (ForwardOutput, SparseAutoencoder, batch_variance_total, fraction_of_variance_unexplained,
+                   unit_rows, unit_rows_, without_parallel_component)
 from .sparse_codes import SparseCodes, decode, encode_selected
 
 
@@ -114,9 +114,11 @@ class TopKSAE(SparseAutoencoder):
         return fvu
 
     def auxk_loss(self, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor | None = None) -> torch.Tensor:
-        """AuxK (Gao et al. 2024, as sparsify has it): the top k_aux = d_in/2 dead latents reconstruct the residual;
-        FVU of that reconstruction, scaled by min(#dead / k_aux, 1). Zero when nothing is dead. `pre` is the
-        batch's encoder outputs, before or after the relu as in `select` (recomputed when not given)."""
+        """AuxK (Gao et al. 2024, as sparsify has it): the top k_aux = d_in/2 dead latents reconstruct the residual
+        e = x - x_hat; the squared error of that reconstruction over the input's total variance (the main FVU's
+        denominator, sum over the batch of (x - mean x)^2; not the residual's own variance), scaled by
+        min(#dead / k_aux, 1). Zero when nothing is dead. `pre` is the batch's encoder outputs, before or after the
+        relu as in `select` (recomputed when not given)."""
         dead = self.dead_mask
         num_dead = int(dead.sum()) if dead is not None else 0
         if num_dead == 0:
@@ -128,7 +130,8 @@ class TopKSAE(SparseAutoencoder):
         codes = SparseCodes.from_rows(values.relu(), indices, self.num_latents)
         residual_hat = decode(codes, self.encode_selected(codes, x), self.W_dec)
         scale = min(num_dead / (self.d_in // 2), 1.0)
-        return scale * fraction_of_variance_unexplained(x - x_hat.detach(), residual_hat)
+        total = self.fvu_denominator if self.fvu_denominator is not None else batch_variance_total(x)
+        return scale * fraction_of_variance_unexplained(x - x_hat.detach(), residual_hat, total)
 
     def sparsify_cfg(self):
         return {"activation": "topk", "k": self.params.k, "normalize_decoder": True}

@@ -6,6 +6,9 @@ vector; bfloat16 is kept as its raw bits. A shard's JSON record, written last, c
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pyarrow as pa
 import torch
@@ -108,3 +111,39 @@ def locate_manifest(manifest: dict, root: str, model_path: str | None = None) ->
 
 def read_manifest(root: str, model_path: str | None = None) -> dict:
     return locate_manifest(ActivationStore(root).read_json(MANIFEST), root, model_path)
+
+
+HELD_OUT_MAX_FRACTION = 1 / 8  # of a source's rows: small data keeps most of its rows for training
+
+
+def held_out_rows(total_rows: int, eval_tokens: int) -> int:
+    """Rows at the tail of a source held out from training, for evaluation: `eval_tokens`, at most an eighth."""
+    return max(1, min(eval_tokens, int(total_rows * HELD_OUT_MAX_FRACTION)))
+
+
+def shard_files(records: dict[int, dict]) -> list[tuple[int, dict]]:
+    """(shard id, the record's entry for one hookpoint file: path, sha256, bytes) for every file of every shard."""
+    return [(sid, entry) for sid, r in sorted(records.items()) for entry in r["hookpoints"].values()]
+
+
+def file_problem(store: ActivationStore, entry: dict, mode: str) -> str | None:
+    size = store.size(entry["path"])
+    if size is None:
+        return "missing"
+    if entry.get("bytes") is not None and size != entry["bytes"]:
+        return f"{size} bytes, recorded {entry['bytes']}"
+    if mode == "sha256" and store.sha256(entry["path"]) != entry["sha256"]:
+        return "sha256 differs from its record"
+    return None
+
+
+def verify_shards(store: ActivationStore, records: dict[int, dict], mode: str) -> dict[int, list[str]]:
+    """Shards whose files are missing or differ from their records: {shard id: ['path: problem', ...]}."""
+    files = shard_files(records)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="verify") as pool:
+        problems = list(pool.map(lambda f: file_problem(store, f[1], mode), files))
+    damaged: dict[int, list[str]] = {}
+    for (sid, entry), problem in zip(files, problems):
+        if problem:
+            damaged.setdefault(sid, []).append(f"{entry['path']}: {problem}")
+    return damaged

@@ -14,8 +14,31 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ..store.shards import read_activations
+from ..store.shards import held_out_rows, read_activations  # noqa: F401 (held_out_rows: re-exported)
 from ..store.storage import ActivationStore
+
+
+def split_held_out(shards: list[dict], held_out: int) -> tuple[list[dict], list[dict]]:
+    """(training shards, held-out shards): the last `held_out` rows in manifest order are held out, the same rows
+    for every seed and architecture. A shard cut in two appears in both with a row range (`row_start`,
+    `row_stop`), which `read_rows` honours; `rows` counts the rows of each part."""
+    train, held, remaining = [], [], held_out
+    for shard in reversed(shards):
+        take = min(remaining, shard["rows"])
+        remaining -= take
+        if take:
+            held.insert(0, shard | {"row_start": shard["rows"] - take, "rows": take})
+        if take < shard["rows"]:
+            train.insert(0, shard | ({"row_stop": shard["rows"] - take, "rows": shard["rows"] - take} if take else {}))
+    return train, held
+
+
+def read_rows(store: ActivationStore, shard: dict) -> np.ndarray:
+    """A shard's rows (checksum checked), cut to its row range when `split_held_out` gave it one."""
+    rows = read_activations(store, shard["path"], shard.get("sha256"))
+    if "row_start" in shard or "row_stop" in shard:
+        rows = rows[shard.get("row_start", 0):shard.get("row_stop")]
+    return rows
 
 
 class ActivationStream:
@@ -33,7 +56,7 @@ class ActivationStream:
         return self.num_steps
 
     def _read(self, shard: dict) -> np.ndarray:
-        return read_activations(self.store, shard["path"], shard.get("sha256"))
+        return read_rows(self.store, shard)
 
     def _shards(self, order: np.ndarray) -> Iterator[np.ndarray]:
         """The shards in `order`, each read while the previous one is being consumed."""

@@ -36,7 +36,8 @@ from ..sae.base import batch_variance_total
 from ..store.checkpoint import checkpoint_folder, is_trained
 from .data import ActivationStream
 from .lm_eval import spliced_lm_metrics
-from .training import SAETrainer, build_trainer, first_rows, lm_eval_inputs, save_trained
+from .data import held_out_rows, split_held_out
+from .training import SAETrainer, build_trainer, held_out_set, lm_eval_inputs, save_trained
 
 log = logging.getLogger(__name__)
 
@@ -156,15 +157,16 @@ def train_sae(job: dict, manifest: dict, hookpoint: str, hp: dict, device: torch
     # Inputs scaled as the torch backend scales them (folded back into the saved weights).
     scale = float(np.sqrt(d_in) / entry["mean_norm"])
     input_scale = scale if arch.normalize_inputs else 1.0
-    stream = ActivationStream(manifest["root"], entry["shards"], hp["batch_size"], hp["data_seed"],
-                              hp["tokens"] or total_rows, input_scale, hp.get("shuffle_buffer_tokens", 0))
+    train_shards, held_out = split_held_out(entry["shards"], held_out_rows(total_rows, hp["eval_tokens"]))
+    stream = ActivationStream(manifest["root"], train_shards, hp["batch_size"], hp["data_seed"],
+                              hp["tokens"] or sum(s["rows"] for s in train_shards), input_scale,
+                              hp.get("shuffle_buffer_tokens", 0))
     num_steps = stream.num_steps
     trainer = build_trainer(job, d_in, num_steps, hp, device)
     batches = (torch.from_numpy(b).to(device) for b in stream)
     first = next(batches)
     model = DataParallelSAE(trainer, first, deepspeed_config(hp, world_size), rank, world_size)
-    eval_set = first_rows(manifest["root"], entry["shards"], min(total_rows, hp["eval_tokens"]), input_scale,
-                          device) if rank == 0 else None
+    eval_set = held_out_set(manifest["root"], held_out, input_scale, device) if rank == 0 else None
     start = time.perf_counter()
 
     def save(folder: Path, extra: dict | None = None, raw: SparseAutoencoder | None = None) -> dict:

@@ -23,7 +23,7 @@ from ..sae import ARCHITECTURES, SparseAutoencoder
 from ..store.checkpoint import checkpoint_folder, dead_latents, save_sae_folder
 from ..store.storage import ActivationStore
 from .calibration import SparsityTargets, calibrate_l1_coefficient, is_steered, steering_seed
-from .data import ActivationStream
+from .data import ActivationStream, held_out_rows, read_rows, split_held_out
 from .lm_eval import spliced_lm_metrics
 from .stacked import group_trainers
 from .train_state import SAEState, state_key, write_training_state
@@ -75,11 +75,13 @@ def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, devic
     are split over workers): it is neither saved, reported nor returned.
     """
     entry = manifest["hookpoints"][hookpoint]
-    d_in, total_rows = entry["d_in"], entry["rows"]
-    tokens = hp["tokens"] or total_rows
+    d_in = entry["d_in"]
+    # The tail rows are held out (never trained on) and evaluate every SAE; the rest is the training stream.
+    train_shards, held_out = split_held_out(entry["shards"], held_out_rows(entry["rows"], hp["eval_tokens"]))
+    tokens = hp["tokens"] or sum(s["rows"] for s in train_shards)
     # Architectures that train on normalised inputs see x * sqrt(d_in) / mean-norm; folded back on save.
     scale = float(np.sqrt(d_in) / entry["mean_norm"])
-    streams = {norm: ActivationStream(manifest["root"], entry["shards"], hp["batch_size"], hp["data_seed"],
+    streams = {norm: ActivationStream(manifest["root"], train_shards, hp["batch_size"], hp["data_seed"],
                                       tokens, scale if norm else 1.0, hp.get("shuffle_buffer_tokens", 0))
                for norm in {ARCHITECTURES[j["architecture"]].normalize_inputs for j in jobs}}
     num_steps = next(iter(streams.values())).num_steps
@@ -104,10 +106,8 @@ def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, devic
     every_trainer = [t for group in trainers.values() for t in group]
     targets.apply(every_trainer)
 
-    # Evaluation set: the first rows in manifest order, unshuffled, identical for every SAE.
-    eval_rows = min(total_rows, hp["eval_tokens"])
-    eval_sets = {norm: first_rows(manifest["root"], entry["shards"], eval_rows, scale if norm else 1.0, device)
-                 for norm in streams}
+    # Evaluation set: the held-out rows, unshuffled, identical for every SAE.
+    eval_sets = {norm: held_out_set(manifest["root"], held_out, scale if norm else 1.0, device) for norm in streams}
 
     def save(t: SAETrainer, folder: Path, extra: dict | None = None, raw: SparseAutoencoder | None = None) -> dict:
         return save_trained(t, folder, raw or raw_sae(t.sae, scale), eval_sets[t.sae.normalize_inputs],
@@ -161,7 +161,7 @@ def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, devic
         bar.close()
     raws = [raw_sae(t.sae, scale) for t in saved]  # folded once, for the LM loss and for the saved weights
     lm = [{}] * len(saved)
-    if hp.get("lm_eval_chunks"):
+    if hp.get("lm_eval_chunks") and entry.get("source", "model") == "model":  # a planted source has no model
         model, input_ids = lm_eval_inputs(manifest, hp, device)
         lm = spliced_lm_metrics(model, hookpoint, raws, input_ids)
     results = [save(t, Path(t.job["path"]), extra, raw) for t, extra, raw in zip(saved, lm, raws)]
@@ -194,7 +194,9 @@ def save_trained(t: SAETrainer, folder: Path, raw: SparseAutoencoder, eval_set: 
     cfg["params"] = t.job["params"] | (steered_params or {})
     cfg |= {"data_digest": t.digest.hexdigest(), "tokens": t.tokens_seen}
     metrics, frequency = evaluate(t.sae, eval_set)
+    # Dead: never fires on the held-out rows; the training-time criterion (no firing in the dead window) apart.
     metrics["dead_fraction"] = float(dead_latents(frequency).float().mean())
+    metrics["dead_fraction_train"] = float(((t.tokens_seen - t.last_fired) >= t.dead_window).float().mean())
     metrics |= {"train_tokens": t.tokens_seen, "train_seconds": seconds, "resumed_from_tokens": resumed_from_tokens}
     if node_id is not None:
         metrics["node_id"] = node_id
@@ -279,7 +281,8 @@ def lm_eval_inputs(manifest: dict, hp: dict, device: torch.device) -> tuple[torc
     from ..generate.models import load_model
 
     m = manifest["model"]
-    model = load_model(m["path"], m.get("revision"), m["dtype"], hp.get("trust_remote_code", False), str(device))
+    model = load_model(m["path"], m.get("revision"), m["dtype"], hp.get("trust_remote_code", False), str(device),
+                       random_init_seed=m.get("random_init_seed"))
     chunks = ActivationStore(manifest["root"]).read_table("tokens.parquet", columns=["input_ids"]).slice(
         0, hp["lm_eval_chunks"]).column("input_ids").to_pylist()
     return model, torch.tensor(chunks, dtype=torch.long, device=device)
@@ -303,19 +306,11 @@ def _calibrate_sparsity(jobs: list[dict], streams: dict, d_in: int, hp: dict, de
     return out
 
 
-def first_rows(root: str, shards: list[dict], n: int, scale: float, device: torch.device,
-                batch_size: int = 4096) -> list[torch.Tensor]:
-    from ..store.shards import read_activations
-
+def held_out_set(root: str, held_out: list[dict], scale: float, device: torch.device,
+                 batch_size: int = 4096) -> list[torch.Tensor]:
+    """The held-out rows (`split_held_out`), scaled, in batches on `device`."""
     store = ActivationStore(root)
-    parts, have = [], 0
-    for shard in shards:
-        if have >= n:
-            break
-        acts = read_activations(store, shard["path"], shard.get("sha256"))[: n - have]
-        parts.append(acts)
-        have += len(acts)
-    rows = torch.from_numpy(np.concatenate(parts) * scale).to(device)
+    rows = torch.from_numpy(np.concatenate([read_rows(store, s) for s in held_out]) * scale).to(device)
     return list(rows.split(batch_size))
 
 

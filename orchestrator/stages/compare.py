@@ -7,6 +7,7 @@ nway_curve, consensus, sweeps) plus `overlap/manifest.json`, which tracking read
 from __future__ import annotations
 
 import itertools
+import logging
 from collections import defaultdict
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 from scipy.stats import spearmanr
 
 from actors.store.checkpoint import load_firing_frequency, load_sae_weights, write_json_atomic, write_parquet_atomic
+from actors.compare.ground_truth import precision_by_shared_count, score_against_truth, shared_precision
 from actors.compare.matching import UNMATCHED, match_pair
 from actors.compare.nway import consensus_groups, no_other_seed_curve, nway_counts
 from actors.sae import ARCHITECTURES
@@ -25,6 +27,8 @@ from actors.sae import ARCHITECTURES
 from ..config import ExperimentConfig
 from ..console import gather
 from ..plan import slug
+
+log = logging.getLogger(__name__)
 
 
 @ray.remote
@@ -43,6 +47,21 @@ def match_saes(path_a: str, path_b: str, threshold: float, assignment_path: str)
     return {"stats": m.extended_statistics(), "shared_a": shared_a, "shared_b": shared_b,
             "edges_ab": (rows_a, m.dec_partner[rows_a]), "edges_ba": (rows_b, dec_inverse[rows_b]),
             "enc_cos": m.enc_cos, "dec_cos": m.dec_cos, "sweep": m.threshold_sweep(), "freq_a": freq}
+
+
+@ray.remote
+def score_sae(path: str, truth: dict, threshold: float, latent_table_path: str) -> dict:
+    """One SAE against its source's true features; writes the per-latent Parquet, returns the summary and mask."""
+    from actors.generate.planted import load_ground_truth
+    from actors.store.storage import ActivationStore
+
+    store = ActivationStore(truth["root"])
+    if store.sha256(truth["path"]) != truth["sha256"]:
+        raise ValueError(f"{store.display(truth['path'])} does not match the manifest's checksum")
+    features = load_ground_truth(store.read_bytes(truth["path"]))["features"]
+    score = score_against_truth(load_sae_weights(path).decoder, features, threshold)
+    write_parquet_atomic(score.latent_table(), Path(latent_table_path))
+    return {"summary": score.summary(), "true_latent": score.true_latent}
 
 
 @ray.remote
@@ -115,12 +134,22 @@ def run_compare(cfg: ExperimentConfig, train_manifest: dict) -> dict:
                 through[(conf, i, j)] = match_through_training.options(**opts).remote(pairs, threshold)
         if len(saes) > 1:
             chance[conf] = chance_overlap.options(**opts).remote(saes[0], saes[1], threshold)
-    keys = [("pair", k) for k in futures] + [("chance", k) for k in chance] + [("through", k) for k in through]
-    refs = list(futures.values()) + list(chance.values()) + list(through.values())
+    truths = train_manifest.get("ground_truths") or {}
+    scored = {}
+    for conf, saes in by_conf.items():
+        for sae in saes:
+            if sae["hookpoint"] in truths:
+                path = out / "ground_truth" / slug(conf) / f"seed{sae['seed']}.parquet"
+                scored[(conf, sae["seed"])] = score_sae.options(**opts).remote(
+                    sae["path"], truths[sae["hookpoint"]], cfg.compare.ground_truth_threshold, str(path))
+    keys = ([("pair", k) for k in futures] + [("chance", k) for k in chance] + [("through", k) for k in through]
+            + [("truth", k) for k in scored])
+    refs = list(futures.values()) + list(chance.values()) + list(through.values()) + list(scored.values())
     done = dict(zip(keys, gather(refs, "compare", "task")))
     results = {k: done[("pair", k)] for k in futures}
     chance = {k: done[("chance", k)] for k in chance}
     through = {k: done[("through", k)] for k in through}
+    scored = {k: done[("truth", k)] for k in scored}
 
     tables: dict[str, list[dict]] = defaultdict(list)
     configurations = {}
@@ -157,7 +186,7 @@ def run_compare(cfg: ExperimentConfig, train_manifest: dict) -> dict:
             edges[(i, j)], edges[(j, i)] = r["edges_ab"], r["edges_ba"]
             cosines["encoder"].append(r["enc_cos"])
             cosines["decoder"].append(r["dec_cos"])
-        counts = nway_counts(masks, n)
+        counts = nway_counts(masks, n, [s["width"] for s in saes])
         for base in range(n):
             for k in range(n):
                 tables["nway"].append({"configuration": conf, "base_seed": seeds[base], "shared_with_k_seeds": k,
@@ -168,6 +197,7 @@ def run_compare(cfg: ExperimentConfig, train_manifest: dict) -> dict:
         groups = consensus_groups(edges, [s["width"] for s in saes])
         tables["consensus"] += [{"configuration": conf, "seeds_spanned": s, "groups": int(g)}
                                 for s, g in enumerate(groups) if s > 0]
+        truth = _ground_truth(conf, seeds, scored, masks, tables) if (conf, seeds[0]) in scored else None
         off = matrix[~np.eye(n, dtype=bool)]
         first = saes[0]
         configurations[conf] = {
@@ -180,6 +210,7 @@ def run_compare(cfg: ExperimentConfig, train_manifest: dict) -> dict:
             "pair_means": {k: float(np.mean([r["stats"][k] for r in conf_results])) if conf_results else float("nan")
                            for k in ("equal_fraction", "decoder_shared_fraction", "maxcos_shared_fraction")},
             "certified": all(r["stats"]["certified"] for r in conf_results),
+            "ground_truth": truth,
             "chance": chance.get(conf, {}),
             "nway_counts": counts.tolist(),
             "no_other_seed_curve": curve,
@@ -191,6 +222,10 @@ def run_compare(cfg: ExperimentConfig, train_manifest: dict) -> dict:
             "through_training_per_seed": _through_training_per_seed(tables["through_training"], conf, seeds),
         }
 
+    for conf, c in configurations.items():
+        if not c["certified"]:
+            log.warning("compare: the matching of %s is NOT certified optimal; its shared fractions are lower bounds",
+                        conf)
     frames = {name: pd.DataFrame(rows) for name, rows in tables.items()}
     out.mkdir(parents=True, exist_ok=True)
     for name, frame in frames.items():
@@ -201,6 +236,43 @@ def run_compare(cfg: ExperimentConfig, train_manifest: dict) -> dict:
         for k, v in configurations.items()}})
     return {"manifest": manifest, "pairs": frames.get("pairs", pd.DataFrame()),
             "nway": frames.get("nway", pd.DataFrame()), "tables": frames}
+
+
+def _ground_truth(conf: str, seeds: list[int], scored: dict, masks: dict, tables: dict) -> dict:
+    """Ground-truth scores of a configuration: per SAE (recovery, MCC), per ordered seed pair (true-feature
+    precision of the shared latents and of the orphans), per base seed by "shared with exactly k other seeds".
+    Rows go to `tables`; returns the means (and stds over seeds) for the summary and MLflow."""
+    n = len(seeds)
+    per_sae = [scored[(conf, s)] for s in seeds]
+    for seed, r in zip(seeds, per_sae):
+        tables["ground_truth_saes"].append({"configuration": conf, "seed": seed, **r["summary"]})
+    pairs = []
+    for (i, j), shared in masks.items():
+        row = shared_precision(per_sae[i]["true_latent"], shared)
+        pairs.append(row)
+        tables["ground_truth_pairs"].append({"configuration": conf, "seed": seeds[i], "other_seed": seeds[j], **row})
+    by_k = np.zeros((n, 2))  # latents, true latents per k, pooled over base seeds
+    for base in range(n):
+        shared_with = sum((masks[(base, o)].astype(int) for o in range(n) if o != base),
+                          np.zeros(len(per_sae[base]["true_latent"]), dtype=int))
+        for row in precision_by_shared_count(per_sae[base]["true_latent"], shared_with, n):
+            tables["ground_truth_nway"].append({"configuration": conf, "base_seed": seeds[base], **row})
+            by_k[row["shared_with_k_seeds"]] += [row["latents"], row["latents"] * np.nan_to_num(row["precision"])]
+
+    def mean_std(key):
+        v = np.array([r["summary"][key] for r in per_sae])
+        return float(v.mean()), float(v.std())
+
+    def pooled(key_n, key_p):  # over pairs, weighted by the latents in each set
+        total = sum(p[key_n] for p in pairs)
+        return float(sum(p[key_n] * np.nan_to_num(p[key_p]) for p in pairs) / total) if total else float("nan")
+
+    (rec, rec_sd), (mcc, mcc_sd) = mean_std("recovered_fraction"), mean_std("mcc")
+    return {"recovered_mean": rec, "recovered_std": rec_sd, "mcc_mean": mcc, "mcc_std": mcc_sd,
+            "true_latent_fraction": mean_std("true_latent_fraction")[0],
+            "precision_shared": pooled("n_shared", "precision_shared"),
+            "precision_orphan": pooled("n_orphan", "precision_orphan"),
+            "precision_by_k": [float(t / c) if c else float("nan") for c, t in by_k]}
 
 
 def _mean_sweep(rows: list[dict], conf: str) -> dict[str, list[float]]:

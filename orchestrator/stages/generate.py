@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -32,7 +31,7 @@ from tqdm.auto import tqdm
 from actors.generate.activations import ActivationShardWriter
 from actors.generate.corpus import load_documents, pack_chunks
 from actors.generate.models import build_local_model, load_tokenizer, resolve_hookpoints, skeleton_model
-from actors.store.shards import locate_manifest, record_rel
+from actors.store.shards import locate_manifest, record_rel, verify_shards
 from actors.store.storage import ActivationStore
 
 from ..config import ExperimentConfig
@@ -47,8 +46,18 @@ def activation_uri(cfg: ExperimentConfig) -> str:
 
 
 def generate_hash(cfg: ExperimentConfig) -> str:
-    """Everything that decides the activations' bytes; not where or on how many actors they are computed."""
-    data = json.dumps({"model": cfg.model.model_dump(), "dataset": cfg.dataset.model_dump(),
+    """The manifest's hash: the model's activations and, when configured, the planted source's."""
+    if cfg.planted is None:
+        return lm_generate_hash(cfg)
+    from .planted import planted_hash
+
+    return hashlib.sha256(f"{lm_generate_hash(cfg)}:{planted_hash(cfg)}".encode()).hexdigest()[:16]
+
+
+def lm_generate_hash(cfg: ExperimentConfig) -> str:
+    """Everything that decides the model activations' bytes; not where or on how many actors they are computed."""
+    model = cfg.model.model_dump(exclude={"random_init_seed"} if cfg.model.random_init_seed is None else None)
+    data = json.dumps({"model": model, "dataset": cfg.dataset.model_dump(),
                        "generate": cfg.generate.model_dump(exclude={"num_actors", "gpus_per_actor", "cpus_per_actor",
                                                                     "device_map", "output_uri", "verify"})},
                       sort_keys=True)
@@ -84,7 +93,7 @@ def _make_plan(cfg: ExperimentConfig, store: ActivationStore, model_path: str, r
         "input_ids": pa.array(chunks, pa.list_(pa.int32())),
     }))
     plan = {
-        "generate_hash": generate_hash(cfg),
+        "generate_hash": lm_generate_hash(cfg),
         "tokens_sha256": store.sha256(TOKENS),
         "num_chunks": num_chunks,
         "ctx_len": g.ctx_len,
@@ -100,7 +109,7 @@ def _make_plan(cfg: ExperimentConfig, store: ActivationStore, model_path: str, r
 def _load_plan(cfg: ExperimentConfig, store: ActivationStore, model_path: str, revision: str | None) -> dict:
     if store.exists(PLAN) and store.exists(TOKENS):
         plan = store.read_json(PLAN)
-        if plan.get("generate_hash") == generate_hash(cfg) and store.sha256(TOKENS) == plan["tokens_sha256"]:
+        if plan.get("generate_hash") == lm_generate_hash(cfg) and store.sha256(TOKENS) == plan["tokens_sha256"]:
             return plan
     return _make_plan(cfg, store, model_path, revision)
 
@@ -135,38 +144,13 @@ def _model_revision(model_path: str, revision: str | None, trust_remote_code: bo
                    "_commit_hash", None)
 
 
-def _shard_files(records: dict[int, dict]) -> list[tuple[int, dict]]:
-    """(shard id, the record's entry for one hookpoint file: path, sha256, bytes) for every file of every shard."""
-    return [(sid, entry) for sid, r in sorted(records.items()) for entry in r["hookpoints"].values()]
-
-
-def _file_problem(store: ActivationStore, entry: dict, mode: str) -> str | None:
-    size = store.size(entry["path"])
-    if size is None:
-        return "missing"
-    if entry.get("bytes") is not None and size != entry["bytes"]:
-        return f"{size} bytes, recorded {entry['bytes']}"
-    if mode == "sha256" and store.sha256(entry["path"]) != entry["sha256"]:
-        return "sha256 differs from its record"
-    return None
-
-
-def verify_shards(store: ActivationStore, records: dict[int, dict], mode: str) -> dict[int, list[str]]:
-    """Shards whose files are missing or differ from their records: {shard id: ['path: problem', ...]}."""
-    files = _shard_files(records)
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="verify") as pool:
-        problems = list(pool.map(lambda f: _file_problem(store, f[1], mode), files))
-    damaged: dict[int, list[str]] = {}
-    for (sid, entry), problem in zip(files, problems):
-        if problem:
-            damaged.setdefault(sid, []).append(f"{entry['path']}: {problem}")
-    return damaged
-
-
 def _manifest_records(manifest: dict) -> dict[int, dict]:
-    """The manifest's shard list regrouped per shard, in the records' layout."""
+    """The manifest's model shards regrouped per shard, in the records' layout (a planted source keeps its own
+    records and verifies them in `run_planted`)."""
     records: dict[int, dict] = {}
     for h, entry in manifest["hookpoints"].items():
+        if entry.get("source") == "planted":
+            continue
         for shard in entry["shards"]:
             records.setdefault(shard["shard_id"], {"hookpoints": {}})["hookpoints"][h] = shard
     return records
@@ -196,12 +180,18 @@ def run_generate(cfg: ExperimentConfig) -> dict:
         if not damaged:
             log.info("generate: reusing %s (%d shards verified by %s)", store.display(MANIFEST),
                      manifest["plan"]["shards"], g.verify)
+            if cfg.planted is not None:  # verified (and repaired) on its own
+                _add_planted(cfg, store, manifest)
+                store.write_json(MANIFEST, manifest)
             return _located(manifest, store, _model_source(cfg)[0])
         _uncommit(store, damaged)
     model_path, revision = _model_source(cfg)
     # A hookpoint pattern that matches nothing fails here, before tokenising or starting any actor.
     hookpoints = resolve_hookpoints(skeleton_model(model_path, revision, cfg.model.trust_remote_code), g.hookpoints)
     log.info("generate: hookpoints %s", hookpoints)
+    if cfg.planted is not None and cfg.planted.hookpoint in hookpoints:
+        raise ValueError(f"planted.hookpoint {cfg.planted.hookpoint!r} is also a module of the model; give the "
+                         "planted source another name")
     plan = _load_plan(cfg, store, model_path, revision)
     records = committed_records(store, plan)
     if manifest is None:  # shards committed by an interrupted run: checked before they are reused
@@ -223,7 +213,8 @@ def run_generate(cfg: ExperimentConfig) -> dict:
                 model_path=model_path, revision=revision, model_dtype=cfg.model.dtype,
                 trust_remote_code=cfg.model.trust_remote_code, device_map=g.device_map, hookpoints=g.hookpoints,
                 store_uri=store.uri, storage_dtype=g.dtype, batch_size=g.batch_size, nonfinite=g.nonfinite,
-                plan_hash=plan["generate_hash"], torch_threads=max(1, int(g.cpus_per_actor)) if gpus == 0 else 0),
+                plan_hash=plan["generate_hash"], torch_threads=max(1, int(g.cpus_per_actor)) if gpus == 0 else 0,
+                random_init_seed=cfg.model.random_init_seed),
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=_actor_count(cfg, gpus, len(todo))),
             num_gpus=gpus,
@@ -244,8 +235,18 @@ def run_generate(cfg: ExperimentConfig) -> dict:
         "shards_computed": len(computed), "shards_reused": len(plan["shards"]) - len(computed),
         "seconds": seconds, "tokens_per_s": sum(r["tokens"] for r in computed) / seconds if computed else None,
     }
+    if cfg.planted is not None:  # one more activation source, read by training like a hookpoint
+        _add_planted(cfg, store, manifest)
     store.write_json(MANIFEST, manifest)
     return _located(manifest, store, model_path)
+
+
+def _add_planted(cfg: ExperimentConfig, store: ActivationStore, manifest: dict) -> None:
+    from .planted import run_planted
+
+    entry = run_planted(cfg, store)
+    manifest["planted_throughput"] = entry.pop("throughput")
+    manifest["hookpoints"][cfg.planted.hookpoint] = entry
 
 
 def _portable(model_path: str, cfg: ExperimentConfig) -> str:
@@ -279,10 +280,10 @@ def assemble_manifest(cfg: ExperimentConfig, store: ActivationStore, plan: dict,
         if entry["nonfinite_rows"]:
             log.warning("generate: %d rows of %s had NaN/inf activations and were dropped", entry["nonfinite_rows"], h)
     return {
-        "config_hash": plan["generate_hash"],
+        "config_hash": generate_hash(cfg),
         "root": ".",  # every path here is relative to the store holding this manifest; run_generate fills it in
         "model": {"name": cfg.model.name, "path": _portable(model_path, cfg), "revision": revision,
-                  "dtype": cfg.model.dtype,
+                  "dtype": cfg.model.dtype, "random_init_seed": cfg.model.random_init_seed,
                   "resolved_revision": _model_revision(model_path, revision, cfg.model.trust_remote_code)},
         "tokenizer": plan["tokenizer"],
         "dataset": cfg.dataset.model_dump(),

@@ -23,6 +23,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from actors.train.calibration import is_steered
 from actors.store.checkpoint import METRICS, checkpoint_folder, is_trained, training_state, write_json_atomic
 from actors.train.deepspeed_backend import train_loop_per_worker as deepspeed_train_loop
+from actors.train.data import held_out_rows
 from actors.train.stacked import split_seeds
 from actors.train.worker import train_loop_per_worker
 
@@ -50,14 +51,39 @@ def train_hash(cfg: ExperimentConfig, manifest: dict) -> str:
                                              "deepspeed"})
     if settings["backend"] == "torch":
         del settings["backend"]
-    data = json.dumps({"activations": manifest["config_hash"], "train": settings}, sort_keys=True)
+    # The training code's own version too: an SAE trained by other code is retrained, never silently reused.
+    data = json.dumps({"activations": manifest["config_hash"], "train": settings,
+                       "code": training_code_version()}, sort_keys=True)
     return hashlib.sha256(data.encode()).hexdigest()[:16]
+
+
+TRAINING_CODE = ("actors/sae", "actors/train", "actors/store/shards.py")  # what decides a trained SAE's weights
+
+
+def training_code_version(root: Path | None = None) -> str:
+    """SHA-256 of the source of the modules that train SAEs (`TRAINING_CODE`, every .py file, by relative path):
+    part of the reuse key, so that any edit to them retrains. Comments count too: a spurious retrain is cheap next
+    to silently reusing SAEs trained by other code."""
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[2]
+    h = hashlib.sha256()
+    for entry in TRAINING_CODE:
+        path = root / entry
+        for f in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def train_hparams(cfg: ExperimentConfig, manifest: dict) -> dict:
     """The settings `actors.train.training.train_saes` gets."""
-    return cfg.train.model_dump() | {"eval_tokens": 65536, "train_hash": train_hash(cfg, manifest),
+    return cfg.train.model_dump() | {"train_hash": train_hash(cfg, manifest),
                                      "trust_remote_code": cfg.model.trust_remote_code}
+
+
+def source_checkpoints(cfg: ExperimentConfig, entry: dict) -> list[int]:
+    """The checkpoints (train.checkpoint_tokens) a source's SAEs reach: those below its own training budget."""
+    train_rows = entry["rows"] - held_out_rows(entry["rows"], cfg.train.eval_tokens)
+    budget = (cfg.train.tokens or train_rows) // cfg.train.batch_size * cfg.train.batch_size
+    return [n for n in cfg.train.checkpoint_tokens if n <= budget]
 
 
 def _split_groups(groups: list[list[dict]], d_in: int, batch_size: int, max_stack_bytes: int,
@@ -116,8 +142,9 @@ def run_train(cfg: ExperimentConfig, manifest: dict, configurations: list[SAECon
     expected = train_hash(cfg, manifest)
     hp = train_hparams(cfg, manifest)
     for hookpoint in manifest["hookpoints"]:
+        checkpoints = source_checkpoints(cfg, manifest["hookpoints"][hookpoint])
         groups = [c.jobs() for c in configurations if c.hookpoint == hookpoint]
-        todo, repair_checkpoints = _untrained(groups, expected, t.checkpoint_tokens)
+        todo, repair_checkpoints = _untrained(groups, expected, checkpoints)
         groups = [g for g in groups if any(j["path"] in todo for j in g)]
         if not groups:
             log.info("train: every SAE of %s is already trained", hookpoint)
@@ -133,7 +160,8 @@ def run_train(cfg: ExperimentConfig, manifest: dict, configurations: list[SAECon
         trainer = SAETrainer(  # a TorchTrainer that does not retry a worker's BadInputError
             deepspeed_train_loop if t.backend == "deepspeed" else train_loop_per_worker,
             train_loop_config={
-                "groups": groups, "hookpoint": hookpoint, "hp": hp, "tracking_uri": tracking_uri,
+                "groups": groups, "hookpoint": hookpoint, "hp": hp | {"checkpoint_tokens": checkpoints},
+                "tracking_uri": tracking_uri,
                 "activations_uri": manifest["root"], "model_path": manifest.get("model", {}).get("path"),
                 "torch_threads": t.cpus_per_worker, "fault": fault, "progress": progress,
                 "architecture_modules": cfg.sae.architecture_modules,
@@ -154,13 +182,18 @@ def run_train(cfg: ExperimentConfig, manifest: dict, configurations: list[SAECon
     for c in configurations:
         for job in c.jobs():
             folder = Path(job["path"])
-            if not is_trained(job["path"], expected, t.checkpoint_tokens):
+            reached = source_checkpoints(cfg, manifest["hookpoints"][job["hookpoint"]])
+            if not is_trained(job["path"], expected, reached):
                 raise RuntimeError(f"training finished but {folder} is incomplete or from other settings")
             cfg_json = json.loads((folder / "cfg.json").read_text())
-            checkpoints = [{"tokens": n, "path": str(checkpoint_folder(folder, n))} for n in t.checkpoint_tokens]
+            checkpoints = [{"tokens": n, "path": str(checkpoint_folder(folder, n))} for n in reached]
             saes.append(job | {"metrics": json.loads((folder / METRICS).read_text()),
                                "data_digest": cfg_json["data_digest"], "checkpoints": checkpoints})
+    # Sources with a known answer (the planted one): compare scores every SAE of them against it.
+    ground_truths = {h: {"root": manifest["root"], **e["ground_truth"]} for h, e in manifest["hookpoints"].items()
+                     if e.get("ground_truth")}
     train_manifest = {"config_hash": cfg.content_hash(), "threshold": cfg.compare.threshold,
+                      "ground_truths": ground_truths,
                       "configurations": [c.name for c in configurations], "saes": saes}
     write_json_atomic(train_manifest_path(cfg), _relative_to(cfg.output_path, train_manifest))
     return train_manifest
