@@ -73,7 +73,7 @@ ARCHITECTURE_TITLES = {"topk": "TopK", "batchtopk": "BatchTopK", "relu_l1": "ReL
 # Hyper-parameter -> (words, compact form); others read as `name value` and `name=value`.
 PARAM_WORDS = {"k": ("k {}", "k{}"), "target_l0": ("L0 target {}", "L0 {}"),
                "l1_coefficient": ("L1 coefficient {}", "l1 {}"), "l0_coefficient": ("L0 coefficient {}", "l0coef {}"),
-               "auxk_alpha": ("AuxK weight {}", "auxk {}")}
+               "auxk_alpha": ("AuxK weight {}", "auxk {}"), "lr": ("lr {}", "lr {}")}
 
 
 def _number(v) -> str:

@@ -16,6 +16,8 @@ class L1Params(BaseModel):
     l1_coefficient: float | None = Field(None, gt=0, description="Weight of the decoder-norm-weighted L1 penalty.")
     target_l0: float | None = Field(None, gt=0, description="Steer the L1 coefficient during training to reach "
                                     "this L0 instead.")
+    lr: float | None = Field(None, gt=0, description="Learning rate of this architecture's SAEs; None: train.lr, else "
+                             "the recipe's 2e-4, which needs a long run (tens of thousands of steps) to learn.")
 
     @model_validator(mode="after")
     def _a_sparsity_setting(self):

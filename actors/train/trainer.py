@@ -93,12 +93,18 @@ def build_trainer(job: dict, d_in: int, num_steps: int, hp: dict, device: torch.
         torch.manual_seed(job["seed"])  # the init seed: the only thing that differs between seeds
         sae = arch(d_in, job["width"], arch.Params.model_validate(job["params"]))
     sae = sae.to(device)
-    lr = hp["lr"] or arch.recipe_lr(job["width"])
+    lr = effective_lr(job, hp)
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=arch.adam_betas, fused=use_fused_adam(sae, device))
     scheduler = lr_schedule(optimizer, hp, num_steps)
     return SAETrainer(job=job, sae=sae, optimizer=optimizer, scheduler=scheduler, grad_clip=hp["grad_clip"],
                       dead_window=dead_window_tokens(hp, num_steps * hp["batch_size"]),
                       last_fired=torch.zeros(job["width"], dtype=torch.long, device=device))
+
+
+def effective_lr(job: dict, hp: dict) -> float:
+    """The learning rate an SAE trains with: its architecture's own `lr` hyper-parameter where it has one, else
+    `train.lr`, else the architecture's recipe."""
+    return job["params"].get("lr") or hp["lr"] or ARCHITECTURES[job["architecture"]].recipe_lr(job["width"])
 
 
 FUSED_ADAM_MIN_NUMEL = 1 << 16

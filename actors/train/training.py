@@ -27,7 +27,7 @@ from .data import ActivationStream, held_out_rows, read_rows, split_held_out
 from .lm_eval import spliced_lm_metrics
 from .stacked import group_trainers
 from .train_state import SAEState, state_key, write_training_state
-from .trainer import SAETrainer, build_trainer
+from .trainer import SAETrainer, build_trainer, effective_lr
 
 log = logging.getLogger(__name__)
 
@@ -333,6 +333,6 @@ def sae_folder_cfg(job: dict, d_in: int, hookpoint: str, hp: dict, num_steps: in
         "batch_size": hp["batch_size"],
         "num_steps": num_steps,
         "dead_window_tokens": dead_window,
-        "lr": hp["lr"] or ARCHITECTURES[job["architecture"]].recipe_lr(job["width"]),
+        "lr": effective_lr(job, hp),
         "train_hash": hp.get("train_hash"),  # the train stage retrains a folder whose settings differ
     }
