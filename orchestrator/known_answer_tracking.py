@@ -15,12 +15,16 @@ import numpy as np  # noqa: E402
 from mlflow.entities import Metric  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from .plan import describe  # noqa: E402
+from .tracking import configuration_key  # noqa: E402
+
 UNCERTIFIED_TAG = "sae_seeds.uncertified_matching"
 
 
 def log_known_answer(client: MlflowClient, parent_id: str, train_manifest: dict, compare: dict) -> None:
     """Child runs: recovery, MCC, true-latent fraction of their SAE and the precision of its shared / orphan
-    latents; parent: the same per configuration (`gt.<metric>.<configuration>`) and the ground-truth figure."""
+    latents; parent: the same per configuration (`gt_<metric>/<configuration>`, as tracking.py names every
+    per-configuration value) and the ground-truth figure."""
     confs = compare["manifest"]["configurations"]
     if not any(c.get("ground_truth") for c in confs.values()):
         return
@@ -39,11 +43,12 @@ def log_known_answer(client: MlflowClient, parent_id: str, train_manifest: dict,
         client.log_batch(sae["run_id"], metrics=[Metric(k, v, now, 0) for k, v in metrics.items()
                                                  if np.isfinite(v)])
     parent = []
-    for name, c in confs.items():
+    several_hookpoints = len({c["hookpoint"] for c in confs.values()}) > 1
+    for c in confs.values():
         truth = c.get("ground_truth")
         if truth:
-            label = name.replace("/", ".")
-            parent += [Metric(f"gt.{k}.{label}", float(v), now, 0) for k, v in truth.items()
+            key = configuration_key(c, several_hookpoints)
+            parent += [Metric(f"gt_{k}/{key}", float(v), now, 0) for k, v in truth.items()
                        if not isinstance(v, list) and np.isfinite(v)]
     for i in range(0, len(parent), 1000):
         client.log_batch(parent_id, metrics=parent[i:i + 1000])
@@ -58,8 +63,7 @@ def ground_truth_figure(configurations: dict) -> plt.Figure:
     lines: dict[str, list[tuple[int, dict]]] = defaultdict(list)
     for c in configurations.values():
         if c.get("ground_truth"):
-            params = ",".join(f"{k}={v}" for k, v in sorted(c["params"].items()))
-            lines[f"{c['hookpoint']} {c['architecture']}({params})"].append((c["width"], c["ground_truth"]))
+            lines[f"{c['hookpoint']}: {describe(c['architecture'], c['params'])}"].append((c["width"], c["ground_truth"]))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for label, pts in sorted(lines.items()):
         pts.sort(key=lambda p: p[0])

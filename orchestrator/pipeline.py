@@ -14,7 +14,7 @@ from .config import ExperimentConfig
 from .console import own_local_instance, quiet_driver, ray_init_options, stage_progress
 from .output_folder import claim_output_folder
 from .known_answer_tracking import log_known_answer, tag_uncertified
-from .plan import plan_configurations
+from .plan import describe, plan_configurations
 from .preflight import preflight
 from .stages.compare import run_compare
 from .stages.generate import run_generate
@@ -84,9 +84,13 @@ def summary_table(train_manifest: dict, compare: dict) -> pd.DataFrame:
 def through_training_table(compare: dict) -> pd.DataFrame:
     """Shared fraction (mean over seed pairs) at each saved token count, one row per configuration."""
     rows = []
-    for name, c in compare["manifest"]["configurations"].items():
+    confs = compare["manifest"]["configurations"]
+    several_hookpoints = len({c["hookpoint"] for c in confs.values()}) > 1
+    for c in confs.values():
         if c.get("through_training"):
-            rows.append({"configuration": name, **{f"{p['tokens']} tok": p["mean"] for p in c["through_training"]}})
+            rows.append({**({"hookpoint": c["hookpoint"]} if several_hookpoints else {}),
+                         "configuration": describe(c["architecture"], c["params"], c["width"]),
+                         **{f"{p['tokens']} tok": p["mean"] for p in c["through_training"]}})
     return pd.DataFrame(rows)
 
 
@@ -105,7 +109,7 @@ def summary_notes(cfg: ExperimentConfig, train_manifest: dict, compare: dict) ->
     for h in sorted(truths):
         notes.append(f"{h}: planted features with a known answer (docs/known-answer.md); recovered = fraction of true "
                      "features some latent matches (decoder cos > "
-                     f"{cfg.compare.ground_truth_threshold}); prec_shared / prec_orphan = fraction of shared / "
+                     f"{cfg.compare.ground_truth_threshold}); precision shared / orphan = fraction of shared / "
                      "not-shared latents that are true features.")
     return notes
 

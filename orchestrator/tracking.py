@@ -345,9 +345,12 @@ def summary_frame(train_manifest: dict, compare: dict):
     import pandas as pd
 
     rows = []
-    for name, c in compare["manifest"]["configurations"].items():
+    confs = compare["manifest"]["configurations"]
+    several_hookpoints = len({c["hookpoint"] for c in confs.values()}) > 1
+    for name, c in confs.items():
         saes = [s for s in train_manifest["saes"] if s["configuration"] == name]
         rows.append({
+            **({"hookpoint": c["hookpoint"]} if several_hookpoints else {}),
             "configuration": describe(c["architecture"], c["params"], c["width"]), "seeds": len(saes),
             "mean_shared_fraction": f"{c['shared_mean']:.3f} ± {c['shared_std']:.3f}",
             "chance (init/rotation)": "{:.3f}/{:.3f}".format(c["chance"].get("init_shared", float("nan")),

@@ -264,12 +264,12 @@ def test_pipeline_scores_a_planted_source_beside_the_model_hookpoint(ray_local, 
                              "active_per_token: 1.5, noise_std: 0.01, zipf_exponent: 0}", "train.lr=0.01"],
                       str(tmp_path / "out"))
     result = run_experiment(cfg)
-    summary = result["summary"].set_index("configuration")
-    planted = summary[summary.index.str.startswith("planted/")]
-    model = summary[~summary.index.str.startswith("planted/")]
+    summary = result["summary"]
+    planted = summary[summary["hookpoint"] == "planted"]
+    model = summary[summary["hookpoint"] != "planted"]
     assert len(planted) == 2 and len(model) == 2
     assert planted["recovered"].notna().all() and model["recovered"].isna().all()
-    assert (planted["prec_shared"] > planted["prec_orphan"]).any()
+    assert (planted["precision shared"] > planted["precision orphan"]).any()
     assert any("RANDOMLY INITIALISED" in n and "pipeline check" in n for n in result["notes"])
     overlap = cfg.output_path / "overlap"
     latents = pq.read_table(overlap / "ground_truth" / "planted_topk-k2-w16" / "seed0.parquet").to_pandas()
@@ -279,7 +279,7 @@ def test_pipeline_scores_a_planted_source_beside_the_model_hookpoint(ray_local, 
     client = MlflowClient(result["tracking_uri"])
     parent = client.get_run(result["parent_run_id"])
     assert "figures/ground_truth.png" in {a.path for a in client.list_artifacts(result["parent_run_id"], "figures")}
-    assert any(k.startswith("gt.recovered_mean.planted") for k in parent.data.metrics)
+    assert any(k.startswith("gt_recovered_mean/planted-") for k in parent.data.metrics)
     children = client.search_runs([result["experiment_id"]],
                                   filter_string=f"tags.mlflow.parentRunId = '{result['parent_run_id']}'")
     scored = [c for c in children if c.data.params["hookpoint"] == "planted"]
