@@ -64,4 +64,8 @@ class RemoteProgress:
         self.pending, self.last = 0, time.monotonic()
 
     def close(self) -> None:
-        self.flush()
+        # Waits for the last addition: the driver reads the totals once the work returns, and a call still in
+        # flight would be missing from them.
+        if self.pending:
+            ray.get(self.counter.add.remote(done=self.pending))
+        self.pending = 0

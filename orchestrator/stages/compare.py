@@ -22,7 +22,7 @@ from actors.store.checkpoint import load_firing_frequency, load_sae_weights, wri
 from actors.compare.ground_truth import precision_by_shared_count, score_against_truth, shared_precision
 from actors.compare.matching import UNMATCHED, match_pair
 from actors.compare.nway import consensus_groups, no_other_seed_curve, nway_counts
-from actors.sae import ARCHITECTURES
+from actors.sae import ARCHITECTURES, import_architecture_modules
 
 from ..config import ExperimentConfig
 from ..console import gather
@@ -65,9 +65,11 @@ def score_sae(path: str, truth: dict, threshold: float, latent_table_path: str) 
 
 
 @ray.remote
-def chance_overlap(sae_a: dict, sae_b: dict, threshold: float) -> dict:
+def chance_overlap(sae_a: dict, sae_b: dict, threshold: float, architecture_modules: list[str]) -> dict:
     """Shared fraction where nothing was learned in common: the two SAEs at initialisation (same seeds,
-    untrained), and trained A against trained B under a random rotation of activation space."""
+    untrained), and trained A against trained B under a random rotation of activation space. The initial SAEs are
+    built by their architecture, which `architecture_modules` may register."""
+    import_architecture_modules(architecture_modules)
     a, b = load_sae_weights(sae_a["path"]), load_sae_weights(sae_b["path"])
     d_in = a.encoder.shape[1]
     arch = ARCHITECTURES[sae_a["architecture"]]
@@ -133,7 +135,8 @@ def run_compare(cfg: ExperimentConfig, train_manifest: dict) -> dict:
             if pairs:
                 through[(conf, i, j)] = match_through_training.options(**opts).remote(pairs, threshold)
         if len(saes) > 1:
-            chance[conf] = chance_overlap.options(**opts).remote(saes[0], saes[1], threshold)
+            chance[conf] = chance_overlap.options(**opts).remote(saes[0], saes[1], threshold,
+                                                                  cfg.sae.architecture_modules)
     truths = train_manifest.get("ground_truths") or {}
     scored = {}
     for conf, saes in by_conf.items():
