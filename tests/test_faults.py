@@ -76,7 +76,7 @@ def test_bad_set_values_name_the_argument(assignment, expected, tmp_path, capsys
     (["generate.num_tokens=32"], "generate.num_tokens (32) is smaller than one chunk of generate.ctx_len (64)",
      "checkpoint_tokens"),
     (["generate.num_tokens=200", "train.checkpoint_tokens=[]"],
-     "train.batch_size (256) is larger than the training budget of 192 tokens", "checkpoint_tokens"),
+     "train.batch_size (256) is larger than the training budget of 168 tokens", "checkpoint_tokens"),
     (["train.tokens=128", "train.checkpoint_tokens=[]"], "train.batch_size (256) is larger than the training "
      "budget of 128 tokens (train.tokens)", "num_tokens"),
     (["train.tokens=4096"], "train.checkpoint_tokens [8192] must be below the training budget of 4096", "batch_size"),

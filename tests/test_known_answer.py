@@ -66,7 +66,7 @@ def test_children_fire_only_with_their_parent():
 
 
 def test_config_errors_name_the_planted_field():
-    base = {"name": "x", "generate": {"hookpoints": ["h"], "num_tokens": 256},
+    base = {"name": "x", "generate": {"hookpoints": ["h"], "num_tokens": 256}, "train": {"batch_size": 64},
             "sae": {"architectures": [{"name": "topk", "k": 4}], "widths": [8], "seeds": [0]}}
     for planted, field in [({"num_features": 0}, "planted.num_features"), ({"d": 1}, "planted.d"),
                            ({"noise_std": -1}, "planted.noise_std"),
@@ -188,7 +188,8 @@ def planted_config(out, **planted):
                          "batch_size": 4, "num_actors": 1},
             "planted": {"num_features": 32, "d": 16, "num_tokens": 6000, "shard_tokens": 1000,
                         "active_per_token": 2, "seed": 5} | planted,
-            "sae": {"architectures": [{"name": "topk", "k": 2}], "widths": [16], "seeds": [0]}}
+            "sae": {"architectures": [{"name": "topk", "k": 2}], "widths": [16], "seeds": [0]},
+            "train": {"batch_size": 64}}
 
 
 def test_planted_source_resumes_after_killed_actor_and_killed_driver_with_identical_checksums(ray_local, tmp_path):
@@ -320,5 +321,5 @@ def test_random_init_seed_reinitialises_a_loaded_model_deterministically(tmp_pat
     assert matrices and all(not torch.equal(a[k], c[k]) for k in matrices)  # the seed decides the draw
     assert all(a[k].std() < 0.1 for k in matrices)  # transformers' init (normal, std = initializer_range 0.02)
     assert parse_config({"name": "x", "model": {"random_init_seed": 3}, "generate": {"hookpoints": ["h"],
-                         "num_tokens": 256}, "sae": {"architectures": [{"name": "topk", "k": 2}], "widths": [8],
+                         "num_tokens": 256}, "train": {"batch_size": 64}, "sae": {"architectures": [{"name": "topk", "k": 2}], "widths": [8],
                                                      "seeds": [0]}}).model.random_init_seed == 3

@@ -131,7 +131,7 @@ def test_uncertified_matching_is_warned_in_the_summary_and_tagged_in_mlflow(tmp_
             {"configuration": "h/topk-k4-w16", "run_id": children[1], "metrics": metrics}]
     table = summary_table({"saes": saes}, compare)
     assert table["certified"].tolist() == ["NO", "yes"]  # rows in the order of the configurations
-    cfg = parse_config({"name": "x", "generate": {"hookpoints": ["h"], "num_tokens": 256},
+    cfg = parse_config({"name": "x", "generate": {"hookpoints": ["h"], "num_tokens": 256}, "train": {"batch_size": 64},
                         "sae": {"architectures": [{"name": "topk", "k": 4}], "widths": [8], "seeds": [0]}})
     notes = summary_notes(cfg, {"saes": saes}, compare)
     assert any("WARNING" in n and "h/topk-k4-w8" in n and "w16" not in n for n in notes)
@@ -159,7 +159,7 @@ def test_reuse_key_changes_with_the_training_code(tmp_path, monkeypatch):
     # The train stage's reuse key (train_hash, checked by is_trained) follows the code version.
     from orchestrator.config import parse_config
 
-    cfg = parse_config({"name": "x", "generate": {"hookpoints": ["h"], "num_tokens": 256},
+    cfg = parse_config({"name": "x", "generate": {"hookpoints": ["h"], "num_tokens": 256}, "train": {"batch_size": 64},
                         "sae": {"architectures": [{"name": "topk", "k": 4}], "widths": [8], "seeds": [0]}})
     key = train_stage.train_hash(cfg, {"config_hash": "abc"})
     monkeypatch.setattr(train_stage, "training_code_version", lambda root=None: "other code")
