@@ -195,7 +195,8 @@ class ExperimentTracker:
 
     def create_child_runs(self, configurations: list[SAEConfiguration]) -> None:
         # Identical param keys on every child so MLflow's compare view can plot across architectures.
-        param_names = sorted({k for c in configurations for k, _ in c.point.params})
+        # `lr` (an architecture's own, or the recipe's) is logged once trained, as the rate the SAE trained with.
+        param_names = sorted({k for c in configurations for k, _ in c.point.params} - {"lr"})
         several_hookpoints = len({c.hookpoint for c in configurations}) > 1
         n_seeds = len(self.cfg.sae.seeds)
         self.client.update_run(self.parent_id, name=f"{self.cfg.name}: {len(configurations) * n_seeds} SAEs "
