@@ -44,6 +44,7 @@ def brute_force_stats(ea, da, eb, db, t):
         "maxcos_shared_fraction": np.mean((se.max(1) > t) & (sd.max(1) > t)),
         "mean_matched_cos_encoder": np.nanmean(ce),
         "mean_matched_cos_decoder": np.nanmean(cd),
+        "pw_mcc": np.nanmean(cd),  # Song et al.: mean signed decoder cosine of the best 1:1 assignment
     }
 
 

@@ -84,24 +84,34 @@ def rescore_error_bound(d: int) -> float:
     return gamma(2 * d + 8, U64)
 
 
+def _precision_knobs() -> list[tuple[object, str, object]]:
+    """(owner, attribute, value that pins full precision) for every switch that may lower the matmuls' precision.
+    torch >= 2.9 keeps the float32 precision per backend (`fp32_precision`; the legacy allow_tf32 and
+    set_float32_matmul_precision map onto it, and reading the legacy ones fails once backends disagree);
+    reduced-precision reductions of fp16/bf16 matmuls are separate flags."""
+    cuda = torch.backends.cuda.matmul
+    knobs: list[tuple[object, str, object]] = []
+    if hasattr(cuda, "fp32_precision"):
+        knobs += [(cuda, "fp32_precision", "ieee"), (torch.backends.mkldnn.matmul, "fp32_precision", "ieee")]
+    else:
+        knobs += [(cuda, "allow_tf32", False)]
+    return knobs + [(cuda, "allow_fp16_reduced_precision_reduction", False),
+                    (cuda, "allow_bf16_reduced_precision_reduction", False)]
+
+
 @contextmanager
 def pinned_matmul_precision():
-    """Full float32 matmuls and full-precision reductions inside the block (no TF32, no reduced-precision fp16/bf16
-    reductions): the error bounds above assume them. The caller's settings are restored afterwards."""
-    cuda = torch.backends.cuda.matmul
-    saved = (torch.get_float32_matmul_precision(), cuda.allow_tf32, cuda.allow_fp16_reduced_precision_reduction,
-             cuda.allow_bf16_reduced_precision_reduction, torch.backends.cudnn.allow_tf32)
+    """IEEE float32 matmuls (no TF32, no bf16 passes on CPUs that have them) and full-precision reductions of fp16/
+    bf16 matmuls inside the block: the error bounds above assume them. The caller's settings are restored after."""
+    knobs = _precision_knobs()
+    saved = [getattr(owner, name) for owner, name, _ in knobs]
     try:
-        torch.set_float32_matmul_precision("highest")
-        cuda.allow_tf32 = False
-        cuda.allow_fp16_reduced_precision_reduction = False
-        cuda.allow_bf16_reduced_precision_reduction = False
-        torch.backends.cudnn.allow_tf32 = False
+        for owner, name, value in knobs:
+            setattr(owner, name, value)
         yield
     finally:
-        torch.set_float32_matmul_precision(saved[0])
-        (cuda.allow_tf32, cuda.allow_fp16_reduced_precision_reduction, cuda.allow_bf16_reduced_precision_reduction,
-         torch.backends.cudnn.allow_tf32) = saved[1:]
+        for (owner, name, _), value in zip(knobs, saved):
+            setattr(owner, name, value)
 
 
 @dataclass
