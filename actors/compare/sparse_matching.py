@@ -1,23 +1,27 @@
-"""Exact maximum-weight 1:1 assignment on cosine similarity without the dense n x n matrix.
+"""Exact maximum-weight 1:1 assignment on cosine similarity without the dense n x n matrix (docs/matching.md).
 
 The dense route (actors/compare/matching.py: cosine matrix + scipy's Hungarian) costs n^2 memory and n^3 time: hours and
 ~270 GB at 131K latents. Here (../shared/reference/matching-notes.md):
 
 1. One blocked pass over the cosine matrix keeps, for every row AND every column, its top-k entries (merged from the
    same blocks: a separate column pass over transposed blocks dominated the cost in the notes). Whatever a row's
-   heap did not keep is <= that row's bound (its k-th value, or a floor set from its first block), so after the
-   pass every pair is either a candidate edge with its float32 cosine or <= min(row bound, column bound).
-2. A sparse assignment solver (scipy's LAPJVsp, `min_weight_full_bipartite_matching`) on the candidate graph.
+   heap did not keep is <= that row's bound (its k-th value, or a floor set from its first block, plus the pass's
+   error bound), so after the pass every pair is either a candidate edge or <= min(row bound, column bound).
+2. A sparse assignment solver on the candidate graph: OR-tools' LinearSumAssignment on integer-scaled weights
+   (square), scipy's LAPJVsp (rectangular).
 3. An optimality certificate. From the sparse optimum we compute LP duals u (rows), v (columns) by longest paths on
    the residual graph: u_i + v_j >= w_ij on every candidate edge, equality on matched edges, v >= 0 and v = 0 on
-   unmatched columns. By LP duality the matching is optimal over the FULL matrix iff u_i + v_j >= w_ij for ALL
+   unmatched columns. By LP duality the matching is optimal over the FULL matrix iff u_i + v_j >= cos_ij for ALL
    pairs. Non-candidate pairs are checked through their bounds (an O(n log n) dominance test); only rows (or
-   columns) whose bounds cannot prove it are recomputed exactly in float32, blockwise. Violating pairs join the
-   candidate graph and we re-solve, until a round finds no violation.
+   columns) whose bounds cannot prove it are recomputed in float32, blockwise, and every pair the float32 value
+   cannot decide is re-scored in float64. Violating pairs join the candidate graph and we re-solve, until a round
+   finds no violation.
 
-`certified=True` means: u_i + v_j + tol >= cos_ij for every (i, j), so no assignment beats ours by more than
-n * tol (reported as `gap_bound`); tol (~1e-6) absorbs float32 round-off between blockings and the integer
-scaling of the solver's costs.
+Every comparison allows for the rounding of the values it compares (cosine_error_bound per precision, the float32
+duals, the integer scaling), and matched and nearly tight edges are re-scored in float64, so `certified=True` is a
+proof about the EXACT cosines of the float32 rows: cos_ij <= u_i + v_j + tol for every (i, j) and the matched
+pairs' weights are within tol of theirs, so no assignment beats ours by more than `gap_bound` = 2 n tol (tol ~
+0.5/scale, ~5e-8 at 131K latents).
 
 Rectangular inputs: the smaller side is matched completely (as scipy does); rows of the larger side are left
 UNMATCHED. Zero-norm rows have cosine 0 with everything (as actors/compare/matching.cosine_matrix).
@@ -357,7 +361,7 @@ def candidate_pass(ua: torch.Tensor, ub: torch.Tensor, k: int, block: int, low_p
     return edge_rows[kept], edge_cols[kept], vals[kept], row_bound, col_bound, t_matmul
 
 
-def pair_cos(ua: torch.Tensor, ub: torch.Tensor, rows: np.ndarray, cols: np.ndarray, chunk=1 << 18) -> np.ndarray:
+def pair_cos(ua: torch.Tensor, ub: torch.Tensor, rows: np.ndarray, cols: np.ndarray, chunk=1 << 15) -> np.ndarray:
     """float32 cosines of the given pairs (unit rows), gathered in chunks to bound memory."""
     out = np.empty(len(rows), dtype=np.float64)
     for s in range(0, len(rows), chunk):
@@ -376,7 +380,7 @@ class ExactCosine:
         self.inv_x, self.inv_y = (1.0 / t.double().norm(dim=1).clamp_min(1e-300) for t in (x, y))
         self.eps = rescore_error_bound(x.shape[1])
 
-    def __call__(self, rows: np.ndarray, cols: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
+    def __call__(self, rows: np.ndarray, cols: np.ndarray, chunk: int = 1 << 13) -> np.ndarray:
         out = np.empty(len(rows), dtype=np.float64)
         for s in range(0, len(rows), chunk):
             r = torch.from_numpy(rows[s:s + chunk]).to(self.x.device)
