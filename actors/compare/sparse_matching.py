@@ -309,14 +309,31 @@ def _merge_rows_and_cols(s: torch.Tensor, rows: _Heaps, cols: _Heaps, r0: int, c
                  first=r0 == 0)
 
 
+def _float32_out(device) -> bool:
+    """Whether this device multiplies bf16 matrices straight into a float32 result (torch.mm's out_dtype: CUDA)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    if device not in _FLOAT32_OUT:
+        try:
+            x = torch.ones(2, 2, device=device, dtype=torch.bfloat16)
+            _FLOAT32_OUT[device] = torch.mm(x, x, out_dtype=torch.float32).dtype == torch.float32
+        except (RuntimeError, TypeError, NotImplementedError):
+            _FLOAT32_OUT[device] = False
+    return _FLOAT32_OUT[device]
+
+
+_FLOAT32_OUT: dict = {}
+
+
 def _block_matmul(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     """float32 [len(x), len(y)] = x @ y.T; low-precision inputs accumulate in float32 and, where the device can,
-    are written out in float32 (CUDA's out_dtype); on the CPU they come back in their own format."""
+    are written out in float32; otherwise they come back in their own format (pass_precision says which)."""
     if x.dtype == torch.float32:
         if out is not None and out.shape == (len(x), len(y)):
             return torch.mm(x, y.T, out=out)  # a reused buffer: no fresh page-faulted allocation per block
         return x @ y.T
-    if x.device.type == "cuda":
+    if _float32_out(x.device):
         return torch.mm(x, y.T, out_dtype=torch.float32)
     return (x @ y.T).float()
 
@@ -325,7 +342,7 @@ def pass_precision(device, low_precision: bool) -> tuple[str, str]:
     """(input format, output format) of the candidate pass's cosines on this device."""
     if not low_precision:
         return "float32", "float32"
-    return "bfloat16", ("float32" if torch.device(device).type == "cuda" else "bfloat16")
+    return "bfloat16", ("float32" if _float32_out(device) else "bfloat16")
 
 
 def candidate_pass(ua: torch.Tensor, ub: torch.Tensor, k: int, block: int, low_precision: bool):
@@ -664,21 +681,20 @@ def _certify(ux, uy, exact: ExactCosine, cand: Candidates, eps32: float, block: 
 
 
 def sparse_max_weight_assignment(a: torch.Tensor, b: torch.Tensor, *, k: int = 64, block: int = 8192,
-                                 device: str = "cpu", low_precision: bool | None = None) -> SparseAssignment:
+                                 device: str = "cpu", low_precision: bool = False) -> SparseAssignment:
     """Exact maximum-weight 1:1 assignment of the rows of a [n_a, d] to the rows of b [n_b, d] by cosine.
 
     Same result as actors/compare/matching.max_weight_assignment(cosine_matrix(a, b)) (up to exact ties), with the
     optimality certificate recorded. `low_precision`: candidate pass in bf16 (edges re-scored in float32, bounds
-    widened by its error bound); None picks it on CUDA only -- on CPUs without AVX512-BF16/AMX (this one) a bf16
-    matmul runs ~7x slower than float32. Matmul precision is pinned (no TF32, no reduced-precision reductions)
-    for the duration of the call and restored after.
+    widened by its error bound, ~8e-3 against float32's 1.4e-4). Off by default: on CPUs without AVX512-BF16/AMX
+    (this one) a bf16 matmul runs ~7x slower than float32, and on a GPU the float32 pass over a 131K pair is
+    about a second, so the wider bounds (more rows rechecked) would cost more than bf16 saves. Matmul precision is
+    pinned (no TF32, no reduced-precision reductions) for the duration of the call and restored after.
     """
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"rows of different dimension: {a.shape[1]} vs {b.shape[1]}")
     if block < k:
         raise ValueError("block must be at least k")
-    if low_precision is None:
-        low_precision = torch.device(device).type == "cuda"
     with pinned_matmul_precision():
         return _sparse_assignment(a, b, k, block, device, low_precision)
 
