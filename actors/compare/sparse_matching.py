@@ -399,11 +399,18 @@ class ExactCosine:
 
     def __call__(self, rows: np.ndarray, cols: np.ndarray, chunk: int = 1 << 13) -> np.ndarray:
         out = np.empty(len(rows), dtype=np.float64)
+        cpu = self.x.device.type == "cpu"
+        if cpu:  # numpy: single-threaded gathers and one fused einsum beat a chain of small torch ops
+            x, y, inv_x, inv_y = self.x.numpy(), self.y.numpy(), self.inv_x.numpy(), self.inv_y.numpy()
         for s in range(0, len(rows), chunk):
-            r = torch.from_numpy(rows[s:s + chunk]).to(self.x.device)
-            c = torch.from_numpy(cols[s:s + chunk]).to(self.x.device)
-            dot = (self.x[r].double() * self.y[c].double()).sum(1)
-            out[s:s + chunk] = (dot * self.inv_x[r] * self.inv_y[c]).cpu().numpy()  # zero rows: 0 * 1e300 = 0
+            r, c = rows[s:s + chunk], cols[s:s + chunk]
+            if cpu:
+                dot = np.einsum("ij,ij->i", x[r].astype(np.float64), y[c].astype(np.float64))
+                out[s:s + chunk] = dot * inv_x[r] * inv_y[c]  # zero rows: 0 * 1e300 = 0
+            else:
+                r, c = (torch.from_numpy(i).to(self.x.device) for i in (r, c))
+                dot = (self.x[r].double() * self.y[c].double()).sum(1)
+                out[s:s + chunk] = (dot * self.inv_x[r] * self.inv_y[c]).cpu().numpy()
         return out
 
     def transposed(self) -> "ExactCosine":
@@ -492,7 +499,8 @@ def _make_feasible(ua, ub, cand: Candidates) -> Candidates:
 
 
 def matching_duals(n_rows: int, n_cols: int, rows: np.ndarray, cols: np.ndarray, W: np.ndarray,
-                   partner: np.ndarray, start: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   partner: np.ndarray, start: np.ndarray | None = None,
+                   max_passes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Integer LP duals (U, V) that prove `partner` a maximum-weight row-perfect matching on the edge list
     (rows, cols, W sorted by row, then column).
 
@@ -501,7 +509,8 @@ def matching_duals(n_rows: int, n_cols: int, rows: np.ndarray, cols: np.ndarray,
     edge), by Bellman-Ford that only re-relaxes the edges of rows whose column moved. They exist (no positive
     cycle) exactly when the matching is optimal on these edges. From V = 0 the result is the least solution:
     V >= 0 and V = 0 on unmatched columns (a free column with V > 0 would end an improving path). `start` (square
-    problems only) warm-starts from an earlier solution: any fixpoint is a valid dual. Raises if not optimal.
+    problems only) warm-starts from an earlier solution: any fixpoint is a valid dual. Raises if not optimal, or
+    (RuntimeError too) if `max_passes` relaxation passes do not settle it.
     """
     keys = rows * n_cols + cols
     want = np.arange(n_rows) * n_cols + partner
@@ -515,7 +524,7 @@ def matching_duals(n_rows: int, n_cols: int, rows: np.ndarray, cols: np.ndarray,
     length = W - w_matched[rows]  # gain of moving row i from its partner to column j
     V = np.zeros(n_cols, dtype=np.int64) if start is None else start.astype(np.int64)
     active = np.arange(n_rows)  # rows whose partner's V moved: their edges are relaxed next
-    for _ in range(n_rows + 2):
+    for _ in range(n_rows + 2 if max_passes is None else min(max_passes, n_rows + 2)):
         starts, counts = indptr[active], indptr[active + 1] - indptr[active]
         edges = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
         reach = np.repeat(V[partner[active]], counts) + length[edges]
@@ -656,7 +665,19 @@ def _certify(ux, uy, exact: ExactCosine, cand: Candidates, eps32: float, block: 
             timings["rescored"] = timings.get("rescored", 0) + len(unsure)
         timings["rescore"] = timings.get("rescore", 0.0) + time.perf_counter() - t
         if len(unsure) and not np.array_equal(np.rint(cand.w[unsure] * scale).astype(np.int64), W[unsure]):
-            continue  # some weight moved: the matching must be re-solved on it
+            # some weight moved: the matching is often still optimal (the duals, warm-started, then exist), else
+            # it is re-solved on the new weights
+            W = np.rint(cand.w * scale).astype(np.int64)
+            t = time.perf_counter()
+            try:
+                U, V = matching_duals(n_rows, n_cols, cand.rows, cand.cols, W, partner,
+                                      start=V if n_rows == n_cols else None, max_passes=64)
+            except RuntimeError:
+                continue
+            finally:
+                timings["duals"] = timings.get("duals", 0.0) + time.perf_counter() - t
+            if np.any(~cand.exact & (U[cand.rows] + V[cand.cols] - W < near)):
+                continue  # new duals leave other float32 edges nearly tight: re-score those next round
         u, v = U / scale, V / scale
         err = np.where(cand.exact, exact.eps, eps32)
         if not np.all(u[cand.rows] + v[cand.cols] + tol >= cand.w + err):  # by construction; checked anyway
