@@ -335,3 +335,22 @@ def test_certificate_refuses_a_wrong_assignment_off_by_a_near_tie():
     violated = w > U[r] / scale + V[c] / scale + tol
     assert violated.any()
     assert {(0, partner[0]), (1, partner[1])} & set(zip(r[violated].tolist(), c[violated].tolist()))
+
+
+def test_ortools_solver_agrees_with_scipy_and_reports_infeasible_graphs():
+    from actors.compare.sparse_matching import _solve_scipy, solve_sparse
+
+    rng = np.random.default_rng(14)
+    n = 400
+    for density in (0.02, 0.1):
+        keys = np.unique(rng.integers(0, n * n, int(density * n * n)))
+        keys = np.union1d(keys, np.arange(n) * n + rng.permutation(n))  # a perfect matching exists
+        rows, cols = keys // n, keys % n
+        W = rng.integers(-10**7, 10**7, len(keys))
+        mate = solve_sparse(n, n, rows, cols, W)
+        ref = _solve_scipy(n, n, rows, cols, W)
+        weight = lambda m: W[np.searchsorted(keys, np.arange(n) * n + m)].sum()
+        assert len(np.unique(mate)) == n and np.all(np.isin(np.arange(n) * n + mate, keys))
+        assert weight(mate) == weight(ref)
+    # two rows whose only edges go to one column: no perfect matching
+    assert solve_sparse(3, 3, np.array([0, 1, 2]), np.array([0, 0, 1]), np.array([1, 2, 3])) is None
