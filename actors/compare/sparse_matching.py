@@ -369,8 +369,9 @@ def candidate_pass(ua: torch.Tensor, ub: torch.Tensor, k: int, block: int, low_p
     cols.flush()
     err = cosine_error_bound(ua.shape[1], *pass_precision(dev, low_precision))
     # a heap that holds the whole line (k >= its length, a single block, no floor) leaves nothing out: bound -inf
-    row_bound = rows.bound() + err if k_r < n_b else torch.full((n_a,), -math.inf, device=dev)
-    col_bound = cols.bound() + err if k_c < n_a else torch.full((n_b,), -math.inf, device=dev)
+    # (in float64: adding err in float32 could round the bound down)
+    row_bound = rows.bound().double() + err if k_r < n_b else torch.full((n_a,), -math.inf, device=dev).double()
+    col_bound = cols.bound().double() + err if k_c < n_a else torch.full((n_b,), -math.inf, device=dev).double()
     edge_rows = torch.cat([torch.arange(n_a, device=dev).repeat_interleave(k_r), cols.idx.flatten()])
     edge_cols = torch.cat([rows.idx.flatten(), torch.arange(n_b, device=dev).repeat_interleave(k_c)])
     vals = torch.cat([rows.val.flatten(), cols.val.flatten()])
