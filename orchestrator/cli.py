@@ -1,5 +1,5 @@
-"""`sae-seeds run` (the whole experiment), `sae-seeds match` (two SAE folders) and `sae-seeds export` (an SAE
-folder in sparsify's or SAELens' layout)."""
+"""`sae-seeds run` (the whole experiment), `sae-seeds match` (two SAE folders, local or on the Hugging Face Hub) and
+`sae-seeds export` (an SAE folder in sparsify's or SAELens' layout)."""
 
 from __future__ import annotations
 
@@ -60,11 +60,23 @@ def _json_safe(value):
     return value
 
 
+def _sae_folders(*sources: str) -> list:
+    """Local SAE folders as given; `hf://owner/name[@revision][/subfolder]` ones fetched through the Hub's cache
+    (every source parsed before anything is fetched)."""
+    from actors.store.hub import fetch_sae_folder, is_hub_source, parse_hub_source
+
+    for s in sources:
+        if is_hub_source(s):
+            parse_hub_source(s)
+    return [fetch_sae_folder(s) if is_hub_source(s) else s for s in sources]
+
+
 def _match(args) -> int:
     from actors.store.checkpoint import load_sae_weights
     from actors.compare.matching import match_pair
 
-    a, b = load_sae_weights(args.a), load_sae_weights(args.b)  # checksums verified, non-finite weights refused
+    # Checksums verified and non-finite weights refused by the loader.
+    a, b = (load_sae_weights(folder) for folder in _sae_folders(args.a, args.b))
     m = match_pair(a.encoder, a.decoder, b.encoder, b.decoder, args.threshold, args.method, args.device)
     certificate = (f"certificate: {'optimal (proven)' if m.certified else 'NOT proven optimal'}; "
                    f"rounds encoder {m.rounds[0]}, decoder {m.rounds[1]}")
@@ -104,8 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", help="output folder (overrides output_dir)")
     run.set_defaults(func=_run)
     match = sub.add_parser("match", parents=[common], help="match the latents of two SAE folders (sae.safetensors + cfg.json)")
-    match.add_argument("a")
-    match.add_argument("b")
+    hub = "an SAE folder, or hf://owner/name[@revision][/subfolder] on the Hugging Face Hub (sparsify or SAELens)"
+    match.add_argument("a", help=hub)
+    match.add_argument("b", help=hub)
     match.add_argument("--threshold", type=_threshold, default=0.7,
                        help="cosine both matchings must exceed for a latent to count as shared, in [0, 1] "
                             "(default: %(default)s)")

@@ -44,6 +44,7 @@ def brute_force_stats(ea, da, eb, db, t):
         "maxcos_shared_fraction": np.mean((se.max(1) > t) & (sd.max(1) > t)),
         "mean_matched_cos_encoder": np.nanmean(ce),
         "mean_matched_cos_decoder": np.nanmean(cd),
+        "pw_mcc": np.nanmean(cd),  # Song et al.: mean signed decoder cosine of the best 1:1 assignment
     }
 
 
@@ -158,3 +159,102 @@ def test_cli_match_reads_sparsify_and_saelens_layouts(tmp_path, capsys):
     capsys.readouterr()
     assert main(["match", str(sparsify), str(tmp_path / "missing")]) == 2
     assert "not an SAE folder" in capsys.readouterr().err
+
+
+def test_pw_mcc_is_the_mean_signed_decoder_cosine_of_scipys_assignment():
+    """PW-MCC (Song et al. 2025) against scipy directly, unequal widths included (mean over matched pairs), with
+    anti-aligned decoder rows so that signed and absolute cosines would disagree."""
+    rng = np.random.default_rng(3)
+    for n_a, n_b in [(30, 30), (20, 35), (35, 20)]:
+        ea, da = torch.tensor(rng.normal(size=(n_a, 8))), torch.tensor(rng.normal(size=(n_a, 8)))
+        eb, db = torch.tensor(rng.normal(size=(n_b, 8))), torch.tensor(rng.normal(size=(n_b, 8)))
+        m = min(n_a, n_b) // 2
+        db[:m] = -da[:m] + 0.05 * torch.tensor(rng.normal(size=(m, 8)))  # cosine ~ -1: never a good match
+        x, y = da.numpy(), db.numpy()
+        sim = (x @ y.T) / (np.linalg.norm(x, axis=1)[:, None] * np.linalg.norm(y, axis=1)[None, :])
+        rows, cols = linear_sum_assignment(sim, maximize=True)
+        got = match_pair(ea, da, eb, db).statistics()["pw_mcc"]
+        assert got == pytest.approx(sim[rows, cols].mean(), abs=1e-6)
+        assert got > np.abs(sim).max(1).mean() - 1  # sanity: a mean of cosines
+    # identical dictionaries up to a permutation: PW-MCC 1
+    perm = torch.randperm(30)
+    assert match_pair(ea[:30], da[:30], ea[:30][perm], da[:30][perm]).statistics()["pw_mcc"] == pytest.approx(1.0)
+
+
+def _hub_cache(root, repo_id: str, commit: str, files: dict, ref: str | None = "main") -> None:
+    """A repository in huggingface_hub's cache layout: content-addressed blobs, snapshots/<commit>/ of symlinks
+    to them, refs/<branch> holding the commit."""
+    import hashlib
+    import os
+
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    for rel, data in files.items():
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = repo / "snapshots" / commit / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    if ref:
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+
+
+def test_cli_match_from_the_hub_cache_offline(tmp_path):
+    """`sae-seeds match hf://...` for a sparsify-layout and a SAELens-layout repository, resolved offline from a
+    Hub cache (HF_HUB_OFFLINE=1, HF_HUB_CACHE): same statistics as matching the tensors directly; a pinned older
+    revision gives that revision's SAE; a missing subfolder or a malformed source exits 2."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import save
+
+    g = torch.Generator().manual_seed(4)
+    n, d = 48, 16
+    enc_old, dec_old, enc_a, dec_a = (torch.randn(n, d, generator=g) for _ in range(4))
+    enc_b, dec_b = enc_a + 0.2 * torch.randn(n, d, generator=g), dec_a + 0.2 * torch.randn(n, d, generator=g)
+    enc_b[n // 2:], dec_b[n // 2:] = torch.randn(n // 2, d, generator=g), torch.randn(n // 2, d, generator=g)
+
+    def sparsify(enc, dec):
+        return {"layers.6/sae.safetensors": save({"encoder.weight": enc, "encoder.bias": torch.zeros(n),
+                                                  "W_dec": dec, "b_dec": torch.zeros(d)}),
+                "layers.6/cfg.json": json.dumps({"d_in": d, "num_latents": n, "k": 4}).encode()}
+
+    old, new = "a" * 40, "b" * 40
+    cache = tmp_path / "hub"
+    _hub_cache(cache, "org/sparsify-suite", old, sparsify(enc_old, dec_old), ref=None)
+    _hub_cache(cache, "org/sparsify-suite", new, sparsify(enc_a, dec_a))
+    _hub_cache(cache, "org/saelens-suite", "c" * 40, {
+        "blocks.6.hook_resid_post/sae_weights.safetensors": save({
+            "W_enc": enc_b.T.contiguous(), "b_enc": torch.zeros(n), "W_dec": dec_b, "b_dec": torch.zeros(d)}),
+        "blocks.6.hook_resid_post/cfg.json": json.dumps({"d_in": d, "d_sae": n}).encode(),
+        "blocks.6.hook_resid_post/weights.pt": b"not to be read"})
+
+    b = "hf://org/saelens-suite/blocks.6.hook_resid_post"
+    calls = [["hf://org/sparsify-suite/layers.6", b], [f"hf://org/sparsify-suite@{old}/layers.6", b],
+             ["hf://org/sparsify-suite/layers.7", b], ["hf://org", b]]
+    script = ("import contextlib, io, json, sys\nfrom orchestrator.cli import main\n"
+              "for a, b in json.loads(sys.argv[1]):\n"
+              "    out, err = io.StringIO(), io.StringIO()\n"
+              "    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):\n"
+              "        rc = main(['match', a, b, '--json'])\n"
+              "    print(json.dumps([rc, out.getvalue(), err.getvalue()]))\n")
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "home"),
+                        "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(calls)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("[")]
+    assert [r[0] for r in results] == [0, 0, 2, 2], results
+    for (rc, out, _), (enc, dec) in zip(results[:2], [(enc_a, dec_a), (enc_old, dec_old)]):
+        expected = match_pair(enc, dec, enc_b, dec_b).statistics()
+        got = json.loads(out)
+        assert set(got) == set(expected)
+        for key, value in expected.items():
+            assert got[key] == pytest.approx(value, abs=1e-6), key
+    assert json.loads(results[0][1])["shared_fraction"] > json.loads(results[1][1])["shared_fraction"]
+    assert "layers.7" in results[2][2]
+    assert "hf://owner/name" in results[3][2]

@@ -198,3 +198,159 @@ def test_cuda_matches_cpu():
     rng = np.random.default_rng(11)
     a, b = planted(rng, 700, 650, 64)
     check(a, b, k=4, block=256, device="cuda")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Precision: the error bounds, the pinned matmul settings, near-ties a low-precision pass cannot order
+
+
+def test_bf16_error_bound_covers_a_worst_case_that_2_pow_minus_9_does_not():
+    """Rows whose float32-normalised components all sit just past a bfloat16 rounding midpoint (powers of two over
+    sqrt(3.96875)): every component rounds by ~2^-8 relative in the same direction, so the bf16 cosine of the row
+    with itself is off by ~2 * 2^-8 before the output rounding. A bound built on 2^-9 per component (with the
+    output rounding and the float32 sum: ~0.0059) is exceeded; cosine_error_bound's is not."""
+    from actors.compare.sparse_matching import FORMATS, _block_matmul, cosine_error_bound, gamma
+
+    d = 64
+    x = torch.tensor([0.5] + [0.25] * 59 + [0.125] * 2 + [0.0] * 2)
+    x = torch.stack([x, -x.flip(0)])
+    ux = unit_rows(x)
+    exact = (x.double() @ x.double().T) / (x.double().norm(dim=1)[:, None] * x.double().norm(dim=1)[None, :])
+    got = _block_matmul(ux.bfloat16(), ux.bfloat16(), None).double()
+    observed = float((got - exact).abs().max())
+    assert observed <= cosine_error_bound(d, "bfloat16", "bfloat16")
+    half_ulp_bound = 2 * 2.0**-9 + 2.0**-9 + gamma(d, 2.0**-24)  # the derivation from 2^-9
+    assert observed > half_ulp_bound
+    assert FORMATS["bfloat16"][0] == 2.0**-8
+    # with float32 output (CUDA's out_dtype) the output rounding drops out of the bound
+    assert cosine_error_bound(d, "bfloat16", "float32") < cosine_error_bound(d, "bfloat16", "bfloat16")
+    # float32 bounds hold on random rows too, against float64
+    rng = np.random.default_rng(0)
+    a, b = gaussian(rng, 200, 768), gaussian(rng, 200, 768)
+    assert np.abs(cosine_matrix(a, b) - cosine64(a, b)).max() <= cosine_error_bound(768)
+
+
+def test_matmul_precision_pinned_inside_and_restored_after(monkeypatch):
+    """A caller that allows TF32 / bf16 float32 matmuls and reduced-precision reductions gets IEEE float32 inside
+    the matcher (what its error bounds assume) and its own settings back afterwards."""
+    import actors.compare.sparse_matching as sm
+
+    cuda, mkldnn = torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
+    knobs = lambda: (cuda.fp32_precision, mkldnn.fp32_precision, cuda.allow_fp16_reduced_precision_reduction,
+                     cuda.allow_bf16_reduced_precision_reduction)
+    before = knobs()
+    seen = []
+    real = sm.candidate_pass
+
+    def spy(*args, **kw):
+        seen.append(knobs())
+        return real(*args, **kw)
+
+    monkeypatch.setattr(sm, "candidate_pass", spy)
+    try:
+        torch.set_float32_matmul_precision("medium")  # TF32 on CUDA, bf16 passes in oneDNN
+        cuda.allow_fp16_reduced_precision_reduction = True
+        cuda.allow_bf16_reduced_precision_reduction = True
+        caller = knobs()
+        assert caller[:2] != ("ieee", "ieee")
+        rng = np.random.default_rng(1)
+        sm.sparse_max_weight_assignment(gaussian(rng, 50, 8), gaussian(rng, 50, 8), k=4, block=32)
+        assert seen == [("ieee", "ieee", False, False)]
+        assert knobs() == caller
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        cuda.fp32_precision, mkldnn.fp32_precision = before[:2]
+        cuda.allow_fp16_reduced_precision_reduction, cuda.allow_bf16_reduced_precision_reduction = before[2:]
+
+
+def near_tie_blocks(rng, n_blocks, d=32, eps=3e-3, n_noise=20):
+    """2x2 blocks a1, a2 = u +- eps p and b1, b2 = u +- eps q: all four cosines are 1 - O(eps^2), equal in bf16,
+    and whether the block's optimum is straight or crossed rests on the sign of p.q (weight differences ~1e-5)."""
+    a, b = [], []
+    for _ in range(n_blocks):
+        u, p, q = (torch.tensor(rng.normal(size=d), dtype=torch.float32) for _ in range(3))
+        u, p, q = u / u.norm(), p / p.norm(), q / q.norm()
+        a += [u + eps * p, u - eps * p]
+        b += [u + eps * q, u - eps * q]
+    a, b = torch.stack(a), torch.stack(b)
+    return torch.cat([a, gaussian(rng, n_noise, d)]), torch.cat([b, gaussian(rng, n_noise, d)])
+
+
+def cosine64(a, b) -> np.ndarray:
+    """float64 cosines of the rows (an independent reference: numpy, no float32 step)."""
+    x, y = a.double().numpy(), b.double().numpy()
+    return (x @ y.T) / (np.linalg.norm(x, axis=1)[:, None] * np.linalg.norm(y, axis=1)[None, :])
+
+
+def float64_optimum(a, b):
+    sim = cosine64(a, b)
+    rows, cols = linear_sum_assignment(sim, maximize=True)
+    partner = np.full(a.shape[0], UNMATCHED, dtype=np.int64)
+    partner[rows] = cols
+    return partner, sim
+
+
+@pytest.mark.parametrize("low_precision", [True, False])
+def test_near_ties_misordered_by_bf16_certified_to_the_float64_optimum(low_precision):
+    from actors.compare.sparse_matching import _build_candidates
+
+    rng = np.random.default_rng(12)
+    a, b = near_tie_blocks(rng, 16)
+    partner, sim = float64_optimum(a, b)
+    straight = partner[0:32:2] == np.arange(0, 32, 2)
+    assert straight.any() and not straight.all()  # both kinds of block occur
+    if low_precision:
+        # the bf16 pass cannot tell the four cosines of a block apart: its top-1 graph misses optimal edges
+        cand = _build_candidates(unit_rows(a), unit_rows(b), 1, 64, True)
+        have = set(zip(cand.rows.tolist(), cand.cols.tolist()))
+        assert any((i, int(partner[i])) not in have for i in range(32))
+    res = sparse_max_weight_assignment(a, b, k=1, block=64, low_precision=low_precision)
+    assert res.certified
+    np.testing.assert_array_equal(res.partner, partner)
+    np.testing.assert_allclose(res.cos, sim[np.arange(len(partner)), partner], rtol=0, atol=6e-8)  # float32 out
+
+
+def test_certificate_refuses_a_wrong_assignment_off_by_a_near_tie():
+    """Duals that prove a slightly worse assignment (one near-tie block crossed the wrong way, ~1e-5 lighter) on
+    its own edges fail the full check: the float32 pass with its error bound flags the pairs, float64 decides."""
+    from actors.compare.sparse_matching import ExactCosine, cosine_error_bound
+
+    rng = np.random.default_rng(13)
+    a, b = near_tie_blocks(rng, 4, n_noise=10)
+    partner, sim = float64_optimum(a, b)
+    wrong = partner.copy()
+    wrong[[0, 1]] = wrong[[1, 0]]
+    loss = sim[np.arange(len(partner)), partner].sum() - sim[np.arange(len(partner)), wrong].sum()
+    assert 0 < loss < 1e-3
+    n = len(partner)
+    scale = cost_scale(n)
+    exact = ExactCosine(a, b)
+    order = np.argsort(np.arange(n) * n + wrong)
+    rows, cols = np.arange(n)[order], wrong[order]
+    W = np.rint(exact(rows, cols) * scale).astype(np.int64)
+    U, V = matching_duals(n, n, rows, cols, W, wrong)  # optimal on its own edges, trivially
+    tol = exact.eps + 0.5 / scale
+    r, c, _, _ = dual_violations(unit_rows(a), unit_rows(b), U / scale, V / scale, tol, eps=cosine_error_bound(32))
+    w = exact(r, c)
+    violated = w > U[r] / scale + V[c] / scale + tol
+    assert violated.any()
+    assert {(0, partner[0]), (1, partner[1])} & set(zip(r[violated].tolist(), c[violated].tolist()))
+
+
+def test_ortools_solver_agrees_with_scipy_and_reports_infeasible_graphs():
+    from actors.compare.sparse_matching import _solve_scipy, solve_sparse
+
+    rng = np.random.default_rng(14)
+    n = 400
+    for density in (0.02, 0.1):
+        keys = np.unique(rng.integers(0, n * n, int(density * n * n)))
+        keys = np.union1d(keys, np.arange(n) * n + rng.permutation(n))  # a perfect matching exists
+        rows, cols = keys // n, keys % n
+        W = rng.integers(-10**7, 10**7, len(keys))
+        mate = solve_sparse(n, n, rows, cols, W)
+        ref = _solve_scipy(n, n, rows, cols, W)
+        weight = lambda m: W[np.searchsorted(keys, np.arange(n) * n + m)].sum()
+        assert len(np.unique(mate)) == n and np.all(np.isin(np.arange(n) * n + mate, keys))
+        assert weight(mate) == weight(ref)
+    # two rows whose only edges go to one column: no perfect matching
+    assert solve_sparse(3, 3, np.array([0, 1, 2]), np.array([0, 0, 1]), np.array([1, 2, 3])) is None

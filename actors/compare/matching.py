@@ -100,6 +100,9 @@ class PairMatch:
             "maxcos_shared_fraction": float(self.maxcos_shared.mean()),
             "mean_matched_cos_encoder": float(self.enc_cos[matched].mean()),
             "mean_matched_cos_decoder": float(self.dec_cos[self.dec_partner != UNMATCHED].mean()),
+            # Song et al. 2025's PW-MCC: mean signed decoder cosine under the max-weight 1:1 decoder assignment,
+            # over the matched pairs (docs/matching.md); the decoder matching above is exactly that assignment
+            "pw_mcc": float(self.dec_cos[self.dec_partner != UNMATCHED].mean()),
         }
 
     def extended_statistics(self) -> dict[str, float | int | bool]:

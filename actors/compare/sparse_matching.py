@@ -1,23 +1,27 @@
-"""Exact maximum-weight 1:1 assignment on cosine similarity without the dense n x n matrix.
+"""Exact maximum-weight 1:1 assignment on cosine similarity without the dense n x n matrix (docs/matching.md).
 
 The dense route (actors/compare/matching.py: cosine matrix + scipy's Hungarian) costs n^2 memory and n^3 time: hours and
 ~270 GB at 131K latents. Here (../shared/reference/matching-notes.md):
 
 1. One blocked pass over the cosine matrix keeps, for every row AND every column, its top-k entries (merged from the
    same blocks: a separate column pass over transposed blocks dominated the cost in the notes). Whatever a row's
-   heap did not keep is <= that row's bound (its k-th value, or a floor set from its first block), so after the
-   pass every pair is either a candidate edge with its float32 cosine or <= min(row bound, column bound).
-2. A sparse assignment solver (scipy's LAPJVsp, `min_weight_full_bipartite_matching`) on the candidate graph.
+   heap did not keep is <= that row's bound (its k-th value, or a floor set from its first block, plus the pass's
+   error bound), so after the pass every pair is either a candidate edge or <= min(row bound, column bound).
+2. A sparse assignment solver on the candidate graph: OR-tools' LinearSumAssignment on integer-scaled weights
+   (square), scipy's LAPJVsp (rectangular).
 3. An optimality certificate. From the sparse optimum we compute LP duals u (rows), v (columns) by longest paths on
    the residual graph: u_i + v_j >= w_ij on every candidate edge, equality on matched edges, v >= 0 and v = 0 on
-   unmatched columns. By LP duality the matching is optimal over the FULL matrix iff u_i + v_j >= w_ij for ALL
+   unmatched columns. By LP duality the matching is optimal over the FULL matrix iff u_i + v_j >= cos_ij for ALL
    pairs. Non-candidate pairs are checked through their bounds (an O(n log n) dominance test); only rows (or
-   columns) whose bounds cannot prove it are recomputed exactly in float32, blockwise. Violating pairs join the
-   candidate graph and we re-solve, until a round finds no violation.
+   columns) whose bounds cannot prove it are recomputed in float32, blockwise, and every pair the float32 value
+   cannot decide is re-scored in float64. Violating pairs join the candidate graph and we re-solve, until a round
+   finds no violation.
 
-`certified=True` means: u_i + v_j + tol >= cos_ij for every (i, j), so no assignment beats ours by more than
-n * tol (reported as `gap_bound`); tol (~1e-6) absorbs float32 round-off between blockings and the integer
-scaling of the solver's costs.
+Every comparison allows for the rounding of the values it compares (cosine_error_bound per precision, the float32
+duals, the integer scaling), and matched and nearly tight edges are re-scored in float64, so `certified=True` is a
+proof about the EXACT cosines of the float32 rows: cos_ij <= u_i + v_j + tol for every (i, j) and the matched
+pairs' weights are within tol of theirs, so no assignment beats ours by more than `gap_bound` = 2 n tol (tol ~
+0.5/scale, ~5e-8 at 131K latents).
 
 Rectangular inputs: the smaller side is matched completely (as scipy does); rows of the larger side are left
 UNMATCHED. Zero-norm rows have cosine 0 with everything (as actors/compare/matching.cosine_matrix).
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,19 +39,83 @@ import torch
 
 UNMATCHED = -1
 
-# |cos_bf16 - cos_fp32| for unit rows: both inputs rounded to bf16 (relative 2^-9 per component, so each rounded
-# row is within 2^-9 of the original in L2 norm: <= 2^-8 on the dot product by Cauchy-Schwarz), the bf16 output
-# rounded once more (<= 2^-9), float32 accumulation (<= d * 2^-24 ~ 5e-5 at d = 768). Sum ~0.006; 0.01 leaves margin.
-LOW_PRECISION_ERR = 0.01
-# Default tolerance of the certificate: float32 cosines of the same pair computed in different blockings (the pass,
-# a recheck) differ by ~1e-7. The solver's integer scaling adds 1/scale on top (see _certify).
-FP32_ERR = 1e-6
 # Extra pairs added when a row is recomputed exactly: those within this much of violating, so that the row's
 # remaining bound falls well below its dual and later rounds need not recompute it again.
 RECHECK_MARGIN = 0.02
 RECHECK_MAX_EXTRA = 256  # per recomputed row, at most this many near pairs are added
 MAX_ROUNDS = 50
 INT64_MAX = float(np.iinfo(np.int64).max)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 0. Precision: how far each computed cosine can be from the exact cosine of the float32 rows (docs/matching.md)
+
+U32, U64 = 2.0**-24, 2.0**-53
+# Per format: unit roundoff of round-to-nearest (2^-p for p significand bits, the implicit one included: bfloat16
+# has 8, so 2^-8) and the largest absolute error of a component that lands among the subnormals. TF32 is given
+# 2^-10, not 2^-11: some tensor-core paths truncate float32 inputs to TF32 rather than round them.
+FORMATS = {
+    "float32": (U32, 2.0**-150),
+    "tf32": (2.0**-10, 2.0**-150),
+    "bfloat16": (2.0**-8, 2.0**-134),
+    "float16": (2.0**-11, 2.0**-25),
+}
+
+
+def gamma(m: int, u: float) -> float:
+    """Higham's gamma_m = m u / (1 - m u): the relative error bound of m successive roundings."""
+    return m * u / (1 - m * u)
+
+
+def cosine_error_bound(d: int, inputs: str = "float32", output: str = "float32") -> float:
+    """Largest |computed - exact| for the cosine of two float32 rows of dimension d, computed as the matcher does:
+    each row scaled to unit norm in float32, rounded to `inputs`, products summed with float32 accumulation in any
+    order (reduced-precision reductions off), the result stored in `output`. Derivation in docs/matching.md."""
+    if inputs not in FORMATS or output not in FORMATS:
+        raise ValueError(f"precision must be one of {sorted(FORMATS)}")
+    u_in, tiny = FORMATS[inputs]
+    eta = gamma(d + 2, U32)  # each component of a float32-normalised row, relative to the exact unit row
+    e = (1 + eta) * (1 + (u_in if inputs != "float32" else 0.0)) - 1 + math.sqrt(d) * tiny  # ||x' - x|| for unit x
+    total = e * (2 + e) + gamma(d, U32) * (1 + e) ** 2  # the rounded rows' dot, then its float32 summation
+    if output != "float32":
+        u_out, tiny_out = FORMATS[output]
+        total += u_out * (1 + total) + tiny_out  # one more rounding of a number of magnitude <= 1 + total
+    return total
+
+
+def rescore_error_bound(d: int) -> float:
+    """|float64 cosine - exact| of two float32 rows: products exact in float64, sums and the two norms rounded."""
+    return gamma(2 * d + 8, U64)
+
+
+def _precision_knobs() -> list[tuple[object, str, object]]:
+    """(owner, attribute, value that pins full precision) for every switch that may lower the matmuls' precision.
+    torch >= 2.9 keeps the float32 precision per backend (`fp32_precision`; the legacy allow_tf32 and
+    set_float32_matmul_precision map onto it, and reading the legacy ones fails once backends disagree);
+    reduced-precision reductions of fp16/bf16 matmuls are separate flags."""
+    cuda = torch.backends.cuda.matmul
+    knobs: list[tuple[object, str, object]] = []
+    if hasattr(cuda, "fp32_precision"):
+        knobs += [(cuda, "fp32_precision", "ieee"), (torch.backends.mkldnn.matmul, "fp32_precision", "ieee")]
+    else:
+        knobs += [(cuda, "allow_tf32", False)]
+    return knobs + [(cuda, "allow_fp16_reduced_precision_reduction", False),
+                    (cuda, "allow_bf16_reduced_precision_reduction", False)]
+
+
+@contextmanager
+def pinned_matmul_precision():
+    """IEEE float32 matmuls (no TF32, no bf16 passes on CPUs that have them) and full-precision reductions of fp16/
+    bf16 matmuls inside the block: the error bounds above assume them. The caller's settings are restored after."""
+    knobs = _precision_knobs()
+    saved = [getattr(owner, name) for owner, name, _ in knobs]
+    try:
+        for owner, name, value in knobs:
+            setattr(owner, name, value)
+        yield
+    finally:
+        for (owner, name, _), value in zip(knobs, saved):
+            setattr(owner, name, value)
 
 
 @dataclass
@@ -79,18 +148,20 @@ def unit_rows(x: torch.Tensor, device="cpu") -> torch.Tensor:
 @dataclass
 class Candidates:
     """Sparse edges (sorted by row, then column) and bounds on everything else: for every pair (i, j) that is not an
-    edge, cos_ij <= min(row_bound[i], col_bound[j]). -inf means the row (column) has no non-edge pair."""
+    edge, its exact cosine is <= min(row_bound[i], col_bound[j]). -inf means the row (column) has no non-edge pair.
+    An edge's weight is its float64 cosine where `exact`, else a float32 one (off by <= cosine_error_bound(d))."""
 
     rows: np.ndarray  # int64
     cols: np.ndarray  # int64
-    w: np.ndarray  # float64 holding float32 cosines
+    w: np.ndarray  # float64
+    exact: np.ndarray  # bool: w was re-scored in float64
     row_bound: np.ndarray  # float64 [n_rows]
     col_bound: np.ndarray  # float64 [n_cols]
 
     def keys(self) -> np.ndarray:
         return self.rows * len(self.col_bound) + self.cols  # sorted
 
-    def add(self, rows, cols, w) -> "Candidates":
+    def add(self, rows, cols, w, exact: bool) -> "Candidates":
         """These edges too (those already present keep their weight); insertion, not a re-sort of everything."""
         keys = self.keys()
         new, first = np.unique(rows * len(self.col_bound) + cols, return_index=True)
@@ -98,11 +169,14 @@ class Candidates:
         fresh = keys[np.minimum(at, len(keys) - 1)] != new if len(keys) else np.ones(len(new), dtype=bool)
         keys = np.insert(keys, at[fresh], new[fresh])
         return Candidates(keys // len(self.col_bound), keys % len(self.col_bound),
-                          np.insert(self.w, at[fresh], w[first][fresh]), self.row_bound, self.col_bound)
+                          np.insert(self.w, at[fresh], w[first][fresh]),
+                          np.insert(self.exact, at[fresh], np.full(int(fresh.sum()), exact)),
+                          self.row_bound, self.col_bound)
 
     def transposed(self) -> "Candidates":
         order = np.argsort(self.cols * len(self.row_bound) + self.rows)
-        return Candidates(self.cols[order], self.rows[order], self.w[order], self.col_bound, self.row_bound)
+        return Candidates(self.cols[order], self.rows[order], self.w[order], self.exact[order], self.col_bound,
+                          self.row_bound)
 
 
 class _Heaps:
@@ -235,31 +309,69 @@ def _merge_rows_and_cols(s: torch.Tensor, rows: _Heaps, cols: _Heaps, r0: int, c
                  first=r0 == 0)
 
 
+def _float32_out(device) -> bool:
+    """Whether this device multiplies bf16 matrices straight into a float32 result (torch.mm's out_dtype: CUDA)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    if device not in _FLOAT32_OUT:
+        try:
+            x = torch.ones(2, 2, device=device, dtype=torch.bfloat16)
+            _FLOAT32_OUT[device] = torch.mm(x, x, out_dtype=torch.float32).dtype == torch.float32
+        except (RuntimeError, TypeError, NotImplementedError):
+            _FLOAT32_OUT[device] = False
+    return _FLOAT32_OUT[device]
+
+
+_FLOAT32_OUT: dict = {}
+
+
+def _block_matmul(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """float32 [len(x), len(y)] = x @ y.T; low-precision inputs accumulate in float32 and, where the device can,
+    are written out in float32; otherwise they come back in their own format (pass_precision says which)."""
+    if x.dtype == torch.float32:
+        if out is not None and out.shape == (len(x), len(y)):
+            return torch.mm(x, y.T, out=out)  # a reused buffer: no fresh page-faulted allocation per block
+        return x @ y.T
+    if _float32_out(x.device):
+        return torch.mm(x, y.T, out_dtype=torch.float32)
+    return (x @ y.T).float()
+
+
+def pass_precision(device, low_precision: bool) -> tuple[str, str]:
+    """(input format, output format) of the candidate pass's cosines on this device."""
+    if not low_precision:
+        return "float32", "float32"
+    return "bfloat16", ("float32" if _float32_out(device) else "bfloat16")
+
+
 def candidate_pass(ua: torch.Tensor, ub: torch.Tensor, k: int, block: int, low_precision: bool):
     """One blocked pass over ua @ ub.T: top-k per row and per column, both from the same blocks.
 
     Returns (rows, cols, values, row_bound, col_bound) as torch tensors, and the seconds spent in matmuls. Values
-    are bf16-accurate when low_precision (the caller re-scores them), and the bounds then include
-    LOW_PRECISION_ERR.
+    are accurate to cosine_error_bound of the pass's precision; the bounds include it, so they bound the EXACT
+    cosine of every pair left out. Run it under pinned_matmul_precision.
     """
     n_a, n_b = ua.shape[0], ub.shape[0]
     k_r, k_c = min(k, n_b), min(k, n_a)
     dev = ua.device
     rows, cols = _Heaps(n_a, k_r, n_b, dev), _Heaps(n_b, k_c, n_a, dev)
     xa, xb = (ua.bfloat16(), ub.bfloat16()) if low_precision else (ua, ub)
+    buf = torch.empty(min(block, n_a), min(block, n_b), device=dev)
     t_matmul = 0.0
     for r0 in range(0, n_a, block):
         for c0 in range(0, n_b, block):
             t = time.perf_counter()
-            s = (xa[r0:r0 + block] @ xb[c0:c0 + block].T).float()
+            s = _block_matmul(xa[r0:r0 + block], xb[c0:c0 + block], buf)
             t_matmul += time.perf_counter() - t  # (asynchronous on CUDA: only meaningful on CPU)
             _merge_rows_and_cols(s, rows, cols, r0, c0)
         rows.flush()  # these rows are complete
     cols.flush()
-    err = LOW_PRECISION_ERR if low_precision else 0.0
+    err = cosine_error_bound(ua.shape[1], *pass_precision(dev, low_precision))
     # a heap that holds the whole line (k >= its length, a single block, no floor) leaves nothing out: bound -inf
-    row_bound = rows.bound() + err if k_r < n_b else torch.full((n_a,), -math.inf, device=dev)
-    col_bound = cols.bound() + err if k_c < n_a else torch.full((n_b,), -math.inf, device=dev)
+    # (in float64: adding err in float32 could round the bound down)
+    row_bound = rows.bound().double() + err if k_r < n_b else torch.full((n_a,), -math.inf, device=dev).double()
+    col_bound = cols.bound().double() + err if k_c < n_a else torch.full((n_b,), -math.inf, device=dev).double()
     edge_rows = torch.cat([torch.arange(n_a, device=dev).repeat_interleave(k_r), cols.idx.flatten()])
     edge_cols = torch.cat([rows.idx.flatten(), torch.arange(n_b, device=dev).repeat_interleave(k_c)])
     vals = torch.cat([rows.val.flatten(), cols.val.flatten()])
@@ -267,7 +379,7 @@ def candidate_pass(ua: torch.Tensor, ub: torch.Tensor, k: int, block: int, low_p
     return edge_rows[kept], edge_cols[kept], vals[kept], row_bound, col_bound, t_matmul
 
 
-def pair_cos(ua: torch.Tensor, ub: torch.Tensor, rows: np.ndarray, cols: np.ndarray, chunk=1 << 18) -> np.ndarray:
+def pair_cos(ua: torch.Tensor, ub: torch.Tensor, rows: np.ndarray, cols: np.ndarray, chunk=1 << 15) -> np.ndarray:
     """float32 cosines of the given pairs (unit rows), gathered in chunks to bound memory."""
     out = np.empty(len(rows), dtype=np.float64)
     for s in range(0, len(rows), chunk):
@@ -277,6 +389,37 @@ def pair_cos(ua: torch.Tensor, ub: torch.Tensor, rows: np.ndarray, cols: np.ndar
     return out
 
 
+class ExactCosine:
+    """float64 cosines of chosen pairs of float32 rows (x, y [n, d]), accurate to rescore_error_bound(d): the
+    fallback wherever a low-precision value cannot decide."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x, self.y = x, y
+        self.inv_x, self.inv_y = (1.0 / t.double().norm(dim=1).clamp_min(1e-300) for t in (x, y))
+        self.eps = rescore_error_bound(x.shape[1])
+
+    def __call__(self, rows: np.ndarray, cols: np.ndarray, chunk: int = 1 << 13) -> np.ndarray:
+        out = np.empty(len(rows), dtype=np.float64)
+        cpu = self.x.device.type == "cpu"
+        if cpu:  # numpy: single-threaded gathers and one fused einsum beat a chain of small torch ops
+            x, y, inv_x, inv_y = self.x.numpy(), self.y.numpy(), self.inv_x.numpy(), self.inv_y.numpy()
+        for s in range(0, len(rows), chunk):
+            r, c = rows[s:s + chunk], cols[s:s + chunk]
+            if cpu:
+                dot = np.einsum("ij,ij->i", x[r].astype(np.float64), y[c].astype(np.float64))
+                out[s:s + chunk] = dot * inv_x[r] * inv_y[c]  # zero rows: 0 * 1e300 = 0
+            else:
+                r, c = (torch.from_numpy(i).to(self.x.device) for i in (r, c))
+                dot = (self.x[r].double() * self.y[c].double()).sum(1)
+                out[s:s + chunk] = (dot * self.inv_x[r] * self.inv_y[c]).cpu().numpy()
+        return out
+
+    def transposed(self) -> "ExactCosine":
+        t = ExactCosine.__new__(ExactCosine)
+        t.x, t.y, t.inv_x, t.inv_y, t.eps = self.y, self.x, self.inv_y, self.inv_x, self.eps
+        return t
+
+
 def _build_candidates(ua, ub, k, block, low_precision, timings=None) -> Candidates:
     rows, cols, vals, row_bound, col_bound, t_matmul = candidate_pass(ua, ub, k, block, low_precision)
     if timings is not None:
@@ -284,8 +427,10 @@ def _build_candidates(ua, ub, k, block, low_precision, timings=None) -> Candidat
     keys = (rows * ub.shape[0] + cols).cpu().numpy()
     keys, first = np.unique(keys, return_index=True)  # an entry kept by its row and by its column appears twice
     rows, cols = keys // ub.shape[0], keys % ub.shape[0]
+    # low-precision values are re-scored in float32, so that every edge is good to cosine_error_bound(d)
     w = pair_cos(ua, ub, rows, cols) if low_precision else vals.cpu().double().numpy()[first]
-    return Candidates(rows, cols, w, row_bound.cpu().double().numpy(), col_bound.cpu().double().numpy())
+    return Candidates(rows, cols, w, np.zeros(len(w), dtype=bool), row_bound.cpu().double().numpy(),
+                      col_bound.cpu().double().numpy())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -300,8 +445,26 @@ def cost_scale(n_nodes: int) -> float:
 
 def solve_sparse(n_rows: int, n_cols: int, rows: np.ndarray, cols: np.ndarray, W: np.ndarray) -> np.ndarray | None:
     """Maximum-weight assignment of every row on the edge list (integer weights W), or None if the edges admit no
-    row-perfect matching (n_rows <= n_cols). scipy's LAPJVsp solves the sparse problem directly, rectangular
-    included; it runs in-process without native aborts (an OR-tools CHECK failure killed a CI run)."""
+    row-perfect matching (n_rows <= n_cols).
+
+    Square problems go to OR-tools' cost-scaling LinearSumAssignment (15-100x faster than scipy's LAPJVsp on these
+    graphs, docs/matching.md); it reports an infeasible graph or a possible cost overflow as a status (checked, not
+    aborted on), and an overflow falls back to scipy. Rectangular ones (different widths) go to scipy, which
+    solves them directly."""
+    if n_rows == n_cols and len(W):
+        from ortools.graph.python import linear_sum_assignment as ortools_lsa
+
+        solver = ortools_lsa.SimpleLinearSumAssignment()
+        solver.add_arcs_with_cost(rows.astype(np.int64), cols.astype(np.int64), -W.astype(np.int64))
+        status = solver.solve()
+        if status == solver.INFEASIBLE:
+            return None
+        if status == solver.OPTIMAL:
+            return np.array([solver.right_mate(i) for i in range(n_rows)], dtype=np.int64)
+    return _solve_scipy(n_rows, n_cols, rows, cols, W)
+
+
+def _solve_scipy(n_rows, n_cols, rows, cols, W) -> np.ndarray | None:
     from scipy.sparse import csr_matrix
     from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
@@ -329,7 +492,7 @@ def _make_feasible(ua, ub, cand: Candidates) -> Candidates:
     used = np.zeros(n_cols, dtype=bool)
     used[mate[mate >= 0]] = True
     free_cols = np.flatnonzero(~used)[: len(free_rows)]
-    return cand.add(free_rows, free_cols, pair_cos(ua, ub, free_rows, free_cols))
+    return cand.add(free_rows, free_cols, pair_cos(ua, ub, free_rows, free_cols), exact=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -337,7 +500,8 @@ def _make_feasible(ua, ub, cand: Candidates) -> Candidates:
 
 
 def matching_duals(n_rows: int, n_cols: int, rows: np.ndarray, cols: np.ndarray, W: np.ndarray,
-                   partner: np.ndarray, start: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   partner: np.ndarray, start: np.ndarray | None = None,
+                   max_passes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Integer LP duals (U, V) that prove `partner` a maximum-weight row-perfect matching on the edge list
     (rows, cols, W sorted by row, then column).
 
@@ -346,7 +510,8 @@ def matching_duals(n_rows: int, n_cols: int, rows: np.ndarray, cols: np.ndarray,
     edge), by Bellman-Ford that only re-relaxes the edges of rows whose column moved. They exist (no positive
     cycle) exactly when the matching is optimal on these edges. From V = 0 the result is the least solution:
     V >= 0 and V = 0 on unmatched columns (a free column with V > 0 would end an improving path). `start` (square
-    problems only) warm-starts from an earlier solution: any fixpoint is a valid dual. Raises if not optimal.
+    problems only) warm-starts from an earlier solution: any fixpoint is a valid dual. Raises if not optimal, or
+    (RuntimeError too) if `max_passes` relaxation passes do not settle it.
     """
     keys = rows * n_cols + cols
     want = np.arange(n_rows) * n_cols + partner
@@ -360,7 +525,7 @@ def matching_duals(n_rows: int, n_cols: int, rows: np.ndarray, cols: np.ndarray,
     length = W - w_matched[rows]  # gain of moving row i from its partner to column j
     V = np.zeros(n_cols, dtype=np.int64) if start is None else start.astype(np.int64)
     active = np.arange(n_rows)  # rows whose partner's V moved: their edges are relaxed next
-    for _ in range(n_rows + 2):
+    for _ in range(n_rows + 2 if max_passes is None else min(max_passes, n_rows + 2)):
         starts, counts = indptr[active], indptr[active + 1] - indptr[active]
         edges = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
         reach = np.repeat(V[partner[active]], counts) + length[edges]
@@ -393,14 +558,19 @@ def flag_for_recheck(u, v, row_bound, col_bound, tol) -> np.ndarray:
 
 def dual_violations(ua: torch.Tensor, ub: torch.Tensor, u: np.ndarray, v: np.ndarray, tol: float,
                     rows: np.ndarray | None = None, block: int = 8192, margin: float = 0.0,
-                    skip: Candidates | None = None):
-    """Pairs (i, j) with cos_ij > u_i + v_j + tol - margin, computed exactly in float32, blockwise over every
-    column, for the given (sorted) rows of ua -- all rows by default. Also returns, per checked row, the largest
-    cosine among the pairs that neither qualify nor are edges of `skip` (a new bound for the row). With margin 0
-    and all rows this is the plain LP-dual feasibility check of the full matrix: no pair returned <=> optimal."""
+                    skip: Candidates | None = None, eps: float = 0.0):
+    """Pairs (i, j) whose float32 cosine exceeds u_i + v_j + tol - margin - eps, blockwise over every column, for
+    the given (sorted) rows of ua -- all rows by default; the threshold is lowered further by its own float32
+    rounding (the duals are float64). With eps = cosine_error_bound(d), every pair whose EXACT cosine exceeds
+    u_i + v_j + tol - margin is among those returned (with its float32 cosine; the caller re-scores them).
+    Also returns, per checked row, the largest float32 cosine among the pairs that are neither returned nor edges
+    of `skip` (plus eps, a bound on the row's remaining exact cosines)."""
     dev = ua.device
     rows = np.arange(ua.shape[0]) if rows is None else np.asarray(rows, dtype=np.int64)
     n_cols = ub.shape[0]
+    finite_u = np.abs(u[np.isfinite(u)])
+    magnitude = (finite_u.max() if len(finite_u) else 0.0) + (np.abs(v).max() if len(v) else 0.0) + abs(tol) + margin
+    lower = margin + eps + 6 * U32 * (magnitude + eps + 1)  # 5 float32 roundings of the threshold, with room
     vt = torch.from_numpy(np.asarray(v, dtype=np.float32)).to(dev)
     u32 = np.asarray(u, dtype=np.float32)
     out_r, out_c, out_w = [], [], []
@@ -409,8 +579,8 @@ def dual_violations(ua: torch.Tensor, ub: torch.Tensor, u: np.ndarray, v: np.nda
     for s in range(0, len(rows), step):
         rr = rows[s:s + step]
         x = ua[torch.from_numpy(rr).to(dev)]
-        thr_row = torch.from_numpy(u32[rr] + np.float32(tol - margin)).to(dev)
-        if skip is not None:  # edges are checked exactly elsewhere; they need no bound
+        thr_row = torch.from_numpy(u32[rr] + np.float32(tol - lower)).to(dev)
+        if skip is not None:  # edges are handled elsewhere; they need no bound
             lo, hi = np.searchsorted(skip.rows, [rr[0], rr[-1] + 1])
             er, ec = skip.rows[lo:hi], skip.cols[lo:hi]
             pos = np.searchsorted(rr, er)
@@ -429,28 +599,30 @@ def dual_violations(ua: torch.Tensor, ub: torch.Tensor, u: np.ndarray, v: np.nda
                 inside = (ec >= c0) & (ec < c1)
                 sim[torch.from_numpy(er[inside]).to(dev), torch.from_numpy(ec[inside] - c0).to(dev)] = -math.inf
             row_max = torch.maximum(row_max, sim.amax(1))
-        bound[s:s + step] = row_max.cpu().double().numpy()
+        bound[s:s + step] = row_max.cpu().double().numpy() + eps
     cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)
     return cat(out_r, np.int64), cat(out_c, np.int64), cat(out_w, np.float64), bound
 
 
-def _recheck(ux, uy, idx, pot_x, pot_y, cand: Candidates, tol, block):
-    """Recompute the flagged rows idx of ux exactly: violations and near pairs (the closest RECHECK_MAX_EXTRA per
-    row) become edges; the row's bound drops to the largest cosine left outside the edges."""
-    r, c, w, bound = dual_violations(ux, uy, pot_x, pot_y, tol, rows=idx, block=block, margin=RECHECK_MARGIN,
-                                     skip=cand)
-    n_violations = int(np.sum(w > pot_x[r] + pot_y[c] + tol))
-    slack = pot_x[r] + pot_y[c] - w
+def _recheck(ux, uy, exact: "ExactCosine", idx, pot_x, pot_y, cand: Candidates, tol, eps32, block):
+    """Recompute the flagged rows idx of ux: every pair that the float32 values cannot prove is re-scored in
+    float64; violations and near pairs (the closest RECHECK_MAX_EXTRA per row) become exact edges; the row's bound
+    drops to the largest cosine left outside the edges."""
+    r, c, _, bound = dual_violations(ux, uy, pot_x, pot_y, tol, rows=idx, block=block, margin=RECHECK_MARGIN,
+                                     skip=cand, eps=eps32)
+    w = exact(r, c)
+    slack = pot_x[r] + pot_y[c] + tol - (w + exact.eps)  # < 0: the exact cosine may exceed u + v + tol
+    n_violations = int(np.sum(slack < 0))
     order = np.lexsort((slack, r))  # per row, least slack first
     r, c, w, slack = r[order], c[order], w[order], slack[order]
     rank = np.arange(len(r)) - np.searchsorted(r, r)
-    keep = (rank < RECHECK_MAX_EXTRA) | (slack < -tol)  # every violation is kept
+    keep = (rank < RECHECK_MAX_EXTRA) | (slack < 0)  # every violation is kept
     row_bound = cand.row_bound.copy()
     row_bound[idx] = bound
     dropped = ~keep
     if dropped.any():  # near pairs over the cap stay outside: the bound must cover them
-        np.maximum.at(row_bound, r[dropped], w[dropped])
-    new = cand.add(r[keep], c[keep], w[keep])
+        np.maximum.at(row_bound, r[dropped], w[dropped] + exact.eps)
+    new = cand.add(r[keep], c[keep], w[keep], exact=True)
     new.row_bound = row_bound
     return new, n_violations
 
@@ -458,12 +630,17 @@ def _recheck(ux, uy, idx, pot_x, pot_y, cand: Candidates, tol, block):
 # ----------------------------------------------------------------------------------------------------------------
 # Driver
 
+F64_SLACK = 1e-12  # float64 rounding of the certificate's own sums and comparisons (|u|, |v| <~ 4)
 
-def _certify(ux, uy, cand: Candidates, tol, block, timings):
-    """Solve, prove, add violators, repeat. ux has no more rows than uy. Returns partner, cand, certified, rounds."""
+
+def _certify(ux, uy, exact: ExactCosine, cand: Candidates, eps32: float, block: int, timings: dict):
+    """Solve, prove, add violators, repeat. ux has no more rows than uy. Returns partner, cand, certified, rounds,
+    tol: when certified, exact cos_ij <= u_i + v_j + tol for every pair and the matched pairs' weights are float64."""
     n_rows, n_cols = ux.shape[0], uy.shape[0]
     scale = cost_scale(n_rows if n_rows == n_cols else n_rows + n_cols)
-    tol = tol + 1.0 / scale  # integer rounding of the weights (0.5/scale per edge) on top of float32 round-off
+    # integer rounding of the weights (0.5/scale per edge) and the float64 re-scoring's error
+    tol = exact.eps + 0.5 / scale + F64_SLACK
+    near = math.ceil(eps32 * scale) + 1  # an inexact edge with reduced cost (integer units) below this may matter
     V = None
     for rounds in range(1, MAX_ROUNDS + 1):
         t = time.perf_counter()
@@ -477,11 +654,34 @@ def _certify(ux, uy, cand: Candidates, tol, block, timings):
         t = time.perf_counter()
         # square: warm start from the last round's V (any fixpoint is a dual); rectangular needs the least one
         U, V = matching_duals(n_rows, n_cols, cand.rows, cand.cols, W, partner,
-                              start=V if rounds > 1 and n_rows == n_cols else None)
-        u, v = U / scale, V / scale
+                              start=V if V is not None and n_rows == n_cols else None)
         timings["duals"] = timings.get("duals", 0.0) + time.perf_counter() - t
-        # candidate edges: feasible by construction (integer duals), checked anyway in float
-        if not np.all(u[cand.rows] + v[cand.cols] + tol >= cand.w):
+        # float32-valued edges that are matched, or nearly tight, are re-scored in float64 and the problem re-solved:
+        # every other edge is dual feasible whatever its exact value
+        t = time.perf_counter()
+        unsure = np.flatnonzero(~cand.exact & (U[cand.rows] + V[cand.cols] - W < near))
+        if len(unsure):
+            cand.w[unsure] = exact(cand.rows[unsure], cand.cols[unsure])
+            cand.exact[unsure] = True
+            timings["rescored"] = timings.get("rescored", 0) + len(unsure)
+        timings["rescore"] = timings.get("rescore", 0.0) + time.perf_counter() - t
+        if len(unsure) and not np.array_equal(np.rint(cand.w[unsure] * scale).astype(np.int64), W[unsure]):
+            # some weight moved: the matching is often still optimal (the duals, warm-started, then exist), else
+            # it is re-solved on the new weights
+            W = np.rint(cand.w * scale).astype(np.int64)
+            t = time.perf_counter()
+            try:
+                U, V = matching_duals(n_rows, n_cols, cand.rows, cand.cols, W, partner,
+                                      start=V if n_rows == n_cols else None, max_passes=64)
+            except RuntimeError:
+                continue
+            finally:
+                timings["duals"] = timings.get("duals", 0.0) + time.perf_counter() - t
+            if np.any(~cand.exact & (U[cand.rows] + V[cand.cols] - W < near)):
+                continue  # new duals leave other float32 edges nearly tight: re-score those next round
+        u, v = U / scale, V / scale
+        err = np.where(cand.exact, exact.eps, eps32)
+        if not np.all(u[cand.rows] + v[cand.cols] + tol >= cand.w + err):  # by construction; checked anyway
             raise RuntimeError("dual infeasible on a candidate edge")
         t = time.perf_counter()
         flag_r = np.flatnonzero(flag_for_recheck(u, v, cand.row_bound, cand.col_bound, tol))
@@ -490,9 +690,10 @@ def _certify(ux, uy, cand: Candidates, tol, block, timings):
         if len(flag_r) == 0 or len(flag_c) == 0:
             n_violations = 0
         elif len(flag_r) <= len(flag_c):
-            cand, n_violations = _recheck(ux, uy, flag_r, u, v, cand, tol, block)
+            cand, n_violations = _recheck(ux, uy, exact, flag_r, u, v, cand, tol, eps32, block)
         else:
-            cand_t, n_violations = _recheck(uy, ux, flag_c, v, u, cand.transposed(), tol, block)
+            cand_t, n_violations = _recheck(uy, ux, exact.transposed(), flag_c, v, u, cand.transposed(), tol, eps32,
+                                            block)
             cand = cand_t.transposed()
         timings["recheck"] = timings.get("recheck", 0.0) + time.perf_counter() - t
         timings.setdefault("rechecked", []).append(int(min(len(flag_r), len(flag_c))))
@@ -502,53 +703,62 @@ def _certify(ux, uy, cand: Candidates, tol, block, timings):
 
 
 def sparse_max_weight_assignment(a: torch.Tensor, b: torch.Tensor, *, k: int = 64, block: int = 8192,
-                                 device: str = "cpu", low_precision: bool | None = None,
-                                 tol: float = FP32_ERR) -> SparseAssignment:
+                                 device: str = "cpu", low_precision: bool = False) -> SparseAssignment:
     """Exact maximum-weight 1:1 assignment of the rows of a [n_a, d] to the rows of b [n_b, d] by cosine.
 
     Same result as actors/compare/matching.max_weight_assignment(cosine_matrix(a, b)) (up to exact ties), with the
     optimality certificate recorded. `low_precision`: candidate pass in bf16 (edges re-scored in float32, bounds
-    widened by LOW_PRECISION_ERR); None picks it on CUDA only -- on CPUs without AVX512-BF16/AMX (this one) a
-    bf16 matmul runs ~7x slower than float32.
+    widened by its error bound, ~8e-3 against float32's 1.4e-4). Off by default: on CPUs without AVX512-BF16/AMX
+    (this one) a bf16 matmul runs ~7x slower than float32, and on a GPU the float32 pass over a 131K pair is
+    about a second, so the wider bounds (more rows rechecked) would cost more than bf16 saves. Matmul precision is
+    pinned (no TF32, no reduced-precision reductions) for the duration of the call and restored after.
     """
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"rows of different dimension: {a.shape[1]} vs {b.shape[1]}")
     if block < k:
         raise ValueError("block must be at least k")
-    if low_precision is None:
-        low_precision = torch.device(device).type == "cuda"
+    with pinned_matmul_precision():
+        return _sparse_assignment(a, b, k, block, device, low_precision)
+
+
+def _sparse_assignment(a, b, k, block, device, low_precision) -> SparseAssignment:
     timings: dict = {}
     n_a, n_b = a.shape[0], b.shape[0]
     if n_a == 0 or n_b == 0:
         nan = np.full(n_a, np.nan, dtype=np.float32)
         return SparseAssignment(np.full(n_a, UNMATCHED, dtype=np.int64), nan, nan.copy(), True, 0, 0.0)
     t = time.perf_counter()
+    a, b = (x.to(device=device, dtype=torch.float32) for x in (a, b))
     ua, ub = unit_rows(a, device), unit_rows(b, device)
+    exact = ExactCosine(a, b)
+    eps32 = cosine_error_bound(a.shape[1])
     cand = _build_candidates(ua, ub, k, block, low_precision, timings)
     timings["candidates"] = time.perf_counter() - t
 
-    # max-cosine baseline: the best edge of a row is its true max unless the row's bound could exceed it
+    # max-cosine baseline: the best edge of a row is its max unless the row's bound could exceed it
     t = time.perf_counter()
     max_cos = np.maximum.reduceat(cand.w, np.searchsorted(cand.rows, np.arange(n_a)))  # every row has edges
     unsure = np.flatnonzero(max_cos < cand.row_bound)
     if len(unsure):
-        _, _, _, exact = dual_violations(ua, ub, np.full(n_a, np.inf), np.zeros(n_b), 0.0, rows=unsure, block=block)
-        max_cos[unsure] = exact
+        _, _, _, row_max = dual_violations(ua, ub, np.full(n_a, np.inf), np.zeros(n_b), 0.0, rows=unsure,
+                                           block=block)
+        max_cos[unsure] = row_max
     timings["max_cos"] = time.perf_counter() - t
 
     if n_a <= n_b:
-        partner, cand, certified, rounds, tol = _certify(ua, ub, cand, tol, block, timings)
+        partner, cand, certified, rounds, tol = _certify(ua, ub, exact, cand, eps32, block, timings)
     else:  # match every column of the narrower side; rows of a left over stay UNMATCHED
-        col_partner, cand_t, certified, rounds, tol = _certify(ub, ua, cand.transposed(), tol, block, timings)
+        col_partner, cand_t, certified, rounds, tol = _certify(ub, ua, exact.transposed(), cand.transposed(), eps32,
+                                                               block, timings)
         cand = cand_t.transposed()
         partner = np.full(n_a, UNMATCHED, dtype=np.int64)
         partner[col_partner] = np.arange(n_b)
 
     matched = partner != UNMATCHED
-    keys = cand.keys()
+    w = cand.w[np.searchsorted(cand.keys(), np.flatnonzero(matched) * n_b + partner[matched])]
     cos = np.full(n_a, np.nan, dtype=np.float32)
-    cos[matched] = cand.w[np.searchsorted(keys, np.flatnonzero(matched) * n_b + partner[matched])]
-    total = float(cand.w[np.searchsorted(keys, np.flatnonzero(matched) * n_b + partner[matched])].sum())
+    cos[matched] = w
+    # gap: every pair within tol of its duals, every matched weight within tol of its exact cosine
     return SparseAssignment(partner=partner, cos=cos, max_cos=max_cos.astype(np.float32), certified=certified,
-                            rounds=rounds, total_weight=total, gap_bound=min(n_a, n_b) * tol,
+                            rounds=rounds, total_weight=float(w.sum()), gap_bound=min(n_a, n_b) * 2 * tol,
                             n_edges=len(cand.rows), timings=timings)

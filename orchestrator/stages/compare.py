@@ -211,7 +211,8 @@ def run_compare(cfg: ExperimentConfig, train_manifest: dict) -> dict:
             "shared_mean": float(off.mean()) if off.size else float("nan"),
             "shared_std": float(off.std()) if off.size else float("nan"),
             "pair_means": {k: float(np.mean([r["stats"][k] for r in conf_results])) if conf_results else float("nan")
-                           for k in ("equal_fraction", "decoder_shared_fraction", "maxcos_shared_fraction")},
+                           for k in ("equal_fraction", "decoder_shared_fraction", "maxcos_shared_fraction",
+                                     "pw_mcc")},
             "certified": all(r["stats"]["certified"] for r in conf_results),
             "ground_truth": truth,
             "chance": chance.get(conf, {}),
