@@ -64,8 +64,7 @@ class RemoteProgress:
         self.pending, self.last = 0, time.monotonic()
 
     def close(self) -> None:
-        # Waits for the last addition: the driver reads the totals once the work returns, and a call still in
-        # flight would be missing from them.
-        if self.pending:
-            ray.get(self.counter.add.remote(done=self.pending))
+        # Waits for this call, and so for every earlier one (an actor runs one caller's calls in order): the driver
+        # reads the totals once the work returns, and a call still in flight would be missing from them.
+        ray.get(self.counter.add.remote(done=self.pending))
         self.pending = 0
