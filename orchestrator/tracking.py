@@ -286,7 +286,7 @@ class ExperimentTracker:
         were open before (the L1 coefficient steered to a target L0, at its final value)."""
         saved = json.loads((Path(sae["path"]) / "cfg.json").read_text())
         params = {"lr": saved["lr"], "tokens": sae["metrics"]["train_tokens"]}
-        params |= {k: _value(saved["params"].get(k)) for k, v in sae["params"].items() if v is None}
+        params |= {k: _value(saved["params"].get(k)) for k, v in sae["params"].items() if v is None and k != "lr"}
         return [Param(k, str(v)) for k, v in params.items()]
 
     def _per_configuration(self, train_manifest: dict, confs: dict, now: int) -> list[Metric]:

@@ -21,6 +21,9 @@ from .conftest import REPO, TINY
 
 ARCHITECTURES = "sae.architectures=[{name: topk, k: 4}, {name: relu_l1, target_l0: 8}]"
 
+# tiny.yaml generates 16,384 tokens; an eighth of them (at most train.eval_tokens) is held out for evaluation.
+TRAIN_TOKENS = 16384 - 16384 // 8
+
 
 @pytest.fixture(scope="module")
 def views_run(ray_local, tmp_path_factory):
@@ -62,7 +65,7 @@ def test_no_parameter_is_left_unresolved(views_run):
         assert not unresolved, (run.info.run_name, unresolved)
     # The effective learning rate and training tokens are on every child.
     for run in children:
-        assert float(run.data.params["lr"]) > 0 and int(run.data.params["tokens"]) == 16384
+        assert float(run.data.params["lr"]) > 0 and int(run.data.params["tokens"]) == TRAIN_TOKENS
 
 
 def test_one_name_per_quantity(views_run):
@@ -123,11 +126,11 @@ def test_training_curves_are_stepped_by_tokens(views_run):
     for run in children:
         for key in ("train/fvu", "train/l0"):
             steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
-            assert steps[-1] == int(run.data.params["tokens"]) == 16384
+            assert steps[-1] == int(run.data.params["tokens"]) == TRAIN_TOKENS
             assert all(s % cfg.train.batch_size == 0 for s in steps) and len(steps) >= 2
         assert "train/loss" not in run.data.metrics  # not comparable across architectures: `train/objective`
         through = [m.step for m in client.get_metric_history(run.info.run_id, "shared_fraction_vs_tokens")]
-        assert max(through) == 16384  # the same unit as the training curves
+        assert max(through) == TRAIN_TOKENS  # the same unit as the training curves
 
 
 def test_preset_view_names_existing_columns(views_run):

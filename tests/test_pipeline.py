@@ -70,7 +70,7 @@ def test_parent_overlap_equals_cli_match(tiny_run, capsys):
         cli = json.loads(capsys.readouterr().out)
         assert set(cli) == {"n_latents_a", "n_latents_b", "threshold", "shared_fraction", "equal_fraction",
                             "decoder_shared_fraction", "maxcos_shared_fraction", "mean_matched_cos_encoder",
-                            "mean_matched_cos_decoder"}
+                            "mean_matched_cos_decoder", "pw_mcc"}
         for key, value in cli.items():
             assert row[key] == pytest.approx(value, abs=1e-9), key
 

@@ -104,7 +104,8 @@ def _dense_topk_loss(sae, x, dead, nested_sizes=None):
         k_aux = min(sae.d_in // 2, num_dead)
         v, i = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)
         residual_hat = torch.zeros_like(pre).scatter(-1, i, v) @ sae.W_dec
-        aux = fraction_of_variance_unexplained(x - x_hat.detach(), residual_hat)
+        # As sparsify divides it: the residual's squared error over the input's total variance.
+        aux = (x - x_hat.detach() - residual_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
         loss = loss + sae.params.auxk_alpha * min(num_dead / (sae.d_in // 2), 1.0) * aux
     return loss, z
 
