@@ -286,6 +286,7 @@ def test_damaged_shard_mid_training_fails_once_naming_the_file_and_the_remedy(fi
     assert [sha256(out / "activations" / s["path"]) for s in entry["shards"]] == [s["sha256"] for s in entry["shards"]]
 
 
+@pytest.mark.slow  # multi-minute: run by CI's slow set (scripts/test.sh -m slow)
 def test_a_moved_output_folder_reads_its_own_files(finished, tmp_path):
     """Last in this module: it moves the shared run away, so a run that still read the original would fail."""
     from orchestrator.pipeline import run_experiment

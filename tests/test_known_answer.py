@@ -192,6 +192,7 @@ def planted_config(out, **planted):
             "train": {"batch_size": 64}}
 
 
+@pytest.mark.slow  # multi-minute: run by CI's slow set (scripts/test.sh -m slow)
 def test_planted_source_resumes_after_killed_actor_and_killed_driver_with_identical_checksums(ray_local, tmp_path):
     from .test_generate import _driver
 

@@ -42,6 +42,7 @@ def test_the_new_architecture_trains_as_a_stack_of_seeds(new_architecture):
     assert all(np.isfinite(losses)) and all(torch.isfinite(h).all() for h in x_hat)
 
 
+@pytest.mark.slow  # multi-minute: run by CI's slow set (scripts/test.sh -m slow)
 def test_the_new_architecture_runs_through_the_pipeline(ray_local, tmp_path, new_architecture):
     TopKMSESAE = new_architecture
     from actors.store.checkpoint import load_sae
@@ -62,7 +63,7 @@ def test_the_new_architecture_runs_through_the_pipeline(ray_local, tmp_path, new
     [row] = result["summary"].to_dict("records")
     assert row["seeds"] == 2 and row["l0"] == 4.0
     # Saved with its own name, loaded back as itself, and exported in sparsify's layout (TopK at inference).
-    folder = saes[0]["path"]
+    folder = tmp_path / "out" / saes[0]["path"]  # the manifest records paths relative to the output folder
     sae = load_sae(folder)
     assert type(sae) is TopKMSESAE
     exported = load_sae(export_sae(folder, "sparsify", tmp_path / "exported"))

@@ -14,6 +14,9 @@ from mlflow.tracking import MlflowClient
 from orchestrator.config import load_config
 from orchestrator.pipeline import run_experiment
 
+# Two tiny runs: outside the default suite, run by CI's slow set (scripts/test.sh -m slow).
+pytestmark = pytest.mark.slow
+
 from .conftest import TINY
 
 
