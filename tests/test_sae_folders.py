@@ -217,9 +217,13 @@ def test_written_files_get_the_mode_a_plain_open_would(tmp_path, umask, mask):
     writer.write(table)
     writer.commit()
     store.write_json("shards/shard-00000.json", {"rows": 8})
-    files = [*folder.iterdir(), *export.iterdir(), *(tmp_path / "activations").rglob("*.*")]
+    from actors.train.train_state import write_training_state
+
+    write_training_state(tmp_path / "state", {"sae0": ({"w": torch.ones(2)}, {"step": 1})})
+    files = [*folder.iterdir(), *export.iterdir(), *(tmp_path / "activations").rglob("*.*"),
+             *(tmp_path / "state").rglob("*.*")]
     assert {p.name for p in files} >= {"sae.safetensors", "cfg.json", "checksums.json", "metrics.json",
-                                       "shard-00000.parquet", "shard-00000.json"}
+                                       "shard-00000.parquet", "shard-00000.json", "state.safetensors"}
     expected = 0o666 & ~mask
     assert {p.relative_to(tmp_path): oct(stat.S_IMODE(p.stat().st_mode)) for p in files if p.is_file()} == \
         {p.relative_to(tmp_path): oct(expected) for p in files if p.is_file()}

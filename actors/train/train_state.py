@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from ..store.checkpoint import replace_folder, temporary_folder
+from ..store.checkpoint import replace_folder, save_safetensors, temporary_folder
 
 STATE_TENSORS = "state.safetensors"
 STATE_META = "state.json"
@@ -70,7 +70,7 @@ def write_training_state(folder: Path, states: dict[str, SAEState]) -> None:
     try:
         for key, (tensors, meta) in states.items():
             (tmp / key).mkdir()
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / key / STATE_TENSORS))
+            save_safetensors(tensors, tmp / key / STATE_TENSORS)  # the umask's mode, not safetensors' 0600
             (tmp / key / STATE_META).write_text(json.dumps(meta, sort_keys=True))
         replace_folder(tmp, folder)
     except BaseException:
