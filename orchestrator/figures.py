@@ -13,6 +13,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+# A run's figures (a few per configuration) are made together, logged, then closed: not a leak to warn about.
+plt.rcParams["figure.max_open_warning"] = 0
 import numpy as np  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 

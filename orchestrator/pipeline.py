@@ -104,8 +104,9 @@ def summary_notes(cfg: ExperimentConfig, train_manifest: dict, compare: dict) ->
     if model_hookpoints and (cfg.model.build is not None or cfg.model.random_init_seed is not None):
         notes.append(f"{', '.join(model_hookpoints)}: activations of a RANDOMLY INITIALISED model. This is a pipeline "
                      "check (HF model, hooks, shards, training, matching), not a finding: such activations have no "
-                     "sparse structure, so the shared fraction is expected near chance (the chance column: "
-                     "init/rotation = two untrained SAEs / trained SAEs under a random rotation).")
+                     "sparse feature structure, so whatever seeds share there is no evidence of features (TopK "
+                     "shares about chance; compare with the chance column: init/rotation = two untrained SAEs / "
+                     "trained SAEs under a random rotation).")
     for h in sorted(truths):
         notes.append(f"{h}: planted features with a known answer (docs/known-answer.md); recovered = fraction of true "
                      "features some latent matches (decoder cos > "

@@ -47,9 +47,10 @@ class SAEConfiguration:
         return describe(self.point.architecture, dict(self.point.params), self.point.width)
 
     def run_name(self, seed: int, with_hookpoint: bool = False) -> str:
-        """MLflow child run name, varying part first, e.g. `topk k16 · 512 · seed 0`."""
-        return " · ".join([short_name(self.point.architecture, dict(self.point.params), self.point.width)]
-                          + ([self.hookpoint] if with_hookpoint else []) + [f"seed {seed}"])
+        """MLflow child run name, varying part first, e.g. `topk k16 · 512 · seed 0` (then the hookpoint when the
+        experiment has several: it is long, and the table cuts names short)."""
+        return " · ".join([short_name(self.point.architecture, dict(self.point.params), self.point.width),
+                           f"seed {seed}"] + ([self.hookpoint] if with_hookpoint else []))
 
     def sae_path(self, seed: int) -> Path:
         # sparsify's layout: one folder per hookpoint inside a run folder, one run folder per seed.

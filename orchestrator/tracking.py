@@ -206,7 +206,8 @@ class ExperimentTracker:
                 run = self.client.create_run(
                     self.experiment_id, run_name=c.run_name(seed, several_hookpoints),
                     tags=self.tags | {"mlflow.parentRunId": self.parent_id, "hookpoint": c.hookpoint,
-                                      "configuration": c.title, "sae_seeds.configuration": c.name})
+                                      "configuration": f"{c.hookpoint}: {c.title}" if several_hookpoints else c.title,
+                                      "sae_seeds.configuration": c.name})
                 values = dict(c.point.params)
                 # Hyper-parameters still open (a coefficient steered to a target L0) are logged after training,
                 # at the value the SAE was trained with.

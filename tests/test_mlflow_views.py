@@ -171,7 +171,7 @@ def test_labels_are_plain_words_and_run_names_lead_with_what_differs():
     assert describe("topk", {"k": 16, "auxk_alpha": 0.0}, 512) == "TopK, k 16, 512 latents"
     c = SAEConfiguration("gpt_neox.layers.1.mlp", GridPoint("topk", (("auxk_alpha", 0.0), ("k", 16)), 512), [0], REPO)
     assert c.run_name(0) == "topk k16 · 512 · seed 0"
-    assert c.run_name(3, with_hookpoint=True) == "topk k16 · 512 · gpt_neox.layers.1.mlp · seed 3"
+    assert c.run_name(3, with_hookpoint=True) == "topk k16 · 512 · seed 3 · gpt_neox.layers.1.mlp"
 
 
 def test_figures_read_without_help():
