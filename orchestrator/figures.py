@@ -88,7 +88,8 @@ def shared_vs_width(configurations: dict) -> plt.Figure:
     panels: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for c in configurations.values():
         panels[c["architecture"]][_label(c, several, width=False)].append(c)
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 5.5), sharey=True, squeeze=False,
+                             layout="constrained")
     for ax, (arch, lines) in zip(axes[0], sorted(panels.items())):
         for (label, confs), style in zip(sorted(lines.items()), _styles()):
             confs = sorted(confs, key=lambda c: c["width"])
@@ -96,8 +97,8 @@ def shared_vs_width(configurations: dict) -> plt.Figure:
             line = ax.errorbar(w, [c["shared_mean"] for c in confs], yerr=[c["shared_std"] for c in confs],
                                capsize=3, label=label, **style)
             color = line[0].get_color()
-            for key, words, ls in (("rotation_shared", "chance: B randomly rotated", ":"),
-                                   ("init_shared", "chance: both at initialisation", (0, (1, 3)))):
+            for key, words, ls in (("rotation_shared", "chance (B rotated)", ":"),
+                                   ("init_shared", "chance (at initialisation)", (0, (1, 3)))):
                 pts = [(c["width"], c["chance"][key]) for c in confs if c.get("chance", {}).get(key) is not None]
                 if pts:
                     ax.plot(*zip(*pts), ls=ls, color=color, marker="x", ms=5, label=f"{label}, {words}")
@@ -108,10 +109,9 @@ def shared_vs_width(configurations: dict) -> plt.Figure:
         ax.set_xlabel("latents (width)")
         ax.set_title(architecture_title(arch), fontsize=10)
         ax.set_ylim(-0.02, 1.02)
-        ax.legend(loc="best", **LEGEND)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), **LEGEND)  # below the panel: lines stay visible
     axes[0][0].set_ylabel("fraction of latents shared\n(mean ± std over seed pairs)")
     fig.suptitle("How many latents do two seeds share, by width?", fontsize=11)
-    fig.tight_layout()
     return fig
 
 
