@@ -31,7 +31,7 @@ def planted_data(n_rows, d=32, n_features=48, active=3, seed=0):
 
 def held_out(x, eval_tokens=HP["eval_tokens"]):
     """The rows train_saes evaluates on: the tail it holds out (actors/train/data.py)."""
-    from actors.train.data import held_out_rows
+    from actors.store.shards import held_out_rows
 
     return x[len(x) - held_out_rows(len(x), eval_tokens):]
 

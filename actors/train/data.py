@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ..store.shards import held_out_rows, read_activations  # noqa: F401 (held_out_rows: re-exported)
+from ..store.shards import read_activations
 from ..store.storage import ActivationStore
 
 

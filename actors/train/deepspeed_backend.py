@@ -34,9 +34,9 @@ import torch
 from ..sae import ARCHITECTURES, SparseAutoencoder, import_architecture_modules
 from ..sae.base import batch_variance_total
 from ..store.checkpoint import checkpoint_folder, is_trained
-from .data import ActivationStream
+from ..store.shards import held_out_rows
+from .data import ActivationStream, split_held_out
 from .lm_eval import spliced_lm_metrics
-from .data import held_out_rows, split_held_out
 from .training import SAETrainer, build_trainer, held_out_set, lm_eval_inputs, save_trained
 
 log = logging.getLogger(__name__)

@@ -21,9 +21,10 @@ import torch
 
 from ..sae import ARCHITECTURES, SparseAutoencoder
 from ..store.checkpoint import checkpoint_folder, dead_latents, save_sae_folder
+from ..store.shards import held_out_rows
 from ..store.storage import ActivationStore
 from .calibration import SparsityTargets, calibrate_l1_coefficient, is_steered, steering_seed
-from .data import ActivationStream, held_out_rows, read_rows, split_held_out
+from .data import ActivationStream, read_rows, split_held_out
 from .lm_eval import spliced_lm_metrics
 from .stacked import group_trainers
 from .train_state import SAEState, state_key, write_training_state

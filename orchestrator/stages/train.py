@@ -20,10 +20,10 @@ from typing import Iterable
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
-from actors.train.calibration import is_steered
 from actors.store.checkpoint import METRICS, checkpoint_folder, is_trained, training_state, write_json_atomic
+from actors.store.shards import held_out_rows
+from actors.train.calibration import is_steered
 from actors.train.deepspeed_backend import train_loop_per_worker as deepspeed_train_loop
-from actors.train.data import held_out_rows
 from actors.train.stacked import split_seeds
 from actors.train.worker import train_loop_per_worker
 
