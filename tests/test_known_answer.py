@@ -218,7 +218,7 @@ def test_planted_source_resumes_after_killed_actor_and_killed_driver_with_identi
     data = planted_config(tmp_path / "actor")
     proc = _driver(data, address, {"point": "planted_files_written", "shard": 2, "action": "exit",
                                    "marker": str(tmp_path / "actor-fault")})
-    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    assert proc.wait(timeout=300) == 0, proc.log_tail()
     assert (tmp_path / "actor-fault").exists()
     again = ActivationStore(tmp_path / "actor" / "activations").read_json("manifest.json")
     assert [s["sha256"] for s in again["hookpoints"]["planted"]["shards"]] == sums
@@ -230,7 +230,7 @@ def test_planted_source_resumes_after_killed_actor_and_killed_driver_with_identi
     deadline = time.time() + 300
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.5)
-    assert marker.exists(), proc.stderr.read()[-3000:] if proc.poll() is not None else "fault never fired"
+    assert marker.exists(), proc.log_tail() if proc.poll() is not None else "fault never fired"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     store = ActivationStore(tmp_path / "driver" / "activations")
