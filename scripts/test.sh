@@ -11,4 +11,4 @@ pip install -q -c constraints.txt -e '.[test,interop]'
 if [ $# -eq 0 ]; then
     set -- -m "not slow"
 fi
-exec python -m pytest -q "$@"
+exec python -m pytest -q --durations=15 "$@"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import re
 
+import pytest
+
 import ray
 from tqdm.auto import tqdm
 
@@ -47,6 +49,7 @@ FORWARDED_BAR = re.compile(r"\(\w*\s*pid=\d+\).*\d+%\|")
 STATUS_BLOCK = re.compile(r"Running Dataset|Total Progress|Active & requested resources|Execution plan of Dataset")
 
 
+@pytest.mark.slow  # a whole CLI run in a subprocess (~2 min): run by CI's slow set (scripts/test.sh -m slow)
 def test_a_quiet_run_prints_progress_lines_and_the_summary(tmp_path):
     """The CLI at default verbosity: no Ray INFO lines, no Ray Data status blocks, no worker progress bars
     forwarded through Ray's logs, a few dozen lines in all; --verbose brings Ray's own lines back."""
