@@ -51,10 +51,11 @@ class LocalCluster:
         ports = [f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
                  f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
                  f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
-        self.procs[name] = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
-             "--object-store-memory=100000000", f"--temp-dir={self.temp / name}", *ports, *args],
-            env=self.env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with open(self.temp / f"{name}.log", "w") as log:
+            self.procs[name] = subprocess.Popen(
+                [str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+                 "--object-store-memory=100000000", f"--temp-dir={self.temp / name}", *ports, *args],
+                env=self.env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
 
     def start_head(self, num_cpus: int = 0) -> None:
         """The head; with the default `num_cpus=0` no task or actor is scheduled on it."""
@@ -82,8 +83,13 @@ class LocalCluster:
                     return
             except Exception:  # not answering yet
                 pass
-            if time.time() > deadline or any(p.poll() is not None for p in self.procs.values()):
-                raise RuntimeError(f"{what} did not come up")
+            exited = [name for name, p in self.procs.items() if p.poll() is not None]
+            if exited:
+                tail = (self.temp / f"{exited[0]}.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"{what} did not come up: `ray start` of {exited} exited; {exited[0]}'s output:\n"
+                                   f"{tail}")
+            if time.time() > deadline:
+                raise RuntimeError(f"{what} did not come up within {timeout:.0f} s")
             time.sleep(1)
 
     def node_ids(self) -> dict[str, str]:

@@ -247,7 +247,10 @@ def _driver(cfg_data: dict, address: str, fault: dict | None = None) -> DriverPr
             "ray.init(address=sys.argv[1], runtime_env={'env_vars': env, 'worker_process_setup_hook':\n"
             "         'tests.fault_hooks.install'}, log_to_driver=False)\n"
             "run_generate(parse_config(json.loads(sys.stdin.read())))\n")
-    env_vars = {"SAE_SEEDS_FAULT": json.dumps(fault)} if fault else {}
+    # The setup hook is imported when a worker process starts, before Ray adds the driver's directories to its
+    # sys.path: PYTHONPATH is what makes `tests.fault_hooks` importable there (without it every worker of the job
+    # fails to start and the actor pool waits for ever).
+    env_vars = {"PYTHONPATH": str(REPO)} | ({"SAE_SEEDS_FAULT": json.dumps(fault)} if fault else {})
     log_path = Path(cfg_data["output_dir"]).with_name(Path(cfg_data["output_dir"]).name + "-driver.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     proc = DriverProcess([sys.executable, "-c", code, address, json.dumps(env_vars)], log_path, cwd=REPO,

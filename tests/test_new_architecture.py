@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import ray
 import torch
 
 from actors.sae import ARCHITECTURES
@@ -69,3 +70,34 @@ def test_the_new_architecture_runs_through_the_pipeline(ray_local, tmp_path, new
     exported = load_sae(export_sae(folder, "sparsify", tmp_path / "exported"))
     x = torch.randn(32, sae.d_in)
     torch.testing.assert_close(exported.activations(x), sae.activations(x))
+
+
+def test_compare_tasks_see_architectures_registered_after_the_task_was_first_sent(ray_local, tmp_path):
+    """A `@ray.remote` function travels by value with the globals it names: the chance baseline once read the
+    driver's registry as it was when the task was first sent, so an architecture registered later (by an
+    experiment's sae.architecture_modules) was missing in the worker (KeyError in CI's slow set)."""
+    from actors.sae.topk import TopKSAE
+    from actors.store.checkpoint import save_sae_folder
+    from orchestrator.stages.compare import chance_overlap
+
+    def folders(arch, name, params):
+        entries = []
+        for seed in (0, 1):
+            torch.manual_seed(seed + 10)
+            sae = arch(8, 16, arch.Params.model_validate(params))
+            save_sae_folder(tmp_path / f"{name}-{seed}", sae.state_dict(), {})
+            entries.append({"path": str(tmp_path / f"{name}-{seed}"), "architecture": name, "width": 16,
+                            "seed": seed, "params": params})
+        return entries
+
+    assert MODULE not in sys.modules and "topk_mse_test" not in ARCHITECTURES
+    before = ray.get(chance_overlap.remote(*folders(TopKSAE, "topk", {"k": 3}), 0.7, []))  # the task is sent
+    module = importlib.import_module(MODULE)
+    try:
+        after = ray.get(chance_overlap.remote(*folders(module.TopKMSESAE, module.TopKMSESAE.name, {"k": 3}), 0.7,
+                                              [MODULE]))
+    finally:
+        ARCHITECTURES.pop(module.TopKMSESAE.name, None)
+        sys.modules.pop(MODULE, None)
+    # TopK and its squared-error variant build identical SAEs from one seed: the same chance levels.
+    assert after == before

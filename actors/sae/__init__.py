@@ -29,6 +29,18 @@ def register(cls: type[SparseAutoencoder]) -> type[SparseAutoencoder]:
     return cls
 
 
+def architecture(name: str) -> type[SparseAutoencoder]:
+    """The registered architecture called `name`. Code that runs in Ray tasks looks architectures up through this
+    function rather than the dict: a `@ray.remote` function is pickled by value together with the globals it names,
+    so a worker would get the driver's copy of the dict as it was when the function was first sent, missing the
+    architectures registered since (here or by `import_architecture_modules` in the worker)."""
+    try:
+        return ARCHITECTURES[name]
+    except KeyError:
+        raise ValueError(f"no architecture named {name!r} is registered (known: {sorted(ARCHITECTURES)}); an "
+                         "architecture defined outside actors/sae must be listed in sae.architecture_modules") from None
+
+
 def import_architecture_modules(modules: list[str]) -> None:
     """Import modules that register architectures; a module that fails to import is named in the error."""
     for module in modules:
@@ -41,4 +53,4 @@ def import_architecture_modules(modules: list[str]) -> None:
 for _cls in (TopKSAE, ReluL1SAE, BatchTopKSAE, MatryoshkaSAE, JumpReLUSAE, GatedSAE):
     register(_cls)
 
-__all__ = ["ARCHITECTURES", "SparseAutoencoder", "import_architecture_modules", "register"]
+__all__ = ["ARCHITECTURES", "SparseAutoencoder", "architecture", "import_architecture_modules", "register"]

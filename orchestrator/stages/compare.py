@@ -15,14 +15,14 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import ray
-import torch
 from scipy.stats import spearmanr
 
 from actors.store.checkpoint import load_firing_frequency, load_sae_weights, write_json_atomic, write_parquet_atomic
+from actors.compare.chance import chance_overlap as chance_baselines
 from actors.compare.ground_truth import precision_by_shared_count, score_against_truth, shared_precision
 from actors.compare.matching import UNMATCHED, match_pair
 from actors.compare.nway import consensus_groups, no_other_seed_curve, nway_counts
-from actors.sae import ARCHITECTURES, import_architecture_modules
+from actors.sae import import_architecture_modules
 
 from ..config import ExperimentConfig
 from ..console import gather
@@ -66,24 +66,10 @@ def score_sae(path: str, truth: dict, threshold: float, latent_table_path: str) 
 
 @ray.remote
 def chance_overlap(sae_a: dict, sae_b: dict, threshold: float, architecture_modules: list[str]) -> dict:
-    """Shared fraction where nothing was learned in common: the two SAEs at initialisation (same seeds,
-    untrained), and trained A against trained B under a random rotation of activation space. The initial SAEs are
-    built by their architecture, which `architecture_modules` may register."""
+    """Chance levels of one configuration (actors/compare/chance.py); its untrained SAEs are built by their
+    architecture, which `architecture_modules` may register."""
     import_architecture_modules(architecture_modules)
-    a, b = load_sae_weights(sae_a["path"]), load_sae_weights(sae_b["path"])
-    d_in = a.encoder.shape[1]
-    arch = ARCHITECTURES[sae_a["architecture"]]
-    inits = []
-    for sae in (sae_a, sae_b):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sae["seed"])
-            model = arch(d_in, sae["width"], arch.Params.model_validate(sae["params"]))
-        inits.append((model.encoder.weight.detach(), model.W_dec.detach()))
-    init = match_pair(*inits[0], *inits[1], threshold).statistics()["shared_fraction"]
-    gen = torch.Generator().manual_seed(sae_a["seed"] * 1000 + sae_b["seed"])
-    q, _ = torch.linalg.qr(torch.randn(d_in, d_in, generator=gen))
-    rotated = match_pair(a.encoder, a.decoder, b.encoder @ q, b.decoder @ q, threshold).statistics()
-    return {"init_shared": init, "rotation_shared": rotated["shared_fraction"]}
+    return chance_baselines(sae_a, sae_b, threshold)
 
 
 @ray.remote
