@@ -1,6 +1,8 @@
 """SAE architectures and the training loop, without Ray: planted-feature recovery, determinism, batches."""
 
 import json
+import pickle
+from dataclasses import MISSING, FrozenInstanceError, asdict, fields
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ from actors.store.storage import ActivationStore
 from actors.store.checkpoint import checkpoint_folder, load_sae_weights
 from actors.train.data import ActivationStream
 from actors.sae import ARCHITECTURES
-from actors.train.settings import TrainSettings
+from actors.train.settings import DeepSpeedSettings, TrainSettings
 from actors.train.training import build_trainer, evaluate, train_saes
 from orchestrator.config import TrainConfig
 from orchestrator.stages.train import worker_settings
@@ -60,6 +62,31 @@ def write_manifest(root, acts, rows_per_shard=2048, hookpoint="layers.0.mlp"):
     mean_norm = float(np.linalg.norm(acts, axis=1).mean())
     return {"root": str(root), "hookpoints": {hookpoint: {"d_in": acts.shape[1], "rows": len(acts),
                                                           "mean_norm": mean_norm, "shards": shards}}}
+
+
+def test_worker_settings_are_the_validated_config_with_no_defaults_of_their_own():
+    """One place defines each default, the config: the worker-side dataclasses declare none, and the train stage
+    copies every field from the validated config (so unit tests train with the production shuffle buffer unless
+    they set another). Frozen, and they survive the pickling that ships them to Ray workers."""
+    for cls in (TrainSettings, DeepSpeedSettings):
+        assert [f.name for f in fields(cls) if f.default is not MISSING or f.default_factory is not MISSING] == []
+    train = TrainConfig(shuffle_buffer_tokens=1000, checkpoint_tokens=[512, 2048], lr=3e-4,
+                        deepspeed={"zero_stage": 1, "overlap_comm": False})
+    got = worker_settings(train, train_hash="h", trust_remote_code=True)
+    config = train.model_dump()
+    for f in fields(TrainSettings):
+        value = getattr(got, f.name)
+        if f.name == "deepspeed":
+            assert asdict(value) == config["deepspeed"]
+        elif f.name == "checkpoint_tokens":
+            assert value == (512, 2048)
+        elif f.name not in ("train_hash", "trust_remote_code"):
+            assert value == config[f.name], f.name
+    assert (got.train_hash, got.trust_remote_code) == ("h", True)
+    assert settings().shuffle_buffer_tokens == TrainConfig().shuffle_buffer_tokens == 65536
+    assert pickle.loads(pickle.dumps(got)) == got
+    with pytest.raises(FrozenInstanceError):
+        got.batch_size = 1
 
 
 def test_topk_recovers_planted_directions():
