@@ -16,9 +16,10 @@ rounding, because
   then copied into ZeRO's fp32 master partition so the next step starts from the projected weights;
 - a latent counts as fired when it fired in any worker's slice (max all-reduce), so dead-latent counters agree.
 
-Rank 0 evaluates and saves each SAE (and its intermediate checkpoints) in the normal folder layout. No mid-SAE
-training state is written: after a worker failure Ray Train restarts the group, which skips the SAEs already saved
-and retrains the one it was on. deepspeed is imported only inside the worker (an optional extra).
+The batch loop is the torch backend's (actors/train/loop.py), stepping a `DataParallelRun`. Rank 0 evaluates and
+saves each SAE (and its intermediate checkpoints) in the normal folder layout. No mid-SAE training state is
+written: after a worker failure Ray Train restarts the group, which skips the SAEs already saved and retrains the
+one it was on. deepspeed is imported only inside the worker (an optional extra).
 """
 
 from __future__ import annotations

@@ -68,7 +68,7 @@ def train(run: TrainingRun, settings: TrainSettings, *, report: Report | None = 
             run.step(step, batch)
             done = step + 1
             if done % settings.log_every == 0 or done == num_steps:
-                metrics = run.metrics()
+                metrics = run.metrics()  # on every worker: DeepSpeed's is an all-reduce
                 if report is not None:
                     report(done, metrics)
             while pending and done * batch_size >= pending[0]:
