@@ -58,6 +58,8 @@ def _worker(config: dict) -> None:
 
     from actors.train.deepspeed_backend import DataParallelSAE, deepspeed_config
     from actors.train.training import build_trainer
+    from orchestrator.config import TrainConfig
+    from orchestrator.stages.train import worker_settings
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -65,13 +67,14 @@ def _worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     a = config["args"]
     steps = a["warmup"] + a["steps"]
-    hp = {"batch_size": a["batch"], "lr": None, "warmup_steps": 1, "grad_clip": 1.0, "dead_window_tokens": None,
-          "deepspeed": {"zero_stage": a["zero_stage"], "reduce_bucket_size": 50_000_000, "overlap_comm": True}}
+    settings = worker_settings(TrainConfig(batch_size=a["batch"], warmup_steps=1,
+                                           deepspeed={"zero_stage": a["zero_stage"]}),
+                               train_hash=None, trust_remote_code=False)
     job = {"architecture": "topk", "params": {"k": a["k"], "auxk_alpha": 0.0}, "width": a["width"], "seed": 0}
-    trainer = build_trainer(job, a["d_in"], steps, hp, device)
+    trainer = build_trainer(job, a["d_in"], steps, settings, device)
     xs = _synthetic_batches(steps, a["batch"], a["d_in"], device)
     if config["mode"] == "deepspeed":
-        model = DataParallelSAE(trainer, xs[0], deepspeed_config(hp, world), rank, world)
+        model = DataParallelSAE(trainer, xs[0], deepspeed_config(settings, world), rank, world)
         step = model.step
     else:
         step = trainer.step

@@ -54,11 +54,12 @@ def reader_rate(root: Path, shards: list[dict], batch: int, buffer: int) -> floa
 
 def trainer_rate(d: int, width: int, k: int, batch: int, steps: int) -> float:
     from actors.train.training import build_trainer
+    from orchestrator.config import TrainConfig
+    from orchestrator.stages.train import worker_settings
 
-    hp = {"lr": None, "warmup_steps": 10, "grad_clip": 1.0, "batch_size": batch, "dead_window_tokens": None,
-          "tokens": None}
+    settings = worker_settings(TrainConfig(batch_size=batch, warmup_steps=10), train_hash=None, trust_remote_code=False)
     job = {"architecture": "topk", "params": {"k": k}, "width": width, "seed": 0}
-    trainer = build_trainer(job, d, steps + 1, hp, torch.device("cpu"))
+    trainer = build_trainer(job, d, steps + 1, settings, torch.device("cpu"))
     x = torch.randn(batch, d)
     trainer.step(x)  # init from the first batch, warm-up
     t = time.perf_counter()

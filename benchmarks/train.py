@@ -50,6 +50,7 @@ import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -79,7 +80,11 @@ def _run(mode: str, a: dict) -> dict:
 
     torch.set_num_threads(a["threads"])
     steps = a["warmup"] + a["steps"]
-    hp = {"batch_size": a["batch"], "lr": None, "warmup_steps": 10, "grad_clip": 1.0, "dead_window_tokens": None}
+    from orchestrator.config import TrainConfig
+    from orchestrator.stages.train import worker_settings
+
+    settings = worker_settings(TrainConfig(batch_size=a["batch"], warmup_steps=10), train_hash=None,
+                               trust_remote_code=False)
     data = batches(steps, a["batch"], a["d_in"])
     rss_inputs = _peak_rss()
     seeds = a["seeds"] if mode in ("separate", "stacked", "batched") else 1
@@ -116,9 +121,9 @@ def _run(mode: str, a: dict) -> dict:
 
         jobs = [{"architecture": "topk", "params": {"k": a["k"]}, "width": a["width"], "seed": s}
                 for s in range(seeds)]
-        trainers = [build_trainer(j, a["d_in"], steps, hp, device) for j in jobs]
+        trainers = [build_trainer(j, a["d_in"], steps, settings, device) for j in jobs]
         stacked = mode in ("stacked", "batched")
-        groups = group_trainers(trainers, hp | {"stack_seeds": stacked, "max_stack_bytes": 2**62}, a["d_in"])
+        groups = group_trainers(trainers, replace(settings, stack_seeds=stacked, max_stack_bytes=2**62), a["d_in"])
         assert stacked == (len(groups) == 1 and not isinstance(groups[0], SingleTrainer))
         if mode == "batched":
             groups[0].batch_encoder = True

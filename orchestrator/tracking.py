@@ -164,7 +164,7 @@ class ExperimentTracker:
         from actors.train.trainer import dead_window_tokens
 
         resolved = {"train.tokens": tokens, "train.lr": "architecture recipe (see each child's lr)",
-                    "train.dead_window_tokens": dead_window_tokens({"dead_window_tokens": None}, tokens),
+                    "train.dead_window_tokens": dead_window_tokens(None, tokens),
                     "train.state_every_tokens": tokens // 10, "generate.output_uri": manifest["root"],
                     "output_dir": str(self.cfg.output_path), "tracking.tracking_uri": self.uri,
                     "tracking.experiment_name": self.experiment_name,

@@ -5,22 +5,34 @@
 process dies or hangs at that point of that shard: "files_written" is just before the shard's record is written
 (its Parquet files are complete, it is not committed), "committed" is just after; "planted_files_written" and
 "planted_committed" are the same points of the planted source's shards.
+
+With {"point": "train_step", "after_steps", "marker"} it wraps the torch backend's `TorchRun.step` instead: once, a
+training worker is SIGKILLed after that many steps, as soon as Ray Train has committed the training state the
+workers last reported, so that the restarted group deterministically resumes from it.
 """
 
 import json
 import os
+import signal
 import time
 
 FAULT_ENV = "SAE_SEEDS_FAULT"
 
 
-def _fire(fault: dict) -> None:
-    try:  # fire once: the restarted actor must get through
+def _first(fault: dict) -> bool:
+    """Whether this is the fault's first firing (the marker file records it): the restarted worker must get through."""
+    try:
         fd = os.open(fault["marker"], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
-        return
+        return False
     os.write(fd, str(os.getpid()).encode())
     os.close(fd)
+    return True
+
+
+def _fire(fault: dict) -> None:
+    if not _first(fault):
+        return
     if fault["action"] == "exit":
         os._exit(1)
     time.sleep(3600)  # the test kills the driver meanwhile; Ray reaps this worker with the job
@@ -30,10 +42,33 @@ def install() -> None:
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
+    fault = json.loads(spec)
+    if fault["point"] == "train_step":
+        _kill_training_worker(fault)
+        return
+    _fail_writing_shard(fault)
+
+
+def _kill_training_worker(fault: dict) -> None:
+    from actors.train.training import TorchRun
+
+    step = TorchRun.step
+
+    def faulty_step(self, index, batch):
+        step(self, index, batch)
+        if index + 1 == fault["after_steps"] and _first(fault):
+            import ray.train
+
+            ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    TorchRun.step = faulty_step
+
+
+def _fail_writing_shard(fault: dict) -> None:
     from actors.store.shards import record_rel
     from actors.store.storage import ActivationStore
 
-    fault = json.loads(spec)
     point = fault["point"]
     if point.startswith("planted_"):  # the planted source's shard records (its "hookpoint", default "planted")
         from actors.generate.planted import record_rel as planted_record_rel

@@ -10,7 +10,7 @@ import torch
 from actors.sae import ARCHITECTURES
 from actors.train.training import build_trainer, evaluate
 
-from .test_training import HP, planted_data
+from .test_training import settings, planted_data
 
 
 def make(name, d=16, n=32, seed=0, **params):
@@ -45,7 +45,7 @@ def test_auxk_sends_gradient_to_dead_latents_only_when_enabled():
 def test_batchtopk_keeps_k_per_token_on_average_and_learns_a_threshold():
     x, _ = planted_data(8192)
     job = {"architecture": "batchtopk", "params": {"k": 3}, "width": 64, "seed": 0}
-    trainer = build_trainer(job, x.shape[1], 300, HP | {"lr": 1e-3}, torch.device("cpu"))
+    trainer = build_trainer(job, x.shape[1], 300, settings(lr=1e-3), torch.device("cpu"))
     batches = [torch.from_numpy(x[i:i + 256]) for i in range(0, 8192, 256)]
     for step in range(300):
         trainer.step(batches[step % len(batches)])
@@ -68,7 +68,7 @@ def test_new_architectures_recover_planted_directions(name, params):
     x, dirs = planted_data(64 * 256)
     job = {"architecture": name, "params": params, "width": 96, "seed": 0}
     steps = 1000
-    trainer = build_trainer(job, x.shape[1], steps, HP | {"lr": 2e-3}, torch.device("cpu"))
+    trainer = build_trainer(job, x.shape[1], steps, settings(lr=2e-3), torch.device("cpu"))
     scale = math.sqrt(x.shape[1]) / np.linalg.norm(x, axis=1).mean() if trainer.sae.normalize_inputs else 1.0
     rng = np.random.default_rng(1)
     for _ in range(steps):
@@ -93,7 +93,7 @@ def test_relu_l1_ends_at_its_target_l0(tmp_path):
     x, _ = planted_data(8192)
     manifest = write_manifest(tmp_path / "acts", x)
     entry = manifest["hookpoints"]["layers.0.mlp"]
-    hp = HP | {"lr": 1e-3, "tokens": 4 * 8192}  # 128 steps
+    hp = settings(lr=1e-3, tokens=4 * 8192)  # 128 steps
     target = 6.0
     jobs = [{"configuration": "c", "architecture": "relu_l1", "params": {"l1_coefficient": None, "target_l0": target},
              "width": 64, "seed": s, "path": str(tmp_path / "out" / f"seed{s}"), "run_id": None} for s in (0, 1)]

@@ -13,7 +13,7 @@ from actors.store.checkpoint import load_sae, save_sae_folder
 from actors.sae import ARCHITECTURES
 from actors.train.training import build_trainer, evaluate, sae_folder_cfg, train_saes
 
-from .test_training import HP, held_out, planted_data, write_manifest
+from .test_training import settings, held_out, planted_data, write_manifest
 
 PARAMS = {name: arch.example_params for name, arch in ARCHITECTURES.items()}  # each declared by its own class
 
@@ -28,7 +28,7 @@ def train_planted(name, params, steps=1000, lr=2e-3, seed=0):
     """`steps` Adam steps on planted data (scaled as training scales it); the SAE, its inputs and the directions."""
     x, dirs = planted_data(64 * 256)
     trainer = build_trainer({"architecture": name, "params": params, "width": 96, "seed": seed}, x.shape[1], steps,
-                            HP | {"lr": lr}, torch.device("cpu"))
+                            settings(lr=lr), torch.device("cpu"))
     scale = math.sqrt(x.shape[1]) / np.linalg.norm(x, axis=1).mean() if trainer.sae.normalize_inputs else 1.0
     rng = np.random.default_rng(1)
     for _ in range(steps):
@@ -100,7 +100,7 @@ def test_saved_folder_rebuilds_the_architecture(tmp_path, name):
             p.add_(0.05 * torch.randn_like(p))  # nothing left at its init value
     sae(x)
     job = {"architecture": name, "params": sae.params.model_dump(), "width": 32, "seed": 0}
-    cfg = sae_folder_cfg(job, 16, "layers.0.mlp", HP, 10, 100)
+    cfg = sae_folder_cfg(job, 16, "layers.0.mlp", settings(), 10, 100)
     save_sae_folder(tmp_path / name, sae.state_dict(), json.loads(json.dumps(cfg)))
     loaded = load_sae(tmp_path / name)
     assert type(loaded) is type(sae) and not loaded.training
@@ -121,7 +121,7 @@ def test_trained_folders_reload_and_act_on_raw_activations(tmp_path):
     names = ["matryoshka", "jumprelu", "gated"]
     jobs = [{"configuration": n, "architecture": n, "params": PARAMS[n], "width": 32, "seed": 0,
              "path": str(tmp_path / n), "run_id": None} for n in names]
-    results = train_saes(jobs, manifest, "layers.0.mlp", HP | {"lr": 1e-3}, torch.device("cpu"))
+    results = train_saes(jobs, manifest, "layers.0.mlp", settings(lr=1e-3), torch.device("cpu"))
     raw = [torch.from_numpy(held_out(x) * 5.0)]
     for name, res in zip(names, results):
         sae = load_sae(tmp_path / name)
@@ -316,7 +316,7 @@ def test_gated_takes_a_target_l0_as_relu_l1_does(tmp_path):
     manifest = write_manifest(tmp_path / "acts", x)
     jobs = [{"configuration": "g", "architecture": "gated", "params": {"l1_coefficient": None, "target_l0": 6.0},
              "width": 32, "seed": s, "path": str(tmp_path / f"seed{s}"), "run_id": None} for s in (0, 1)]
-    results = train_saes(jobs, manifest, "layers.0.mlp", HP | {"lr": 1e-3}, torch.device("cpu"))
+    results = train_saes(jobs, manifest, "layers.0.mlp", settings(lr=1e-3), torch.device("cpu"))
     metrics = [r["metrics"] for r in results]
     assert metrics[0]["calibrated_l1_coefficient"] == metrics[1]["calibrated_l1_coefficient"]
     assert metrics[0]["calibrated_l1_coefficient"] != metrics[0]["initial_l1_coefficient"]

@@ -4,6 +4,7 @@ deepspeed is installed (docs/deepspeed.md)."""
 
 import importlib.util
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from orchestrator.plan import plan_configurations
 from orchestrator.stages import train as train_stage
 
 from .conftest import TINY
-from .test_training import planted_data, write_manifest
+from .test_training import planted_data, settings, write_manifest
 
 BASE = yaml.safe_load(TINY.read_text())
 DEEPSPEED = ["train.backend=deepspeed", "train.stack_seeds=false", "train.num_workers=2"]
@@ -126,15 +127,15 @@ def test_worker_rows_and_deepspeed_config():
     assert [(s.start, s.stop) for s in rows] == [(0, 4), (4, 8), (8, 12)]
     with pytest.raises(ValueError, match="not a multiple"):
         worker_rows(10, 0, 3)
-    hp = {"batch_size": 1024, "grad_clip": 1.0,
-          "deepspeed": {"zero_stage": 2, "reduce_bucket_size": 1000, "overlap_comm": False}}
+    hp = settings(batch_size=1024, grad_clip=1.0,
+                  deepspeed={"zero_stage": 2, "reduce_bucket_size": 1000, "overlap_comm": False})
     ds = deepspeed_config(hp, 4)
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
         1024, 256, 1)
     assert ds["gradient_clipping"] == 1.0 and "fp16" not in ds and "bf16" not in ds  # fp32, as the torch backend
     assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000, "overlap_comm": False,
                                        "contiguous_gradients": True}
-    assert deepspeed_config(hp | {"deepspeed": hp["deepspeed"] | {"zero_stage": 0}}, 4)["zero_optimization"] == {
+    assert deepspeed_config(replace(hp, deepspeed=replace(hp.deepspeed, zero_stage=0)), 4)["zero_optimization"] == {
         "stage": 0}
 
 
@@ -160,7 +161,7 @@ def test_two_workers_zero2_match_the_torch_backend(ray_local, tmp_path):
     torch.set_num_threads(1)  # as in the workers
     try:
         reference = train_saes([j for c in configurations for j in c.jobs()], manifest, HOOKPOINT,
-                               train_stage.train_hparams(cfg, manifest), torch.device("cpu"))
+                               train_stage.train_settings(cfg, manifest), torch.device("cpu"))
     finally:
         torch.set_num_threads(threads)
 

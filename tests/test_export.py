@@ -11,6 +11,8 @@ from actors.store.export import ExportError, export_sae
 from actors.sae import ARCHITECTURES
 from actors.train.training import sae_folder_cfg
 
+from .test_training import settings
+
 D, N = 16, 32
 # (architecture, params, input scale folded into the saved weights or None)
 CASES = {
@@ -68,7 +70,7 @@ def save(sae, folder, scale=None):
     if scale is not None:
         raw.fold_input_scale(scale)
     job = {"architecture": sae.name, "width": N, "params": sae.params.model_dump(), "seed": 0}
-    cfg = sae_folder_cfg(job, D, "layers.3", {"data_seed": 0, "batch_size": 64, "lr": None}, 10, 1000)
+    cfg = sae_folder_cfg(job, D, "layers.3", settings(batch_size=64), 10, 1000)
     save_sae_folder(folder, raw.state_dict(), cfg)
     return folder
 

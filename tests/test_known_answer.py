@@ -18,6 +18,8 @@ from orchestrator.config import ConfigError, parse_config
 from orchestrator.stages.generate import run_generate
 from orchestrator.stages.planted import planted_plan
 
+from .test_training import settings
+
 PARAMS = PlantedParams(num_features=48, d=24, active_per_token=3, zipf_exponent=0.5, max_firing_probability=0.5,
                        magnitude_min=0.5, magnitude_max=1.5, noise_std=0.01, seed=0)
 
@@ -160,9 +162,7 @@ def test_topk_seeds_recover_the_planted_features_and_share_the_true_ones(tmp_pat
         "mean_norm": sum(s["sum_norm"] for s in shards) / rows}}}
     jobs = [{"configuration": "c", "architecture": "topk", "params": {"k": 3}, "width": 64, "seed": seed,
              "path": str(tmp_path / f"seed{seed}"), "run_id": None} for seed in (0, 1)]
-    hp = {"batch_size": 256, "tokens": None, "data_seed": 0, "lr": 1e-2, "warmup_steps": 20, "grad_clip": 1.0,
-          "dead_window_tokens": None, "log_every": 1000, "eval_tokens": 4096, "stack_seeds": True}
-    train_saes(jobs, manifest, "planted", hp, torch.device("cpu"))
+    train_saes(jobs, manifest, "planted", settings(lr=1e-2, log_every=1000), torch.device("cpu"))
 
     from actors.store.checkpoint import load_sae_weights
 

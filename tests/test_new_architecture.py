@@ -31,11 +31,11 @@ def test_the_new_architecture_trains_as_a_stack_of_seeds(new_architecture):
     from actors.train.stacked import StackedTrainer, group_trainers
     from actors.train.trainer import build_trainer
 
-    from .test_training import HP
+    from .test_training import settings
 
     jobs = [{"architecture": TopKMSESAE.name, "params": {"k": 3}, "width": 32, "seed": s} for s in (0, 1)]
-    trainers = [build_trainer(j, 16, 10, HP, torch.device("cpu")) for j in jobs]
-    [group] = group_trainers(trainers, HP, 16)
+    trainers = [build_trainer(j, 16, 10, settings(), torch.device("cpu")) for j in jobs]
+    [group] = group_trainers(trainers, settings(), 16)
     assert isinstance(group, StackedTrainer)
     x = torch.randn(64, 16)
     losses = [m["loss"] for m in group.step(x)]

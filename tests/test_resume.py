@@ -2,7 +2,10 @@
 weights of an uninterrupted run; a finished experiment is not trained again."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,8 +19,9 @@ from orchestrator.config import ConfigError, load_config
 from orchestrator.plan import plan_configurations
 from orchestrator.stages import train as train_stage
 
-from .conftest import TINY
-from .test_training import HP, planted_data, write_manifest
+from .conftest import REPO, TINY
+from .test_generate import DriverProcess
+from .test_training import planted_data, settings, write_manifest
 
 HOOKPOINT = "layers.0.mlp"
 # Three architectures: BatchTopK keeps training state in buffers; ReLU+L1 with a target L0 is calibrated first.
@@ -35,13 +39,32 @@ class Crash(Exception):
     pass
 
 
+class Steps:
+    """A progress bar (`progress(total)` gives it to the loop) that records the step count after each update and
+    stops training (raises `Crash`) when it reaches `stop_at`."""
+
+    def __init__(self, stop_at: int | None = None):
+        self.seen, self.stop_at = [], stop_at
+
+    def __call__(self, total: int) -> "Steps":
+        return self
+
+    def update(self, n: int) -> None:
+        self.seen.append((self.seen[-1] if self.seen else 0) + n)
+        if self.seen[-1] == self.stop_at:
+            raise Crash
+
+    def close(self) -> None:
+        pass
+
+
 def test_resume_in_process_is_bit_identical(tmp_path):
     """Without Ray: stop after 11 of 24 steps, resume from the state of step 8, compare with a run that never
     stopped (weights, digest, and the intermediate SAE saved after the resume point)."""
     x, _ = planted_data(3072)
     manifest = write_manifest(tmp_path / "acts", x, rows_per_shard=1024)
     # 24 batches of 256 rows; a state every 8 steps.
-    hp = HP | {"tokens": 6144, "state_every_tokens": 2048, "checkpoint_tokens": [1024, 4096], "train_hash": "h"}
+    hp = settings(tokens=6144, state_every_tokens=2048, checkpoint_tokens=[1024, 4096], train_hash="h")
 
     def jobs(out):
         return [{"configuration": arch, "architecture": arch, "params": params, "width": 32, "seed": seed,
@@ -55,18 +78,13 @@ def test_resume_in_process_is_bit_identical(tmp_path):
     def keep(folder, step):
         states[step] = shutil.copytree(folder, tmp_path / "states" / folder.name)
 
-    def crash(step):
-        if step == 11:
-            raise Crash
-
     with pytest.raises(Crash):
-        train_saes(jobs("run"), manifest, HOOKPOINT, hp, torch.device("cpu"), save_state=keep, after_step=crash)
+        train_saes(jobs("run"), manifest, HOOKPOINT, hp, torch.device("cpu"), save_state=keep, progress=Steps(11))
     assert sorted(states) == [8]
     resume = read_training_state(states[8], jobs("run"))
-    steps = []
-    resumed = train_saes(jobs("run"), manifest, HOOKPOINT, hp, torch.device("cpu"), resume=resume,
-                         after_step=steps.append)
-    assert steps == list(range(9, 25))  # continued at the data position of the state, not from the start
+    steps = Steps()
+    resumed = train_saes(jobs("run"), manifest, HOOKPOINT, hp, torch.device("cpu"), resume=resume, progress=steps)
+    assert steps.seen == list(range(8, 25))  # continued at the data position of the state, not from the start
     for ref, res in zip(reference, resumed):
         assert res["data_digest"] == ref["data_digest"]
         assert res["metrics"]["resumed_from_tokens"] == 8 * 256 and ref["metrics"]["resumed_from_tokens"] == 0
@@ -80,15 +98,11 @@ def test_resume_in_process_is_bit_identical(tmp_path):
     # A state for other jobs is not used: training starts from the beginning.
     other = [j | {"seed": 5} for j in jobs("run")[:1]]
 
-    def stop(step):
-        steps.append(step)
-        raise Crash
-
-    steps.clear()
+    steps = Steps(stop_at=1)
     with pytest.raises(Crash):
         train_saes(other, manifest, HOOKPOINT, hp, torch.device("cpu"),
-                   resume={other[0]["path"]: resume[other[0]["path"]]}, after_step=stop)
-    assert steps == [1]
+                   resume={other[0]["path"]: resume[other[0]["path"]]}, progress=steps)
+    assert steps.seen == [1]
 
 
 def test_state_every_tokens_is_validated():
@@ -111,20 +125,45 @@ def _experiment(tmp_path, name, x):
     return cfg, manifest, plan_configurations(cfg, [HOOKPOINT])
 
 
+def _train_driver(cfg, address: str, fault: dict) -> DriverProcess:
+    """run_train of `cfg` (on the manifest `_experiment` wrote) in a driver subprocess joined to the test's Ray
+    instance, with `fault` installed in its workers by tests/fault_hooks.py; its stderr in <output>-driver.log."""
+    code = ("import json, sys, ray\n"
+            "from orchestrator.config import parse_config\n"
+            "from orchestrator.plan import plan_configurations\n"
+            "from orchestrator.stages.train import run_train\n"
+            "ray.init(address=sys.argv[1], runtime_env={'env_vars': {'SAE_SEEDS_FAULT': sys.argv[2]},\n"
+            "         'worker_process_setup_hook': 'tests.fault_hooks.install'}, log_to_driver=False)\n"
+            "cfg = parse_config(json.loads(sys.stdin.read()))\n"
+            "manifest = json.loads((cfg.output_path / 'activations' / 'manifest.json').read_text())\n"
+            "run_train(cfg, manifest, plan_configurations(cfg, [sys.argv[3]]), None)\n")
+    proc = DriverProcess([sys.executable, "-c", code, address, json.dumps(fault), HOOKPOINT],
+                         cfg.output_path.with_name(cfg.output_path.name + "-driver.log"), cwd=REPO,
+                         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                         env=os.environ | {"PYTHONPATH": str(REPO)})
+    proc.stdin.write(json.dumps(cfg.model_dump(mode="json")))
+    proc.stdin.close()
+    return proc
+
+
 def test_worker_killed_mid_training_resumes_to_identical_weights(ray_local, tmp_path, monkeypatch):
     x, _ = planted_data(3072, seed=3)
     # The uninterrupted reference, in this process (one torch thread, as in the workers): each SAE's training is
     # independent of which worker runs it and of the other SAEs there.
     cfg, manifest, configurations = _experiment(tmp_path, "reference", x)
     reference = train_saes([j for c in configurations for j in c.jobs()], manifest, HOOKPOINT,
-                           train_stage.train_hparams(cfg, manifest), torch.device("cpu"))
+                           train_stage.train_settings(cfg, manifest), torch.device("cpu"))
 
     cfg, manifest, configurations = _experiment(tmp_path, "killed", x)
     marker = tmp_path / "killed-once"
-    # SIGKILL a worker after 11 of 24 steps, once the state of step 8 is committed.
-    killed = train_stage.run_train(cfg, manifest, configurations, None,
-                                   fault={"after_steps": 11, "marker": str(marker)})
+    # SIGKILL a worker after 11 of 24 steps, once the state of step 8 is committed (tests/fault_hooks.py).
+    proc = _train_driver(cfg, ray_local.get_runtime_context().gcs_address,
+                         {"point": "train_step", "after_steps": 11, "marker": str(marker)})
+    assert proc.wait(timeout=600) == 0, proc.log_tail()
     assert marker.exists()  # the fault did fire
+    killed = json.loads(train_stage.train_manifest_path(cfg).read_text())
+    for sae in killed["saes"]:
+        sae["path"] = str(cfg.output_path / sae["path"])
 
     assert len(killed["saes"]) == len(reference) == 6
     # Every worker resumed from one state (the group restarts together), not from scratch. Normally that of step 8;

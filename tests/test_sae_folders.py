@@ -20,6 +20,7 @@ from orchestrator.cli import main
 
 from .conftest import TINY
 from .test_export import N, build, save
+from .test_training import settings
 
 
 def sha256(path: Path) -> str:
@@ -37,7 +38,7 @@ def saved_sae(folder: Path, seed: int = 0, **tensor_edits) -> Path:
         from actors.train.training import sae_folder_cfg
 
         job = {"architecture": "topk", "width": N, "params": {"k": 4}, "seed": seed}
-        cfg = sae_folder_cfg(job, 16, "layers.3", {"data_seed": 0, "batch_size": 64, "lr": None}, 10, 1000)
+        cfg = sae_folder_cfg(job, 16, "layers.3", settings(batch_size=64), 10, 1000)
         save_sae_folder(folder, state, cfg, metrics={"fvu": 0.5})
         return folder
     return save(sae, folder)

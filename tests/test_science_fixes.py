@@ -15,7 +15,7 @@ from actors.train.trainer import lr_schedule
 from actors.train.training import evaluate, train_saes
 from orchestrator.config import TrainConfig
 
-from .test_training import HP, planted_data, write_manifest
+from .test_training import settings, planted_data, write_manifest
 
 
 def test_threshold_sweep_counts_a_latent_unmatched_on_one_side_as_not_shared():
@@ -67,11 +67,11 @@ def test_auxk_loss_is_sparsifys():
 
 
 def test_warmup_default_is_the_recipes_1000_steps_and_halves_for_short_runs():
-    hp = TrainConfig().model_dump()
+    warmup_steps = TrainConfig().warmup_steps
 
     def peak_step(num_steps):
         opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-        sched = lr_schedule(opt, hp, num_steps)
+        sched = lr_schedule(opt, warmup_steps, num_steps)
         lrs = []
         for _ in range(num_steps):
             lrs.append(opt.param_groups[0]["lr"])
@@ -96,7 +96,7 @@ def test_fvu_l0_and_dead_fraction_are_measured_on_held_out_rows(tmp_path):
     assert not any(r.tobytes() in tail for r in seen) and len(seen) == 14 * 256
     job = {"configuration": "c", "architecture": "topk", "params": {"k": 3}, "width": 32, "seed": 0,
            "path": str(tmp_path / "sae"), "run_id": None}
-    [res] = train_saes([job], manifest, "layers.0.mlp", HP | {"eval_tokens": 512}, torch.device("cpu"))
+    [res] = train_saes([job], manifest, "layers.0.mlp", settings(eval_tokens=512), torch.device("cpu"))
     sae = ARCHITECTURES["topk"](32, 32, ARCHITECTURES["topk"].Params(k=3))
     sae.load_state_dict(load_file(str(tmp_path / "sae" / "sae.safetensors")))
     metrics, frequency = evaluate(sae, [torch.from_numpy(x[-512:])])

@@ -2,6 +2,7 @@
 without a stacked forward, and splits a configuration's seeds into several stacks without changing results."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,7 +16,7 @@ from actors.sae.topk import TopKSAE
 from actors.train.stacked import SingleTrainer, StackedTrainer, group_trainers, stack_bytes_per_seed, stackable
 from actors.train.training import build_trainer, train_saes
 
-from .test_training import HP, planted_data, write_manifest
+from .test_training import TEST_TRAIN, planted_data, settings, write_manifest
 
 CASES = [
     ("topk", {"k": 3, "auxk_alpha": 1 / 32}),
@@ -38,7 +39,7 @@ def test_stacked_steps_equal_single_seed_steps(name, params, batch_encoder, d, w
     x, _ = planted_data(4096, d=d)
     steps, seeds = 40, [0, 1, 2]
     # A short dead window so that latents die and AuxK acts within the test.
-    hp = HP | {"lr": 2e-3, "warmup_steps": 5, "dead_window_tokens": 512}
+    hp = settings(lr=2e-3, warmup_steps=5, dead_window_tokens=512)
     jobs = [{"architecture": name, "params": params, "width": width, "seed": s} for s in seeds]
     cpu = torch.device("cpu")
     singles = [build_trainer(j, d, steps, hp, cpu) for j in jobs]
@@ -93,7 +94,7 @@ def _train(tmp_path, manifest, out, hp, archs, seeds=(0, 1, 2), width=32):
              "path": str(tmp_path / out / f"{arch}-seed{s}"), "run_id": None}
             for arch, params in archs for s in seeds]
     logs = []
-    results = train_saes(jobs, manifest, "layers.0.mlp", HP | hp, torch.device("cpu"),
+    results = train_saes(jobs, manifest, "layers.0.mlp", settings(**hp), torch.device("cpu"),
                          report=lambda step, per_sae: logs.append((step, per_sae)))
     return results, logs
 
@@ -112,7 +113,7 @@ def test_saved_folders_do_not_depend_on_stacking_or_splitting(tmp_path, monkeypa
     archs = [("topk", {"k": 4, "auxk_alpha": 1 / 32}), ("relu_l1", {"l1_coefficient": 0.1}),
              (_UnstackedTopK.name, {"k": 4})]
     hp = {"checkpoint_tokens": [1024], "dead_window_tokens": 512}
-    per_seed = stack_bytes_per_seed(32, 32, HP["batch_size"])
+    per_seed = stack_bytes_per_seed(32, 32, TEST_TRAIN["batch_size"])
     runs = {
         "alone": _train(tmp_path, manifest, "alone", hp | {"stack_seeds": False}, archs),
         "stacked": _train(tmp_path, manifest, "stacked", hp, archs),
@@ -145,18 +146,18 @@ def test_a_target_l0_steers_every_seed_alike_however_the_seeds_are_grouped(tmp_p
 
     x, _ = planted_data(4096)
     manifest = write_manifest(tmp_path / "acts", x)
-    per_seed = stack_bytes_per_seed(32, 32, HP["batch_size"])
+    per_seed = stack_bytes_per_seed(32, 32, TEST_TRAIN["batch_size"])
 
     def jobs(out):
         return [{"configuration": "c", "architecture": "relu_l1", "params": {"l1_coefficient": None, "target_l0": 6.0},
                  "width": 32, "seed": s, "path": str(tmp_path / out / f"seed{s}"), "run_id": None} for s in (0, 1, 2)]
 
     def train(js, hp):
-        return train_saes(js, manifest, "layers.0.mlp", HP | {"checkpoint_tokens": [1024]} | hp, torch.device("cpu"))
+        return train_saes(js, manifest, "layers.0.mlp", settings(checkpoint_tokens=[1024], **hp), torch.device("cpu"))
 
     train(jobs("alone"), {"stack_seeds": False})
     train(jobs("stacked"), {})
-    parts = _split_groups([jobs("workers")], 32, HP["batch_size"], 2 * per_seed)
+    parts = _split_groups([jobs("workers")], 32, TEST_TRAIN["batch_size"], 2 * per_seed)
     assert [[j["seed"] for j in p] for p in parts] == [[0, 1], [2, 0]] and parts[1][1]["l0_pilot"]
     results = [r for part in parts for r in train(part, {"max_stack_bytes": 2 * per_seed})]  # one call per worker
     assert sorted(r["job"]["seed"] for r in results) == [0, 1, 2]  # the pilot is neither returned nor saved
@@ -177,7 +178,7 @@ def test_a_target_l0_steers_every_seed_alike_however_the_seeds_are_grouped(tmp_p
 def test_grouping_stacks_supported_seeds_and_falls_back_for_the_rest(monkeypatch):
     monkeypatch.setitem(ARCHITECTURES, _UnstackedTopK.name, _UnstackedTopK)
     cpu = torch.device("cpu")
-    hp = HP | {"lr": 1e-3}
+    hp = settings(lr=1e-3)
     jobs = [{"architecture": a, "params": {"k": 4}, "width": w, "seed": s}
             for a, w in [("topk", 32), ("topk", 64), (_UnstackedTopK.name, 32)] for s in (0, 1, 2)]
     jobs.append({"architecture": "topk", "params": {"k": 5}, "width": 32, "seed": 0})  # a configuration of one
@@ -192,14 +193,14 @@ def test_grouping_stacks_supported_seeds_and_falls_back_for_the_rest(monkeypatch
         ("SingleTrainer", "topk", 32, (0,)),
         *[("SingleTrainer", _UnstackedTopK.name, 32, (s,)) for s in (0, 1, 2)]])
     trainers = [build_trainer(j, 32, 10, hp, cpu) for j in jobs]
-    groups = group_trainers(trainers, hp | {"stack_seeds": False}, 32)
+    groups = group_trainers(trainers, replace(hp, stack_seeds=False), 32)
     assert all(isinstance(g, SingleTrainer) for g in groups) and len(groups) == len(jobs)
     # The memory budget: width 64 seeds cost more than width 32 ones, so a budget of two width-32 seeds
     # stacks those in 2 + 1 and the width-64 ones alone.
-    budget = 2 * stack_bytes_per_seed(32, 32, hp["batch_size"])
-    assert budget < 2 * stack_bytes_per_seed(32, 64, hp["batch_size"])
+    budget = 2 * stack_bytes_per_seed(32, 32, hp.batch_size)
+    assert budget < 2 * stack_bytes_per_seed(32, 64, hp.batch_size)
     trainers = [build_trainer(j, 32, 10, hp, cpu) for j in jobs]
-    assert shape(group_trainers(trainers, hp | {"max_stack_bytes": budget}, 32)) == sorted([
+    assert shape(group_trainers(trainers, replace(hp, max_stack_bytes=budget), 32)) == sorted([
         ("StackedTrainer", "topk", 32, (0, 1)), ("SingleTrainer", "topk", 32, (2,)),
         *[("SingleTrainer", "topk", 64, (s,)) for s in (0, 1, 2)], ("SingleTrainer", "topk", 32, (0,)),
         *[("SingleTrainer", _UnstackedTopK.name, 32, (s,)) for s in (0, 1, 2)]])

@@ -1,6 +1,8 @@
 """SAE architectures and the training loop, without Ray: planted-feature recovery, determinism, batches."""
 
 import json
+import pickle
+from dataclasses import MISSING, FrozenInstanceError, asdict, fields
 
 import numpy as np
 import pytest
@@ -12,10 +14,20 @@ from actors.store.storage import ActivationStore
 from actors.store.checkpoint import checkpoint_folder, load_sae_weights
 from actors.train.data import ActivationStream
 from actors.sae import ARCHITECTURES
+from actors.train.settings import DeepSpeedSettings, TrainSettings
 from actors.train.training import build_trainer, evaluate, train_saes
+from orchestrator.config import TrainConfig
+from orchestrator.stages.train import worker_settings
 
-HP = {"batch_size": 256, "tokens": None, "data_seed": 0, "lr": None, "warmup_steps": 20, "grad_clip": 1.0,
-      "dead_window_tokens": None, "log_every": 10, "eval_tokens": 4096}
+# The unit tests' training settings: the config's defaults (orchestrator/config.py) except these, a small batch,
+# quick reports and a short warm-up; the synthetic manifests here have no model, hence no LM-loss evaluation.
+TEST_TRAIN = {"batch_size": 256, "warmup_steps": 20, "log_every": 10, "eval_tokens": 4096, "lm_eval_chunks": 0}
+
+
+def settings(train_hash: str | None = None, **train) -> TrainSettings:
+    """The workers' settings as the train stage builds them from a validated `train` config: `TEST_TRAIN`, then
+    `train` over the config's defaults."""
+    return worker_settings(TrainConfig(**TEST_TRAIN | train), train_hash=train_hash, trust_remote_code=False)
 
 
 def planted_data(n_rows, d=32, n_features=48, active=3, seed=0):
@@ -29,7 +41,7 @@ def planted_data(n_rows, d=32, n_features=48, active=3, seed=0):
     return x.astype(np.float32), dirs
 
 
-def held_out(x, eval_tokens=HP["eval_tokens"]):
+def held_out(x, eval_tokens=TEST_TRAIN["eval_tokens"]):
     """The rows train_saes evaluates on: the tail it holds out (actors/train/data.py)."""
     from actors.store.shards import held_out_rows
 
@@ -52,11 +64,36 @@ def write_manifest(root, acts, rows_per_shard=2048, hookpoint="layers.0.mlp"):
                                                           "mean_norm": mean_norm, "shards": shards}}}
 
 
+def test_worker_settings_are_the_validated_config_with_no_defaults_of_their_own():
+    """One place defines each default, the config: the worker-side dataclasses declare none, and the train stage
+    copies every field from the validated config (so unit tests train with the production shuffle buffer unless
+    they set another). Frozen, and they survive the pickling that ships them to Ray workers."""
+    for cls in (TrainSettings, DeepSpeedSettings):
+        assert [f.name for f in fields(cls) if f.default is not MISSING or f.default_factory is not MISSING] == []
+    train = TrainConfig(shuffle_buffer_tokens=1000, checkpoint_tokens=[512, 2048], lr=3e-4,
+                        deepspeed={"zero_stage": 1, "overlap_comm": False})
+    got = worker_settings(train, train_hash="h", trust_remote_code=True)
+    config = train.model_dump()
+    for f in fields(TrainSettings):
+        value = getattr(got, f.name)
+        if f.name == "deepspeed":
+            assert asdict(value) == config["deepspeed"]
+        elif f.name == "checkpoint_tokens":
+            assert value == (512, 2048)
+        elif f.name not in ("train_hash", "trust_remote_code"):
+            assert value == config[f.name], f.name
+    assert (got.train_hash, got.trust_remote_code) == ("h", True)
+    assert settings().shuffle_buffer_tokens == TrainConfig().shuffle_buffer_tokens == 65536
+    assert pickle.loads(pickle.dumps(got)) == got
+    with pytest.raises(FrozenInstanceError):
+        got.batch_size = 1
+
+
 def test_topk_recovers_planted_directions():
     x, dirs = planted_data(64 * 256)
     job = {"architecture": "topk", "params": {"k": 3}, "width": 96, "seed": 0}
     steps = 1500
-    hp = HP | {"lr": 2e-3}
+    hp = settings(lr=2e-3)
     trainer = build_trainer(job, x.shape[1], steps, hp, torch.device("cpu"))
     rng = np.random.default_rng(1)
     for _ in range(steps):
@@ -78,7 +115,7 @@ def test_loss_decreases(name):
               "matryoshka": {"k": 3, "group_sizes": [32, 32]}, "jumprelu": {"l0_coefficient": 1.0},
               "gated": {"l1_coefficient": 1.0}}[name]
     job = {"architecture": name, "params": params, "width": 64, "seed": 0}
-    trainer = build_trainer(job, x.shape[1], 300, HP | {"lr": 1e-3}, torch.device("cpu"))
+    trainer = build_trainer(job, x.shape[1], 300, settings(lr=1e-3), torch.device("cpu"))
     batches = [torch.from_numpy(x[i:i + 256]) for i in range(0, 8192, 256)]
     first = trainer.step(batches[0])["fvu"]
     for step in range(299):
@@ -109,7 +146,7 @@ def test_same_seed_same_weights_different_seed_same_batches(tmp_path):
         jobs = [{"configuration": "c", "architecture": arch, "params": params, "width": 32, "seed": s,
                  "path": str(tmp_path / out / f"{arch}-seed{s}"), "run_id": None}
                 for arch, params in [("topk", {"k": 4}), ("relu_l1", {"l1_coefficient": 0.1})] for s in seeds]
-        return train_saes(jobs, manifest, "layers.0.mlp", HP | {"data_seed": data_seed}, torch.device("cpu"))
+        return train_saes(jobs, manifest, "layers.0.mlp", settings(data_seed=data_seed), torch.device("cpu"))
 
     first = run("a", [0, 1])
     run("b", [0])
@@ -136,7 +173,7 @@ def test_relu_l1_saved_weights_act_on_raw_activations(tmp_path):
     manifest = write_manifest(tmp_path / "acts", x * 5.0)
     job = {"configuration": "c", "architecture": "relu_l1", "params": {"l1_coefficient": 0.1}, "width": 32,
            "seed": 0, "path": str(tmp_path / "sae"), "run_id": None}
-    [res] = train_saes([job], manifest, "layers.0.mlp", HP, torch.device("cpu"))
+    [res] = train_saes([job], manifest, "layers.0.mlp", settings(), torch.device("cpu"))
     sae = ARCHITECTURES["relu_l1"](32, 32, ARCHITECTURES["relu_l1"].Params(l1_coefficient=0.1))
     sae.load_state_dict(load_file(str(tmp_path / "sae" / "sae.safetensors")))
     raw = torch.from_numpy(held_out(x) * 5.0)
@@ -152,7 +189,7 @@ def test_topk_seeds_share_the_planted_latents():
     saes = []
     for seed in (0, 1):
         t = build_trainer({"architecture": "topk", "params": {"k": 3}, "width": 96, "seed": seed}, 32, 1500,
-                          HP | {"lr": 2e-3}, torch.device("cpu"))
+                          settings(lr=2e-3), torch.device("cpu"))
         rng = np.random.default_rng(1)
         for _ in range(1500):
             t.step(torch.from_numpy(x[rng.integers(0, len(x), 256)]))
@@ -175,7 +212,7 @@ def test_firing_frequency_is_saved_and_matches_l0(tmp_path):
     manifest = write_manifest(tmp_path / "acts", x)
     job = {"configuration": "c", "architecture": "topk", "params": {"k": 4}, "width": 32, "seed": 0,
            "path": str(tmp_path / "sae"), "run_id": None}
-    [res] = train_saes([job], manifest, "layers.0.mlp", HP, torch.device("cpu"))
+    [res] = train_saes([job], manifest, "layers.0.mlp", settings(), torch.device("cpu"))
     freq = load_firing_frequency(tmp_path / "sae")
     assert freq.shape == (32,) and np.all((freq >= 0) & (freq <= 1))
     # Mean latents active per token (L0) is the sum of the per-latent firing frequencies.
@@ -190,7 +227,7 @@ def test_intermediate_checkpoints_act_on_raw_inputs_and_leave_training_unchanged
     def run(out, checkpoint_tokens):
         jobs = [{"configuration": "c", "architecture": arch, "params": params, "width": 32, "seed": 0,
                  "path": str(tmp_path / out / arch / "layers.0.mlp"), "run_id": None} for arch, params in archs]
-        train_saes(jobs, manifest, "layers.0.mlp", HP | {"checkpoint_tokens": checkpoint_tokens}, torch.device("cpu"))
+        train_saes(jobs, manifest, "layers.0.mlp", settings(checkpoint_tokens=checkpoint_tokens), torch.device("cpu"))
         return jobs
 
     plain = run("plain", [])
@@ -226,7 +263,7 @@ def test_dead_fraction_counts_the_latents_that_never_fired_in_the_saved_frequenc
     job = {"configuration": "c", "architecture": "topk", "params": {"k": 1}, "width": 256, "seed": 0,
            "path": str(tmp_path / "sae"), "run_id": None}
     # A one-batch window: latents idle in the last batch but firing elsewhere in the evaluation set.
-    [res] = train_saes([job], manifest, "layers.0.mlp", HP | {"dead_window_tokens": 256}, torch.device("cpu"))
+    [res] = train_saes([job], manifest, "layers.0.mlp", settings(dead_window_tokens=256), torch.device("cpu"))
     freq = load_firing_frequency(tmp_path / "sae")
     assert 0 < (freq == 0).sum() < freq.size
     assert res["metrics"]["dead_fraction"] * freq.size == pytest.approx((freq == 0).sum())

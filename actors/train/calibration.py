@@ -19,12 +19,13 @@ import numpy as np
 import torch
 
 from ..sae import ARCHITECTURES
-from ..sae.l1_target import HOLD_FRACTION
 from .data import ActivationStream
+from .settings import TrainSettings
 from .trainer import build_trainer
 
 
-def calibrate_l1_coefficient(job: dict, stream: ActivationStream, d_in: int, hp: dict, device: torch.device,
+def calibrate_l1_coefficient(job: dict, stream: ActivationStream, d_in: int, settings: TrainSettings,
+                             device: torch.device,
                              steps: int = 100, rounds: int = 8, bounds: tuple[float, float] = (1e-4, 1e2)
                              ) -> tuple[float, float]:
     """(coefficient, probe L0) whose probe L0 came closest to `job["params"]["target_l0"]`."""
@@ -36,7 +37,7 @@ def calibrate_l1_coefficient(job: dict, stream: ActivationStream, d_in: int, hp:
     for _ in range(rounds):
         coefficient = math.exp((lo + hi) / 2)
         probe = job | {"params": job["params"] | {"l1_coefficient": coefficient}}
-        trainer = build_trainer(probe, d_in, steps, hp, device)
+        trainer = build_trainer(probe, d_in, steps, settings, device)
         l0s = [trainer.step(torch.from_numpy(batch).to(device))["l0"]
                for batch in itertools.islice(stream, steps)]
         l0 = float(np.mean(l0s[-max(1, steps // 10):]))  # the end of the probe, past its warm-up
@@ -121,7 +122,7 @@ class SparsityTargets:
     seeds still differ only in their init. Steering by the mean L0 of the seeds instead would make every seed's
     weights depend on which other seeds are trained (and on how a configuration's seeds are split over workers)."""
 
-    def __init__(self, jobs: list[dict], num_steps: int, hp: dict, resume: dict | None = None):
+    def __init__(self, jobs: list[dict], num_steps: int, settings: TrainSettings, resume: dict | None = None):
         self.controllers: dict[str, L0Controller] = {}
         self.driver: dict[str, int] = {}  # configuration -> the seed whose L0 steers it
         self.coefficient_name: dict[str, str] = {}
@@ -135,7 +136,7 @@ class SparsityTargets:
             else:
                 self.controllers[conf] = L0Controller(
                     target=job["params"]["target_l0"], coefficient=job["calibration"]["initial_l1_coefficient"],
-                    hold_step=num_steps - round(hp.get("target_l0_hold_fraction", HOLD_FRACTION) * num_steps),
+                    hold_step=num_steps - round(settings.target_l0_hold_fraction * num_steps),
                     gain=GAIN, proportional=PROPORTIONAL, smoothing=SMOOTHING)
             self.coefficient_name[conf] = ARCHITECTURES[job["architecture"]].target_l0_controls
             self.driver[conf] = steering_seed(job, jobs)

@@ -16,9 +16,10 @@ rounding, because
   then copied into ZeRO's fp32 master partition so the next step starts from the projected weights;
 - a latent counts as fired when it fired in any worker's slice (max all-reduce), so dead-latent counters agree.
 
-Rank 0 evaluates and saves each SAE (and its intermediate checkpoints) in the normal folder layout. No mid-SAE
-training state is written: after a worker failure Ray Train restarts the group, which skips the SAEs already saved
-and retrains the one it was on. deepspeed is imported only inside the worker (an optional extra).
+The batch loop is the torch backend's (actors/train/loop.py), stepping a `DataParallelRun`. Rank 0 evaluates and
+saves each SAE (and its intermediate checkpoints) in the normal folder layout. No mid-SAE training state is
+written: after a worker failure Ray Train restarts the group, which skips the SAEs already saved and retrains the
+one it was on. deepspeed is imported only inside the worker (an optional extra).
 """
 
 from __future__ import annotations
@@ -37,24 +38,26 @@ from ..store.checkpoint import checkpoint_folder, is_trained
 from ..store.shards import held_out_rows
 from .data import ActivationStream, split_held_out
 from .lm_eval import spliced_lm_metrics
-from .training import SAETrainer, build_trainer, held_out_set, lm_eval_inputs, save_trained
+from .loop import train
+from .settings import TrainSettings
+from .training import SAETrainer, build_trainer, held_out_set, lm_eval_inputs, save_trained, wants_lm_eval
 
 log = logging.getLogger(__name__)
 
 
-def deepspeed_config(hp: dict, world_size: int) -> dict:
+def deepspeed_config(settings: TrainSettings, world_size: int) -> dict:
     """The DeepSpeed config for one SAE: fp32 as the torch backend trains, one micro-batch (a worker's slice) per
     step, DeepSpeed's global gradient-norm clip, ZeRO as configured."""
-    ds = hp["deepspeed"]
-    zero = {"stage": ds["zero_stage"]}
-    if ds["zero_stage"] > 0:
-        zero |= {"reduce_bucket_size": ds["reduce_bucket_size"], "overlap_comm": ds["overlap_comm"],
+    ds = settings.deepspeed
+    zero = {"stage": ds.zero_stage}
+    if ds.zero_stage > 0:
+        zero |= {"reduce_bucket_size": ds.reduce_bucket_size, "overlap_comm": ds.overlap_comm,
                  "contiguous_gradients": True}
     return {
-        "train_batch_size": hp["batch_size"],
-        "train_micro_batch_size_per_gpu": hp["batch_size"] // world_size,
+        "train_batch_size": settings.batch_size,
+        "train_micro_batch_size_per_gpu": settings.batch_size // world_size,
         "gradient_accumulation_steps": 1,
-        "gradient_clipping": hp["grad_clip"],
+        "gradient_clipping": settings.grad_clip,
         "zero_optimization": zero,
         "steps_per_print": 2**31 - 1,  # metrics go to MLflow; DeepSpeed's own step log would only repeat them
     }
@@ -147,65 +150,78 @@ def _standalone_copy(sae: SparseAutoencoder) -> SparseAutoencoder:
     return copy.to(next(sae.parameters()).device)
 
 
-def train_sae(job: dict, manifest: dict, hookpoint: str, hp: dict, device: torch.device, rank: int, world_size: int,
-              report=None, progress=None, node_id: str | None = None, lm_eval=None) -> dict | None:
-    """Train one SAE across the workers (every worker calls this with the same job); rank 0 saves it and returns its
-    result, the others return None. `lm_eval()` gives (model, input_ids) for the LM-loss metrics, on rank 0."""
-    entry = manifest["hookpoints"][hookpoint]
-    d_in, total_rows = entry["d_in"], entry["rows"]
-    arch = ARCHITECTURES[job["architecture"]]
-    # Inputs scaled as the torch backend scales them (folded back into the saved weights).
-    scale = float(np.sqrt(d_in) / entry["mean_norm"])
-    input_scale = scale if arch.normalize_inputs else 1.0
-    train_shards, held_out = split_held_out(entry["shards"], held_out_rows(total_rows, hp["eval_tokens"]))
-    stream = ActivationStream(manifest["root"], train_shards, hp["batch_size"], hp["data_seed"],
-                              hp["tokens"] or sum(s["rows"] for s in train_shards), input_scale,
-                              hp.get("shuffle_buffer_tokens", 0))
-    num_steps = stream.num_steps
-    trainer = build_trainer(job, d_in, num_steps, hp, device)
-    batches = (torch.from_numpy(b).to(device) for b in stream)
-    first = next(batches)
-    model = DataParallelSAE(trainer, first, deepspeed_config(hp, world_size), rank, world_size)
-    eval_set = held_out_set(manifest["root"], held_out, input_scale, device) if rank == 0 else None
-    start = time.perf_counter()
+class DataParallelRun:
+    """The `TrainingRun` of the DeepSpeed backend (actors/train/loop.py): one SAE, every worker building the same
+    (same job), each stepping its slice of every batch; rank 0 evaluates and saves. `lm_eval()` gives
+    (model, input_ids) for the LM-loss metrics, on rank 0 (None: not measured)."""
 
-    def save(folder: Path, extra: dict | None = None, raw: SparseAutoencoder | None = None) -> dict:
-        if raw is None:
-            raw = _standalone_copy(trainer.sae)
-            if raw.normalize_inputs:
-                raw.fold_input_scale(scale)
-        return save_trained(trainer, folder, raw, eval_set, d_in=d_in, hookpoint=hookpoint, hp=hp,
-                            num_steps=num_steps, seconds=time.perf_counter() - start, node_id=node_id, extra=extra)
+    start_step = 0  # no mid-SAE training state: a restarted group retrains the SAE from its first step
 
-    pending = list(hp.get("checkpoint_tokens") or [])
-    bar = progress(num_steps) if progress and rank == 0 else None
-    try:
-        for step, x in enumerate(itertools.chain([first], batches)):
-            values = model.step(x)
-            if (step + 1) % hp["log_every"] == 0 or step + 1 == num_steps:
-                metrics = _averaged(values, world_size)  # a collective: every worker takes part
-                if report and rank == 0:
-                    report(step + 1, [(job, metrics)])
-            while pending and (step + 1) * hp["batch_size"] >= pending[0]:
-                if rank == 0:  # the others go on and wait for rank 0 at the next step's reduction
-                    save(checkpoint_folder(job["path"], pending[0]))
-                pending.pop(0)
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-        model.close()
-    if rank != 0:
-        return None
-    raw = _standalone_copy(trainer.sae)
-    if raw.normalize_inputs:
-        raw.fold_input_scale(scale)
-    extra = {}
-    if lm_eval is not None:
-        lm_model, input_ids = lm_eval()
-        extra = spliced_lm_metrics(lm_model, hookpoint, [raw], input_ids)[0]
-    return save(Path(job["path"]), extra, raw)
+    def __init__(self, job: dict, manifest: dict, hookpoint: str, settings: TrainSettings, device: torch.device,
+                 rank: int, world_size: int, node_id: str | None = None, lm_eval=None):
+        self.job, self.hookpoint, self.settings, self.rank, self.world_size = (
+            job, hookpoint, settings, rank, world_size)
+        self.node_id, self.lm_eval = node_id, lm_eval
+        entry = manifest["hookpoints"][hookpoint]
+        self.d_in = entry["d_in"]
+        # Inputs scaled as the torch backend scales them (folded back into the saved weights).
+        self.scale = float(np.sqrt(self.d_in) / entry["mean_norm"])
+        input_scale = self.scale if ARCHITECTURES[job["architecture"]].normalize_inputs else 1.0
+        train_shards, held_out = split_held_out(entry["shards"], held_out_rows(entry["rows"], settings.eval_tokens))
+        stream = ActivationStream(manifest["root"], train_shards, settings.batch_size, settings.data_seed,
+                                  settings.tokens or sum(s["rows"] for s in train_shards), input_scale,
+                                  settings.shuffle_buffer_tokens)
+        self.num_steps = stream.num_steps
+        self.trainer = build_trainer(job, self.d_in, self.num_steps, settings, device)
+        self._batches = (torch.from_numpy(b).to(device) for b in stream)
+        self._first = next(self._batches)  # initialises the SAE (every worker from the whole batch)
+        self.model = DataParallelSAE(self.trainer, self._first, deepspeed_config(settings, world_size), rank,
+                                     world_size)
+        self.eval_set = held_out_set(manifest["root"], held_out, input_scale, device) if rank == 0 else None
+        self.values: torch.Tensor | None = None  # this worker's [loss, fvu, l0] of the last step
+        self.started = time.perf_counter()
+
+    def batches(self):
+        return itertools.chain([self._first], self._batches)
+
+    def step(self, step: int, batch: torch.Tensor) -> None:
+        self.values = self.model.step(batch)
+
+    def metrics(self) -> list[tuple[dict, dict]]:
+        return [(self.job, _averaged(self.values, self.world_size))]  # a collective: every worker takes part
+
+    def save_checkpoint(self, tokens: int) -> None:
+        if self.rank == 0:  # the others go on and wait for rank 0 at the next step's reduction
+            self._save(checkpoint_folder(self.job["path"], tokens))
+
+    def state(self, step: int) -> dict:
+        raise NotImplementedError("the DeepSpeed backend writes no mid-SAE training state")
+
+    def close(self) -> None:
+        self.model.close()
+
+    def finish(self) -> list[dict]:
+        """Rank 0: the SAE saved, [its result]; the others: []."""
+        if self.rank != 0:
+            return []
+        raw = self._raw()
+        extra = {}
+        if self.lm_eval is not None:
+            lm_model, input_ids = self.lm_eval()
+            extra = spliced_lm_metrics(lm_model, self.hookpoint, [raw], input_ids)[0]
+        return [self._save(Path(self.job["path"]), extra, raw)]
+
+    def _raw(self) -> SparseAutoencoder:
+        raw = _standalone_copy(self.trainer.sae)
+        if raw.normalize_inputs:
+            raw.fold_input_scale(self.scale)
+        return raw
+
+    def _save(self, folder: Path, extra: dict | None = None, raw: SparseAutoencoder | None = None) -> dict:
+        return save_trained(self.trainer, folder, raw if raw is not None else self._raw(), self.eval_set,
+                            d_in=self.d_in, hookpoint=self.hookpoint, settings=self.settings,
+                            num_steps=self.num_steps, seconds=time.perf_counter() - self.started,
+                            node_id=self.node_id, extra=extra)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -226,28 +242,29 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["torch_threads"])
-    hp, hookpoint = config["hp"], config["hookpoint"]
+    settings, hookpoint = config["settings"], config["hookpoint"]
     jobs = [job for group in config["groups"] for job in group]
     # After a restart (worker failure) the SAEs already saved are skipped; rank 0 decides so all agree.
-    todo = [[not is_trained(j["path"], hp.get("train_hash"), hp.get("checkpoint_tokens") or []) for j in jobs]]
+    todo = [[not is_trained(j["path"], settings.train_hash, list(settings.checkpoint_tokens)) for j in jobs]]
     dist.broadcast_object_list(todo, src=0)
     manifest = read_manifest(config["activations_uri"], config.get("model_path"))
     device = ray.train.torch.get_device()
-    report = mlflow_reporter(config.get("tracking_uri"), config["hp"]["batch_size"]) if rank == 0 else None
+    report = mlflow_reporter(config.get("tracking_uri"), settings.batch_size) if rank == 0 else None
+    progress = remote_progress(config.get("progress")) if rank == 0 else None
     lm = {}
 
     def lm_eval():
         if "inputs" not in lm:  # loaded once per worker, for all its SAEs
-            lm["inputs"] = lm_eval_inputs(manifest, hp, device)
+            lm["inputs"] = lm_eval_inputs(manifest, settings, device)
         return lm["inputs"]
 
+    measure_lm = rank == 0 and wants_lm_eval(settings, manifest["hookpoints"][hookpoint])
     done = 0
     for job, needed in zip(jobs, todo[0]):
         if not needed:
             continue
-        train_sae(job, manifest, hookpoint, hp, device, rank, world, report=report,
-                  progress=remote_progress(config.get("progress")),
-                  node_id=ray.get_runtime_context().get_node_id(),
-                  lm_eval=lm_eval if hp.get("lm_eval_chunks") else None)
+        run = DataParallelRun(job, manifest, hookpoint, settings, device, rank, world,
+                              node_id=ray.get_runtime_context().get_node_id(), lm_eval=lm_eval if measure_lm else None)
+        train(run, settings, report=report, progress=progress)
         done += 1
     ray.train.report({"done": done})

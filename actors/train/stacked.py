@@ -36,6 +36,7 @@ import math
 import torch
 
 from ..sae.stacked_ops import encoder_outputs
+from .settings import TrainSettings
 
 # Parameter names as the single-seed modules have them; the stack keeps one tensor per name.
 PARAM_NAMES = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
@@ -172,22 +173,18 @@ def split_seeds(jobs: list[dict], d_in: int, batch_size: int, max_stack_bytes: i
     return out
 
 
-def group_trainers(trainers: list, hp: dict, d_in: int) -> list:
+def group_trainers(trainers: list, settings: TrainSettings, d_in: int) -> list:
     """The trainers as step groups: stacks of seeds where the architecture has a stacked forward and
-    `hp["stack_seeds"]` (default on), split to fit `hp["max_stack_bytes"]`; single trainers otherwise."""
-    if not hp.get("stack_seeds", True):
+    `settings.stack_seeds`, split to fit `settings.max_stack_bytes`; single trainers otherwise."""
+    if not settings.stack_seeds:
         return [SingleTrainer(t) for t in trainers]
     by_job = {id(t.job): t for t in trainers}
     stackable_jobs = [t.job for t in trainers if stackable(t)]
-    budget = hp.get("max_stack_bytes") or DEFAULT_MAX_STACK_BYTES
     groups = [SingleTrainer(t) for t in trainers if not stackable(t)]
-    for jobs in split_seeds(stackable_jobs, d_in, hp["batch_size"], budget):
+    for jobs in split_seeds(stackable_jobs, d_in, settings.batch_size, settings.max_stack_bytes):
         members = [by_job[id(j)] for j in jobs]
         if len(members) == 1:
             groups.append(SingleTrainer(members[0]))
         else:
             groups.append(StackedTrainer(members))
     return groups
-
-
-DEFAULT_MAX_STACK_BYTES = 8 * 2**30

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..sae import ARCHITECTURES, SparseAutoencoder
+from .settings import TrainSettings
 from .train_state import SAEState, pack, unpack
 
 
@@ -87,24 +88,24 @@ class SAETrainer:
         self.tokens_seen, self.initialised = meta["tokens_seen"], meta["initialised"]
 
 
-def build_trainer(job: dict, d_in: int, num_steps: int, hp: dict, device: torch.device) -> SAETrainer:
+def build_trainer(job: dict, d_in: int, num_steps: int, settings: TrainSettings, device: torch.device) -> SAETrainer:
     arch = ARCHITECTURES[job["architecture"]]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(job["seed"])  # the init seed: the only thing that differs between seeds
         sae = arch(d_in, job["width"], arch.Params.model_validate(job["params"]))
     sae = sae.to(device)
-    lr = effective_lr(job, hp)
+    lr = effective_lr(job, settings)
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=arch.adam_betas, fused=use_fused_adam(sae, device))
-    scheduler = lr_schedule(optimizer, hp, num_steps)
-    return SAETrainer(job=job, sae=sae, optimizer=optimizer, scheduler=scheduler, grad_clip=hp["grad_clip"],
-                      dead_window=dead_window_tokens(hp, num_steps * hp["batch_size"]),
+    scheduler = lr_schedule(optimizer, settings.warmup_steps, num_steps)
+    return SAETrainer(job=job, sae=sae, optimizer=optimizer, scheduler=scheduler, grad_clip=settings.grad_clip,
+                      dead_window=dead_window_tokens(settings.dead_window_tokens, num_steps * settings.batch_size),
                       last_fired=torch.zeros(job["width"], dtype=torch.long, device=device))
 
 
-def effective_lr(job: dict, hp: dict) -> float:
+def effective_lr(job: dict, settings: TrainSettings) -> float:
     """The learning rate an SAE trains with: its architecture's own `lr` hyper-parameter where it has one, else
     `train.lr`, else the architecture's recipe."""
-    return job["params"].get("lr") or hp["lr"] or ARCHITECTURES[job["architecture"]].recipe_lr(job["width"])
+    return job["params"].get("lr") or settings.lr or ARCHITECTURES[job["architecture"]].recipe_lr(job["width"])
 
 
 FUSED_ADAM_MIN_NUMEL = 1 << 16
@@ -119,9 +120,10 @@ def use_fused_adam(sae: torch.nn.Module, device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and largest >= FUSED_ADAM_MIN_NUMEL)
 
 
-def lr_schedule(optimizer: torch.optim.Optimizer, hp: dict, num_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """Linear warm-up, then linear decay to 0 at the last step."""
-    warmup = max(1, min(hp["warmup_steps"], num_steps // 2))
+def lr_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int,
+                num_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up (`warmup_steps`, at most half the run), then linear decay to 0 at the last step."""
+    warmup = max(1, min(warmup_steps, num_steps // 2))
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [
         torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / warmup, total_iters=warmup),
         torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.0,
@@ -129,6 +131,7 @@ def lr_schedule(optimizer: torch.optim.Optimizer, hp: dict, num_steps: int) -> t
     ], milestones=[warmup])
 
 
-def dead_window_tokens(hp: dict, tokens: int) -> int:
-    """A latent is dead after this many tokens without firing: the configured window, else min(10M, tokens/5)."""
-    return hp["dead_window_tokens"] or max(1, min(10_000_000, tokens // 5))
+def dead_window_tokens(configured: int | None, tokens: int) -> int:
+    """A latent is dead after this many tokens without firing: the `configured` window (`train.dead_window_tokens`),
+    else min(10M, tokens/5) of a run of `tokens`."""
+    return configured or max(1, min(10_000_000, tokens // 5))

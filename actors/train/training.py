@@ -1,8 +1,9 @@
-"""The training loop that runs inside each Ray Train worker, readable top to bottom.
+"""The torch backend: one Ray Train worker trains several SAEs on one shared batch stream.
 
-One worker trains several SAEs on the same batch stream: all seeds of a configuration (and, here, all
-configurations of a hookpoint assigned to this worker). Each SAE keeps its own optimizer and schedule; the seeds of
-a configuration step together as one stack of parameters (actors/train/stacked.py) with the same per-seed results.
+All seeds of a configuration (and all configurations of a hookpoint dealt to this worker) see the same batches in
+the same order. Each SAE keeps its own optimizer and schedule; the seeds of a configuration step together as one
+stack of parameters (actors/train/stacked.py) with the same per-seed results. `TorchRun` sets the SAEs up (calibrated,
+or resumed from a training state) and steps them; the loop itself is actors/train/loop.py's, shared with DeepSpeed.
 """
 
 from __future__ import annotations
@@ -11,9 +12,7 @@ import copy
 import itertools
 import logging
 import math
-import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +25,151 @@ from ..store.storage import ActivationStore
 from .calibration import SparsityTargets, calibrate_l1_coefficient, is_steered, steering_seed
 from .data import ActivationStream, read_rows, split_held_out
 from .lm_eval import spliced_lm_metrics
+from .loop import Report, SaveState, train
+from .settings import TrainSettings
 from .stacked import group_trainers
-from .train_state import SAEState, state_key, write_training_state
+from .train_state import SAEState, state_key
 from .trainer import SAETrainer, build_trainer, effective_lr
 
 log = logging.getLogger(__name__)
+
+
+def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, settings: TrainSettings, device: torch.device,
+               report: Report | None = None, progress=None, node_id: str | None = None,
+               resume: dict[str, SAEState] | None = None, save_state: SaveState | None = None) -> list[dict]:
+    """Train `jobs` (SAEs of one hookpoint) on one shared stream; save each; return their results.
+
+    `report`, `progress`, `save_state`: see `loop.train`. `node_id` (the Ray node training them), when given, is
+    saved with the metrics. With `settings.checkpoint_tokens`, an intermediate SAE folder (weights, cfg, metrics)
+    is saved at each of those token counts too. `resume` (from `read_training_state`) continues a training state:
+    the result is identical to an uninterrupted run's.
+    """
+    return train(TorchRun(jobs, manifest, hookpoint, settings, device, node_id, resume), settings,
+                 report=report, progress=progress, save_state=save_state)
+
+
+class TorchRun:
+    """The `TrainingRun` of the torch backend (actors/train/loop.py).
+
+    Jobs with a `target_l0` have their L1 coefficient steered during training (actors/train/calibration.py); a job
+    marked `l0_pilot` is trained only to steer its configuration (the orchestrator adds one where a configuration's
+    seeds are split over workers): it is neither saved, reported nor returned."""
+
+    def __init__(self, jobs: list[dict], manifest: dict, hookpoint: str, settings: TrainSettings,
+                 device: torch.device, node_id: str | None = None, resume: dict[str, SAEState] | None = None):
+        self.manifest, self.hookpoint, self.settings, self.device, self.node_id = (
+            manifest, hookpoint, settings, device, node_id)
+        entry = manifest["hookpoints"][hookpoint]
+        self.d_in = entry["d_in"]
+        # Architectures that train on normalised inputs see x * sqrt(d_in) / mean-norm; folded back on save.
+        self.scale = float(np.sqrt(self.d_in) / entry["mean_norm"])
+        # The tail rows are held out (never trained on) and evaluate every SAE; the rest is the training stream.
+        train_shards, held_out = split_held_out(entry["shards"], held_out_rows(entry["rows"], settings.eval_tokens))
+        self.streams = self._streams(jobs, train_shards)
+        self.num_steps = next(iter(self.streams.values())).num_steps
+        resume = _usable_state(resume, jobs, settings, self.num_steps)
+        # The calibrated coefficients come back with a resumed state: calibrating again would only repeat it.
+        jobs = (_restore_calibration(jobs, resume) if resume
+                else _calibrate_sparsity(jobs, self.streams, self.d_in, settings, device))
+        # Configurations with a target L0: their coefficient is steered during training.
+        self.targets = SparsityTargets(jobs, self.num_steps, settings, resume)
+        trainers = {norm: [build_trainer(j, self.d_in, self.num_steps, settings, device) for j in jobs
+                           if ARCHITECTURES[j["architecture"]].normalize_inputs == norm] for norm in self.streams}
+        self.trainers = [t for group in trainers.values() for t in group]  # the per-seed view
+        self.start_step, elapsed = self._resume(resume) if resume else (0, 0.0)
+        # Seeds of a configuration step as one stack (actors/train/stacked.py), each with its own (possibly
+        # resumed) optimizer.
+        self.groups = {norm: group_trainers(ts, settings, self.d_in) for norm, ts in trainers.items()}
+        self.targets.apply(self.trainers)
+        self.saved = [t for t in self.trainers if not t.job.get("l0_pilot")]  # a pilot only steers its configuration
+        # Evaluation set: the held-out rows, unshuffled, identical for every SAE.
+        self.eval_sets = {norm: held_out_set(manifest["root"], held_out, self.scale if norm else 1.0, device)
+                          for norm in self.streams}
+        self.logs: list[tuple[dict, dict]] = []  # the last step's (job, metrics)
+        self.started = time.perf_counter() - elapsed  # a resumed run counts the seconds trained before the failure
+
+    def _streams(self, jobs: list[dict], train_shards: list[dict]) -> dict[bool, ActivationStream]:
+        """One stream per input normalisation the jobs need (raw, scaled), in the same order."""
+        s = self.settings
+        tokens = s.tokens or sum(shard["rows"] for shard in train_shards)
+        return {norm: ActivationStream(self.manifest["root"], train_shards, s.batch_size, s.data_seed, tokens,
+                                       self.scale if norm else 1.0, s.shuffle_buffer_tokens)
+                for norm in {ARCHITECTURES[j["architecture"]].normalize_inputs for j in jobs}}
+
+    def _resume(self, resume: dict[str, SAEState]) -> tuple[int, float]:
+        """Load every SAE's state; (the step to continue from, the seconds trained before)."""
+        for t in self.trainers:
+            t.load_state(resume[t.job["path"]])
+        tensors, meta = next(iter(resume.values()))  # the worker-wide entries are alike in every SAE's state
+        _set_rng_state(tensors, self.device)
+        log.info("resuming %d SAEs of %s at step %d of %d", len(self.trainers), self.hookpoint, meta["step"],
+                 self.num_steps)
+        return meta["step"], meta["train_seconds"]
+
+    def batches(self):
+        # The streams (raw and scaled inputs) advance together, one batch each per step, so that every Ray Train
+        # worker reaches its state checkpoints (a barrier across workers) at the same steps, whatever it trains.
+        # A resumed run re-reads the stream and skips the batches it has trained on: the order depends only on
+        # the manifest and the data seed.
+        return zip(*(itertools.islice(stream, self.start_step, None) for stream in self.streams.values()))
+
+    def step(self, step: int, batch: tuple[np.ndarray, ...]) -> None:
+        self.logs = []
+        for norm, rows in zip(self.streams, batch):
+            x = torch.from_numpy(rows).to(self.device)
+            self.logs += [(t.job, m) for g in self.groups[norm] for t, m in zip(g.trainers, g.step(x))]
+        self.targets.after_step(step, self.logs)
+        self.targets.apply(self.trainers)
+
+    def metrics(self) -> list[tuple[dict, dict]]:
+        return [(job, m) for job, m in self.logs if not job.get("l0_pilot")]
+
+    def save_checkpoint(self, tokens: int) -> None:
+        for t in self.saved:
+            self._save(t, checkpoint_folder(t.job["path"], tokens))
+
+    def state(self, step: int) -> dict[str, SAEState]:
+        seconds = time.perf_counter() - self.started
+        return {state_key(t.job): _sae_state(t, step, self.settings, seconds, self.device, self.targets)
+                for t in self.trainers}
+
+    def close(self) -> None:
+        pass
+
+    def finish(self) -> list[dict]:
+        raws = [raw_sae(t.sae, self.scale) for t in self.saved]  # folded once, for the LM loss and the saved weights
+        lm = [{}] * len(self.saved)
+        if wants_lm_eval(self.settings, self.manifest["hookpoints"][self.hookpoint]):
+            model, input_ids = lm_eval_inputs(self.manifest, self.settings, self.device)
+            lm = spliced_lm_metrics(model, self.hookpoint, raws, input_ids)
+        results = [self._save(t, Path(t.job["path"]), extra, raw) for t, extra, raw in zip(self.saved, lm, raws)]
+        _warn_missed_targets(results, self.num_steps)
+        return results
+
+    def _save(self, t: SAETrainer, folder: Path, extra: dict | None = None,
+              raw: SparseAutoencoder | None = None) -> dict:
+        return save_trained(t, folder, raw if raw is not None else raw_sae(t.sae, self.scale),
+                            self.eval_sets[t.sae.normalize_inputs], d_in=self.d_in, hookpoint=self.hookpoint,
+                            settings=self.settings, num_steps=self.num_steps,
+                            seconds=time.perf_counter() - self.started,
+                            resumed_from_tokens=self.start_step * self.settings.batch_size, node_id=self.node_id,
+                            extra=extra, steered_params=self.targets.params(t.job),
+                            target_metrics=self.targets.metrics(t.job))
+
+
+def wants_lm_eval(settings: TrainSettings, entry: dict) -> bool:
+    """Whether the LM loss with each SAE spliced in is measured: asked for, and the source has a model (a planted
+    one has none)."""
+    return bool(settings.lm_eval_chunks) and entry.get("source", "model") == "model"
+
+
+def _warn_missed_targets(results: list[dict], num_steps: int) -> None:
+    for r in results:
+        target, reached = r["metrics"].get("target_l0"), r["metrics"]["l0"]
+        if target is not None and abs(math.log(max(reached, 1e-9) / target)) > math.log(1 + L0_TOLERANCE):
+            log.warning("%s seed %s: L0 %.1f, target %s: the L1 coefficient could not be steered there in %d steps "
+                        "(more training tokens let the penalty act)", r["job"].get("configuration"),
+                        r["job"]["seed"], reached, target, num_steps)
 
 
 @torch.no_grad()
@@ -56,125 +195,6 @@ def evaluate(sae: SparseAutoencoder, batches: list[torch.Tensor]) -> tuple[dict[
         sae.train(was_training)
 
 
-def train_saes(jobs: list[dict], manifest: dict, hookpoint: str, hp: dict, device: torch.device,
-               report=None, progress=None, node_id: str | None = None,
-               resume: dict[str, SAEState] | None = None, save_state: Callable[[Path, int], None] | None = None,
-               after_step: Callable[[int], None] | None = None) -> list[dict]:
-    """Train `jobs` (SAEs of one hookpoint) on one shared stream; save each; return their metrics.
-
-    `report(step, [(job, metrics), ...])` is called every `log_every` steps; `progress(total)` makes a bar.
-    `node_id` (the Ray node training them), when given, is saved with the metrics. With `hp["checkpoint_tokens"]`,
-    an intermediate SAE folder (weights, cfg, metrics) is saved at each of those token counts too.
-
-    Fault tolerance: every `hp["state_every_tokens"]` (and after the last step) the full training state is written
-    to a fresh folder and handed to `save_state(folder, step)`, which must copy what it keeps (the folder is
-    removed afterwards). `resume` (from `read_training_state`) continues such a state: the result is identical
-    to an uninterrupted run's. `after_step(step)` is called after every step (tests use it to inject failures).
-
-    Jobs with a `target_l0` have their L1 coefficient steered during training (actors/train/calibration.py); a job marked
-    `l0_pilot` is trained only to steer its configuration (the orchestrator adds one where a configuration's seeds
-    are split over workers): it is neither saved, reported nor returned.
-    """
-    entry = manifest["hookpoints"][hookpoint]
-    d_in = entry["d_in"]
-    # The tail rows are held out (never trained on) and evaluate every SAE; the rest is the training stream.
-    train_shards, held_out = split_held_out(entry["shards"], held_out_rows(entry["rows"], hp["eval_tokens"]))
-    tokens = hp["tokens"] or sum(s["rows"] for s in train_shards)
-    # Architectures that train on normalised inputs see x * sqrt(d_in) / mean-norm; folded back on save.
-    scale = float(np.sqrt(d_in) / entry["mean_norm"])
-    streams = {norm: ActivationStream(manifest["root"], train_shards, hp["batch_size"], hp["data_seed"],
-                                      tokens, scale if norm else 1.0, hp.get("shuffle_buffer_tokens", 0))
-               for norm in {ARCHITECTURES[j["architecture"]].normalize_inputs for j in jobs}}
-    num_steps = next(iter(streams.values())).num_steps
-    resume = _usable_state(resume, jobs, hp, num_steps)
-    # The calibrated coefficients come back with a resumed state: calibrating again would only repeat it.
-    jobs = _restore_calibration(jobs, resume) if resume else _calibrate_sparsity(jobs, streams, d_in, hp, device)
-    # Configurations with a target L0: their coefficient is steered during training (actors/train/calibration.py).
-    targets = SparsityTargets(jobs, num_steps, hp, resume)
-    trainers = {norm: [build_trainer(j, d_in, num_steps, hp, device) for j in jobs
-                       if ARCHITECTURES[j["architecture"]].normalize_inputs == norm] for norm in streams}
-    start_step, elapsed = 0, 0.0
-    if resume:
-        for t in (t for group in trainers.values() for t in group):
-            t.load_state(resume[t.job["path"]])
-        tensors, meta = next(iter(resume.values()))  # the worker-wide entries are alike in every SAE's state
-        start_step, elapsed = meta["step"], meta["train_seconds"]
-        _set_rng_state(tensors, device)
-        log.info("resuming %d SAEs of %s at step %d of %d", len(jobs), hookpoint, start_step, num_steps)
-    # Seeds of a configuration step as one stack (actors/train/stacked.py), each with its own (possibly resumed)
-    # optimizer; `trainers` stays the per-seed view.
-    groups = {norm: group_trainers(ts, hp, d_in) for norm, ts in trainers.items()}
-    every_trainer = [t for group in trainers.values() for t in group]
-    targets.apply(every_trainer)
-
-    # Evaluation set: the held-out rows, unshuffled, identical for every SAE.
-    eval_sets = {norm: held_out_set(manifest["root"], held_out, scale if norm else 1.0, device) for norm in streams}
-
-    def save(t: SAETrainer, folder: Path, extra: dict | None = None, raw: SparseAutoencoder | None = None) -> dict:
-        return save_trained(t, folder, raw or raw_sae(t.sae, scale), eval_sets[t.sae.normalize_inputs],
-                            d_in=d_in, hookpoint=hookpoint, hp=hp, num_steps=num_steps,
-                            seconds=time.perf_counter() - start, resumed_from_tokens=start_step * hp["batch_size"],
-                            node_id=node_id, extra=extra, steered_params=targets.params(t.job),
-                            target_metrics=targets.metrics(t.job))
-
-    def snapshot(step: int) -> None:
-        states = {state_key(t.job): _sae_state(t, step, hp, time.perf_counter() - start, device, targets)
-                  for t in every_trainer}
-        with tempfile.TemporaryDirectory(prefix="sae-train-state-") as tmp:
-            folder = Path(tmp) / f"step{step:09d}"
-            write_training_state(folder, states)
-            save_state(folder, step)
-
-    saved = [t for t in every_trainer if not t.job.get("l0_pilot")]  # a pilot only steers its configuration
-    start = time.perf_counter() - elapsed  # a resumed run counts the seconds trained before the failure
-    bar = progress(num_steps) if progress else None
-    if bar is not None and start_step:
-        bar.update(start_step)
-    # Checkpoints already saved before the resumed step are on disk; the first step reaching each one saves it.
-    pending = [n for n in hp.get("checkpoint_tokens") or [] if n > start_step * hp["batch_size"]]
-    state_every = max(1, (hp.get("state_every_tokens") or num_steps * hp["batch_size"] // 10) // hp["batch_size"])
-    # The streams (raw and scaled inputs) advance together, one batch each per step, so that every Ray Train
-    # worker reaches its state checkpoints (a barrier across workers) at the same steps, whatever it trains.
-    # A resumed run re-reads the stream and skips the batches it has trained on: the order depends only on
-    # the manifest and the data seed.
-    batches = zip(*(itertools.islice(stream, start_step, None) for stream in streams.values()))
-    for step, per_stream in enumerate(batches, start=start_step):
-        logs = []
-        for norm, batch in zip(streams, per_stream):
-            x = torch.from_numpy(batch).to(device)
-            logs += [(t.job, m) for g in groups[norm] for t, m in zip(g.trainers, g.step(x))]
-        targets.after_step(step, logs)
-        targets.apply(every_trainer)
-        if report and ((step + 1) % hp["log_every"] == 0 or step + 1 == num_steps):
-            report(step + 1, [(job, m) for job, m in logs if not job.get("l0_pilot")])
-        # Intermediate SAEs: saved at the first step that reaches each requested token count.
-        while pending and (step + 1) * hp["batch_size"] >= pending[0]:
-            for t in saved:
-                save(t, checkpoint_folder(t.job["path"], pending[0]))
-            pending.pop(0)
-        if save_state and ((step + 1) % state_every == 0 or step + 1 == num_steps):
-            snapshot(step + 1)
-        if bar is not None:
-            bar.update(1)
-        if after_step:
-            after_step(step + 1)
-    if bar is not None:
-        bar.close()
-    raws = [raw_sae(t.sae, scale) for t in saved]  # folded once, for the LM loss and for the saved weights
-    lm = [{}] * len(saved)
-    if hp.get("lm_eval_chunks") and entry.get("source", "model") == "model":  # a planted source has no model
-        model, input_ids = lm_eval_inputs(manifest, hp, device)
-        lm = spliced_lm_metrics(model, hookpoint, raws, input_ids)
-    results = [save(t, Path(t.job["path"]), extra, raw) for t, extra, raw in zip(saved, lm, raws)]
-    for r in results:
-        target, reached = r["metrics"].get("target_l0"), r["metrics"]["l0"]
-        if target is not None and abs(math.log(max(reached, 1e-9) / target)) > math.log(1 + L0_TOLERANCE):
-            log.warning("%s seed %s: L0 %.1f, target %s: the L1 coefficient could not be steered there in %d steps "
-                        "(more training tokens let the penalty act)", r["job"].get("configuration"),
-                        r["job"]["seed"], reached, target, num_steps)
-    return results
-
-
 def raw_sae(sae: SparseAutoencoder, scale: float) -> SparseAutoencoder:
     """The SAE as saved: acting on raw activations (training goes on with the scaled original)."""
     if not sae.normalize_inputs:
@@ -185,13 +205,13 @@ def raw_sae(sae: SparseAutoencoder, scale: float) -> SparseAutoencoder:
 
 
 def save_trained(t: SAETrainer, folder: Path, raw: SparseAutoencoder, eval_set: list[torch.Tensor], *, d_in: int,
-                 hookpoint: str, hp: dict, num_steps: int, seconds: float, resumed_from_tokens: int = 0,
+                 hookpoint: str, settings: TrainSettings, num_steps: int, seconds: float, resumed_from_tokens: int = 0,
                  node_id: str | None = None, extra: dict | None = None, steered_params: dict | None = None,
                  target_metrics: dict | None = None) -> dict:
     """Evaluate `t.sae` on `eval_set` and save `raw` (its weights on raw activations) with cfg and metrics.
     `steered_params`: hyper-parameters a target steered during training, at their final values (`SparsityTargets`);
     `target_metrics`: what the target and its steering record."""
-    cfg = sae_folder_cfg(t.job, d_in, hookpoint, hp, num_steps, t.dead_window)
+    cfg = sae_folder_cfg(t.job, d_in, hookpoint, settings, num_steps, t.dead_window)
     cfg["params"] = t.job["params"] | (steered_params or {})
     cfg |= {"data_digest": t.digest.hexdigest(), "tokens": t.tokens_seen}
     metrics, frequency = evaluate(t.sae, eval_set)
@@ -211,7 +231,7 @@ def save_trained(t: SAETrainer, folder: Path, raw: SparseAutoencoder, eval_set: 
 L0_TOLERANCE = 0.15  # relative miss of a target L0 that is worth a warning
 
 
-def _sae_state(t: SAETrainer, step: int, hp: dict, seconds: float, device: torch.device,
+def _sae_state(t: SAETrainer, step: int, settings: TrainSettings, seconds: float, device: torch.device,
                targets: SparsityTargets) -> SAEState:
     """One SAE's training state plus what the whole worker resumes from: the step (the data position), the RNG
     state (no step draws random numbers today; an architecture that does must still continue identically),
@@ -221,7 +241,8 @@ def _sae_state(t: SAETrainer, step: int, hp: dict, seconds: float, device: torch
     if device.type == "cuda":
         tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
     meta |= {"step": step, "train_seconds": seconds,
-             "train_hash": hp.get("train_hash"), "batch_size": hp["batch_size"], "data_seed": hp["data_seed"],
+             "train_hash": settings.train_hash, "batch_size": settings.batch_size,
+             "data_seed": settings.data_seed,
              "job": {k: t.job.get(k) for k in _JOB_IDENTITY}, "params": t.job["params"],
              "calibration": t.job.get("calibration"), "l0_control": targets.state(t.job)}
     return tensors, meta
@@ -232,7 +253,7 @@ def _sae_state(t: SAETrainer, step: int, hp: dict, seconds: float, device: torch
 _JOB_IDENTITY = ("path", "configuration", "architecture", "width", "seed")
 
 
-def _usable_state(resume: dict[str, SAEState] | None, jobs: list[dict], hp: dict,
+def _usable_state(resume: dict[str, SAEState] | None, jobs: list[dict], settings: TrainSettings,
                   num_steps: int) -> dict[str, SAEState] | None:
     """`resume` if it continues exactly these jobs with these settings, else None (train from the start)."""
     if not resume:
@@ -253,7 +274,7 @@ def _usable_state(resume: dict[str, SAEState] | None, jobs: list[dict], hp: dict
         if is_steered(job) and not meta.get("l0_control"):
             problems.append(f"{job['path']}: no L0 controller state")
         if (meta["train_hash"], meta["batch_size"], meta["data_seed"]) != (
-                hp.get("train_hash"), hp["batch_size"], hp["data_seed"]):
+                settings.train_hash, settings.batch_size, settings.data_seed):
             problems.append(f"{job['path']}: other training settings")
     if problems:
         log.warning("training state not resumed, training from the start: %s", "; ".join(problems))
@@ -276,20 +297,22 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], device: torch.device) -> No
         torch.cuda.set_rng_state(tensors["rng.cuda"], device)
 
 
-def lm_eval_inputs(manifest: dict, hp: dict, device: torch.device) -> tuple[torch.nn.Module, torch.Tensor]:
+def lm_eval_inputs(manifest: dict, settings: TrainSettings,
+                   device: torch.device) -> tuple[torch.nn.Module, torch.Tensor]:
     """The generate stage's model and its first `lm_eval_chunks` token chunks (seen in training too: the
     activations cover the whole corpus sample)."""
     from ..generate.models import load_model
 
     m = manifest["model"]
-    model = load_model(m["path"], m.get("revision"), m["dtype"], hp.get("trust_remote_code", False), str(device),
+    model = load_model(m["path"], m.get("revision"), m["dtype"], settings.trust_remote_code, str(device),
                        random_init_seed=m.get("random_init_seed"))
     chunks = ActivationStore(manifest["root"]).read_table("tokens.parquet", columns=["input_ids"]).slice(
-        0, hp["lm_eval_chunks"]).column("input_ids").to_pylist()
+        0, settings.lm_eval_chunks).column("input_ids").to_pylist()
     return model, torch.tensor(chunks, dtype=torch.long, device=device)
 
 
-def _calibrate_sparsity(jobs: list[dict], streams: dict, d_in: int, hp: dict, device: torch.device) -> list[dict]:
+def _calibrate_sparsity(jobs: list[dict], streams: dict, d_in: int, settings: TrainSettings,
+                        device: torch.device) -> list[dict]:
     """Jobs with a `target_l0` get the L1 coefficient their training starts from (`calibration`), found once per
     configuration by short probes with its smallest seed; the controller (`SparsityTargets`) takes it from there."""
     found: dict[str, tuple[float, float]] = {}
@@ -301,7 +324,8 @@ def _calibrate_sparsity(jobs: list[dict], streams: dict, d_in: int, hp: dict, de
         conf = job.get("configuration", "")
         if conf not in found:
             stream = streams[ARCHITECTURES[job["architecture"]].normalize_inputs]
-            found[conf] = calibrate_l1_coefficient(job | {"seed": steering_seed(job, jobs)}, stream, d_in, hp, device)
+            found[conf] = calibrate_l1_coefficient(job | {"seed": steering_seed(job, jobs)}, stream, d_in, settings,
+                                                   device)
         coefficient, probe_l0 = found[conf]
         out.append(job | {"calibration": {"initial_l1_coefficient": coefficient, "calibration_probe_l0": probe_l0}})
     return out
@@ -315,7 +339,8 @@ def held_out_set(root: str, held_out: list[dict], scale: float, device: torch.de
     return list(rows.split(batch_size))
 
 
-def sae_folder_cfg(job: dict, d_in: int, hookpoint: str, hp: dict, num_steps: int, dead_window: int) -> dict:
+def sae_folder_cfg(job: dict, d_in: int, hookpoint: str, settings: TrainSettings, num_steps: int,
+                   dead_window: int) -> dict:
     """cfg.json: sparsify's keys (so its loader reads the folder) plus what reproduces this SAE."""
     return {
         "d_in": d_in,
@@ -329,11 +354,11 @@ def sae_folder_cfg(job: dict, d_in: int, hookpoint: str, hp: dict, num_steps: in
         "architecture": job["architecture"],
         "params": job["params"],
         "seed": job["seed"],
-        "data_seed": hp["data_seed"],
+        "data_seed": settings.data_seed,
         "hookpoint": hookpoint,
-        "batch_size": hp["batch_size"],
+        "batch_size": settings.batch_size,
         "num_steps": num_steps,
         "dead_window_tokens": dead_window,
-        "lr": effective_lr(job, hp),
-        "train_hash": hp.get("train_hash"),  # the train stage retrains a folder whose settings differ
+        "lr": effective_lr(job, settings),
+        "train_hash": settings.train_hash,  # the train stage retrains a folder whose settings differ
     }

@@ -11,8 +11,6 @@ hands the last complete state back, from which training continues exactly.
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import time
 from pathlib import Path
 
@@ -75,11 +73,11 @@ def train_loop_per_worker(config: dict) -> None:
         if resume is None:
             log.warning("checkpoint %s lacks the state of some of this worker's SAEs: training from the start",
                         checkpoint.path)
-    results = train_saes(jobs, manifest, config["hookpoint"], config["hp"], device,
-                         report=mlflow_reporter(config.get("tracking_uri"), config["hp"]["batch_size"]),
+    settings = config["settings"]
+    results = train_saes(jobs, manifest, config["hookpoint"], settings, device,
+                         report=mlflow_reporter(config.get("tracking_uri"), settings.batch_size),
                          progress=remote_progress(config.get("progress")),
-                         node_id=ray.get_runtime_context().get_node_id(),
-                         resume=resume, save_state=_report_state, after_step=_fault_injection(config.get("fault")))
+                         node_id=ray.get_runtime_context().get_node_id(), resume=resume, save_state=_report_state)
     ray.train.report({"done": len(results)})
 
 
@@ -94,22 +92,3 @@ def _report_state(folder: Path, step: int) -> None:
     # Every worker reports at the same steps (report is a barrier); Ray Train merges their folders into one
     # checkpoint and registers it only once all have been persisted.
     ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
-
-
-def _fault_injection(spec: dict | None):
-    """Test hook: SIGKILL this worker after `spec["after_steps"]` steps, once per `spec["marker"]` file (the
-    restarted worker finds the marker and carries on). It first waits until Ray Train has committed the last
-    reported state, so that the restart deterministically resumes from it."""
-    if not spec:
-        return None
-
-    def after_step(step: int) -> None:
-        if step != spec["after_steps"]:
-            return
-        try:
-            os.close(os.open(spec["marker"], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
-            return
-        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
-        os.kill(os.getpid(), signal.SIGKILL)
-    return after_step

@@ -11,6 +11,7 @@ with one line saying what was damaged.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -24,10 +25,11 @@ from actors.store.checkpoint import METRICS, checkpoint_folder, is_trained, trai
 from actors.store.shards import held_out_rows
 from actors.train.calibration import is_steered
 from actors.train.deepspeed_backend import train_loop_per_worker as deepspeed_train_loop
+from actors.train.settings import DeepSpeedSettings, TrainSettings
 from actors.train.stacked import split_seeds
 from actors.train.worker import train_loop_per_worker
 
-from ..config import ExperimentConfig
+from ..config import ExperimentConfig, TrainConfig
 from ..console import train_logging_config
 from ..plan import SAEConfiguration, slug
 from .failure_policy import SAETrainer
@@ -73,10 +75,20 @@ def training_code_version(root: Path | None = None) -> str:
     return h.hexdigest()[:16]
 
 
-def train_hparams(cfg: ExperimentConfig, manifest: dict) -> dict:
-    """The settings `actors.train.training.train_saes` gets."""
-    return cfg.train.model_dump() | {"train_hash": train_hash(cfg, manifest),
-                                     "trust_remote_code": cfg.model.trust_remote_code}
+def train_settings(cfg: ExperimentConfig, manifest: dict) -> TrainSettings:
+    """What the training workers get: the validated `train` settings, with the reuse key and the model's trust."""
+    return worker_settings(cfg.train, train_hash=train_hash(cfg, manifest),
+                           trust_remote_code=cfg.model.trust_remote_code)
+
+
+def worker_settings(train: TrainConfig, *, train_hash: str | None, trust_remote_code: bool) -> TrainSettings:
+    """`train` as `actors.train.settings.TrainSettings`: every field the workers read, taken from the config (where
+    its default is), and what the stage derives: `train_hash` (None outside the pipeline), `trust_remote_code`."""
+    derived = {"deepspeed": DeepSpeedSettings(**train.deepspeed.model_dump()),
+               "checkpoint_tokens": tuple(train.checkpoint_tokens),  # frozen, as the whole
+               "train_hash": train_hash, "trust_remote_code": trust_remote_code}
+    return TrainSettings(**{f.name: derived[f.name] if f.name in derived else getattr(train, f.name)
+                            for f in dataclasses.fields(TrainSettings)})
 
 
 def source_checkpoints(cfg: ExperimentConfig, entry: dict) -> list[int]:
@@ -134,13 +146,12 @@ def _run_name(cfg: ExperimentConfig, hookpoint: str, repair_checkpoints: list[st
 
 
 def run_train(cfg: ExperimentConfig, manifest: dict, configurations: list[SAEConfiguration],
-              tracking_uri: str | None, fault: dict | None = None, progress=None) -> dict:
-    """`fault` is a test hook: {"after_steps": n, "marker": path} kills a training worker once (see train_worker).
-    `progress`: a `ProgressCounter` actor the workers add their steps to (the driver's bar)."""
+              tracking_uri: str | None, progress=None) -> dict:
+    """`progress`: a `ProgressCounter` actor the workers add their steps to (the driver's bar)."""
     t = cfg.train
     use_gpu = t.use_gpu if t.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
     expected = train_hash(cfg, manifest)
-    hp = train_hparams(cfg, manifest)
+    settings = train_settings(cfg, manifest)
     for hookpoint in manifest["hookpoints"]:
         checkpoints = source_checkpoints(cfg, manifest["hookpoints"][hookpoint])
         groups = [c.jobs() for c in configurations if c.hookpoint == hookpoint]
@@ -160,10 +171,11 @@ def run_train(cfg: ExperimentConfig, manifest: dict, configurations: list[SAECon
         trainer = SAETrainer(  # a TorchTrainer that does not retry a worker's BadInputError
             deepspeed_train_loop if t.backend == "deepspeed" else train_loop_per_worker,
             train_loop_config={
-                "groups": groups, "hookpoint": hookpoint, "hp": hp | {"checkpoint_tokens": checkpoints},
+                "groups": groups, "hookpoint": hookpoint,
+                "settings": dataclasses.replace(settings, checkpoint_tokens=tuple(checkpoints)),
                 "tracking_uri": tracking_uri,
                 "activations_uri": manifest["root"], "model_path": manifest.get("model", {}).get("path"),
-                "torch_threads": t.cpus_per_worker, "fault": fault, "progress": progress,
+                "torch_threads": t.cpus_per_worker, "progress": progress,
                 "architecture_modules": cfg.sae.architecture_modules,
             },
             scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
