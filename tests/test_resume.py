@@ -132,12 +132,13 @@ def _train_driver(cfg, address: str, fault: dict) -> DriverProcess:
             "from orchestrator.config import parse_config\n"
             "from orchestrator.plan import plan_configurations\n"
             "from orchestrator.stages.train import run_train\n"
-            "ray.init(address=sys.argv[1], runtime_env={'env_vars': {'SAE_SEEDS_FAULT': sys.argv[2]},\n"
+            "ray.init(address=sys.argv[1], runtime_env={'env_vars': {'SAE_SEEDS_FAULT': sys.argv[2],\n"
+            "         'PYTHONPATH': sys.argv[4]},  # the setup hook is imported before the driver's paths are added\n"
             "         'worker_process_setup_hook': 'tests.fault_hooks.install'}, log_to_driver=False)\n"
             "cfg = parse_config(json.loads(sys.stdin.read()))\n"
             "manifest = json.loads((cfg.output_path / 'activations' / 'manifest.json').read_text())\n"
             "run_train(cfg, manifest, plan_configurations(cfg, [sys.argv[3]]), None)\n")
-    proc = DriverProcess([sys.executable, "-c", code, address, json.dumps(fault), HOOKPOINT],
+    proc = DriverProcess([sys.executable, "-c", code, address, json.dumps(fault), HOOKPOINT, str(REPO)],
                          cfg.output_path.with_name(cfg.output_path.name + "-driver.log"), cwd=REPO,
                          stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                          env=os.environ | {"PYTHONPATH": str(REPO)})
