@@ -30,6 +30,7 @@ from actors.train.worker import train_loop_per_worker
 from ..config import ExperimentConfig
 from ..console import train_logging_config
 from ..plan import SAEConfiguration, slug
+from ..resources import train_request_bytes
 from .failure_policy import SAETrainer
 
 log = logging.getLogger(__name__)
@@ -166,8 +167,10 @@ def run_train(cfg: ExperimentConfig, manifest: dict, configurations: list[SAECon
                 "torch_threads": t.cpus_per_worker, "fault": fault, "progress": progress,
                 "architecture_modules": cfg.sae.architecture_modules,
             },
-            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                         resources_per_worker={"CPU": t.cpus_per_worker}),
+            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={
+                "CPU": t.cpus_per_worker,  # and the memory its SAEs and stream are estimated to need
+                "memory": train_request_bytes(groups, num_workers, manifest["hookpoints"][hookpoint], t,
+                                              cfg.generate.dtype, use_gpu)}),
             # A worker failure restarts the workers from the last training state they reported; re-running the
             # experiment after the driver died resumes from it too (same run name and storage).
             run_config=RunConfig(name=_run_name(cfg, hookpoint, repair_checkpoints),
