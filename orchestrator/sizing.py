@@ -340,7 +340,7 @@ def check_fits(cfg: ExperimentConfig, plan: RunPlan) -> None:
                         "train.max_stack_bytes")
     node = cfg.plan.node_memory_gib
     if node is not None:
-        for c in plan.compare:
+        for c in sorted(plan.compare, key=lambda c: -c.task_bytes):  # the largest pair first
             if c.pair_tasks and c.task_bytes > node * GIB:
                 raise PlanError(
                     f"plan.node_memory_gib: matching a seed pair of {c.title} (d_in {c.d_in}) needs an estimated "
@@ -401,8 +401,8 @@ def format_plan(plan: RunPlan, compact: bool = False) -> str:
         by_conf = itertools.groupby(ts.stacks, key=lambda s: s["configuration"])
         for _, parts in by_conf:
             parts = list(parts)
-            sizes = " + ".join(str(len(p["seeds"])) + (f" (+{p['pilots']} pilot)" if p["pilots"] else "")
-                               for p in parts)
+            sizes = [str(len(p["seeds"])) + (f" (+{p['pilots']} pilot)" if p["pilots"] else "") for p in parts]
+            sizes = f"{len(sizes)} x {sizes[0]}" if len(sizes) > 2 and len(set(sizes)) == 1 else " + ".join(sizes)
             out.append(f"    {parts[0]['title']:<44} seeds {sizes:<16} {_gib(parts[0]['bytes']):>10} per stack")
         worst = max(ts.workers, key=lambda w: w.sae_bytes)
         out.append(f"    largest worker: {worst.seeds} SAEs in {worst.stacks} stacks, {_gib(worst.sae_bytes)} of SAE "
