@@ -40,6 +40,7 @@ class ModelShape:
     d_model: int | None
     total_params: int
     source: str  # where the module tree came from
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -122,7 +123,7 @@ def model_shape(cfg: ExperimentConfig) -> ModelShape:
             from transformers import AutoConfig
 
             model = skeleton_from_config(AutoConfig.from_pretrained(cfg.plan.transformers_config), m.trust_remote_code)
-            source = cfg.plan.transformers_config
+            source = _shown_path(cfg.plan.transformers_config)
         elif m.build is not None:
             model, source = skeleton_from_config(build_config(m.build)), "model.build"
         else:
@@ -135,6 +136,15 @@ def model_shape(cfg: ExperimentConfig) -> ModelShape:
     return shape_of(model, cfg.generate.hookpoints, source)
 
 
+def _shown_path(path: str) -> str:
+    from pathlib import Path
+
+    try:
+        return Path(path).relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return path
+
+
 def shape_of(model, patterns: list[str], source: str) -> ModelShape:
     import torch
     from torch import nn
@@ -145,18 +155,27 @@ def shape_of(model, patterns: list[str], source: str) -> ModelShape:
         capture = HookpointCapture(model, patterns)
     except ValueError as err:
         raise PlanError(f"generate.hookpoints: {err}") from None
-    outputs = capture(torch.zeros(1, 8, dtype=torch.long, device="meta"))
-    d_in = {h: int(t.shape[-1]) for h, t in outputs.items()}
+    config = getattr(model, "config", None)
+    d_model = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    notes = []
+    try:
+        outputs = capture(torch.zeros(1, 8, dtype=torch.long, device="meta"))
+        d_in = {h: int(t.shape[-1]) for h, t in outputs.items()}
+    except Exception as err:  # noqa: BLE001 - a model whose forward has no meta kernels: plan on, say so
+        if not d_model:
+            raise PlanError(f"generate.hookpoints: cannot find the width of {capture.hookpoints} without weights "
+                            f"({type(err).__name__}: {err})") from None
+        d_in = {h: int(d_model) for h in capture.hookpoints}
+        notes.append(f"hookpoint widths taken as the model's hidden size ({d_model}): its forward pass does not run "
+                     f"on the meta device ({type(err).__name__})")
     names = [n for n, _ in model.named_modules()]
     deepest = max(names.index(h) for h in capture.hookpoints)
     modules = dict(model.named_modules())
     forward = sum(p.numel() for n in names[:deepest + 1] if not isinstance(modules[n], nn.Embedding)
                   for p in modules[n].parameters(recurse=False))
     layers = {int(x) for n in names[:deepest + 1] for x in re.findall(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)", n)}
-    config = getattr(model, "config", None)
-    d_model = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
     return ModelShape(d_in, int(forward), len(layers), d_model, int(sum(p.numel() for p in model.parameters())),
-                      source)
+                      source, notes)
 
 
 # ---- the plan ----
@@ -245,7 +264,7 @@ def build_plan(cfg: ExperimentConfig, shape: ModelShape | None = None) -> RunPla
         name=cfg.name, model=shape if model_sources else None, sources=sources,
         tokens_bytes=num_chunks * g.ctx_len * TOKEN_BYTES if model_sources else 0, train=train, compare=compare,
         tasks=tasks, resources=_resources(cfg, on_gpu, train), flops=flops, device_hours=hours,
-        assumptions=_assumptions(cfg), warnings=_warnings(cfg))
+        assumptions=_assumptions(cfg), warnings=_warnings(cfg) + shape.notes)
     return plan
 
 
