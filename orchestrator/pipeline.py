@@ -16,7 +16,7 @@ from .output_folder import claim_output_folder
 from .known_answer_tracking import log_known_answer, tag_uncertified
 from .plan import describe, plan_configurations
 from .preflight import preflight
-from .sizing import format_plan, plan_run
+from .sizing import cluster_warnings, format_plan, plan_run
 from .stages.compare import run_compare
 from .stages.generate import run_generate
 from .stages.train import run_train
@@ -133,6 +133,8 @@ def run_experiment(cfg: ExperimentConfig, log_to_driver: bool = True, show_plan:
     ok = False
     try:
         with ray_session(cfg, log_to_driver):
+            for warning in cluster_warnings(plan, ray.nodes()):
+                log.warning("plan: %s", warning)
             t0 = time.perf_counter()
             manifest = run_generate(cfg)
             timings["generate"] = time.perf_counter() - t0

@@ -19,8 +19,8 @@ from actors.store.shards import held_out_rows
 from actors.train.stacked import stack_bytes_per_seed
 
 from .config import ConfigError, ExperimentConfig
-from .plan import describe, plan_configurations
-from .resources import (GIB, STORAGE_BYTES, compare_task_bytes, sae_bytes, train_worker_bytes, worker_jobs)
+from .plan import plan_configurations
+from .resources import GIB, STORAGE_BYTES, compare_task_bytes, sae_bytes, train_worker_bytes, worker_jobs
 
 PROVENANCE_BYTES = 16  # per activation row: chunk id (8), position (4), token id (4)
 TOKEN_BYTES = 4  # tokens.parquet: one int32 per token
@@ -365,6 +365,20 @@ def check_fits(cfg: ExperimentConfig, plan: RunPlan) -> None:
                     f"plan.node_memory_gib: matching a seed pair of {c.title} (d_in {c.d_in}) needs an estimated "
                     f"{_gib(c.task_bytes)}, more than a node's {node:g} GiB: no node could run it; use nodes with "
                     "more memory, or lower sae.widths")
+
+
+def cluster_warnings(plan: RunPlan, nodes: list[dict]) -> list[str]:
+    """Requests that no node of the running cluster can hold (`ray.nodes()`): Ray would leave them pending. Warnings,
+    not errors: an autoscaling cluster may add larger nodes when asked."""
+    largest = max((n.get("Resources", {}).get("memory", 0) for n in nodes if n.get("Alive")), default=0)
+    if not largest:
+        return []
+    out = [f"matching a seed pair of {c.title} requests {_gib(c.task_bytes)} of memory; the largest node has "
+           f"{_gib(largest)}: Ray will not start it until a larger node joins"
+           for c in plan.compare if c.pair_tasks and c.task_bytes > largest]
+    out += [f"training workers of {t.source} request {_gib(t.request_bytes)} of memory each; the largest node has "
+            f"{_gib(largest)}" for t in plan.train if t.request_bytes > largest]
+    return out
 
 
 # ---- text ----

@@ -155,3 +155,17 @@ def test_the_plan_is_what_the_run_does(ray_local, tmp_path):
     assert pairs.num_rows == plan.tasks["pairs"] == 6
     metrics = [s["metrics"] for s in trained["saes"]]
     assert all(m["train_tokens"] == plan.sources[0].train_tokens for m in metrics)
+
+
+def test_requests_no_node_can_hold_are_named():
+    from orchestrator.sizing import cluster_warnings
+
+    plan = build_plan(_tiny())
+    pair = {c.width: c.task_bytes for c in plan.compare}
+    worker = plan.train[0].request_bytes
+    assert cluster_warnings(plan, [{"Alive": True, "Resources": {"memory": max(worker, *pair.values())}}]) == []
+    nodes = [{"Alive": True, "Resources": {"memory": pair[128] - 1}}, {"Alive": False, "Resources": {"memory": 2**40}}]
+    warnings = cluster_warnings(plan, nodes)  # a dead node counts for nothing
+    assert [w for w in warnings if w.startswith("matching")] == [
+        w for w in warnings if w.startswith("matching a seed pair of TopK, k 4, 128 latents")] != []
+    assert any(w.startswith("training workers of gpt_neox.layers.0.mlp") for w in warnings) == (worker > pair[128] - 1)
