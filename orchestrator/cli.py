@@ -1,4 +1,5 @@
-"""`sae-seeds run` (the whole experiment), `sae-seeds match` (two SAE folders, local or on the Hugging Face Hub) and
+"""`sae-seeds run` (the whole experiment), `sae-seeds plan` (what a run will do and cost, before it starts),
+`sae-seeds match` (two SAE folders, local or on the Hugging Face Hub) and
 `sae-seeds export` (an SAE folder in sparsify's or SAELens' layout)."""
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ def _run(args) -> int:
     check_output_folder(cfg.output_path)  # in seconds, before the pipeline's imports
     from .pipeline import run_experiment
 
-    result = run_experiment(cfg)  # checks the inputs (preflight) before Ray starts
+    # checks the inputs (preflight) and prints the plan before Ray starts
+    result = run_experiment(cfg, show_plan="full" if getattr(args, "verbose", False) else "compact")
     print("\nstage wall time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result["timings"].items()))
     print(result["summary"].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     if not result["through_training"].empty:
@@ -39,6 +41,15 @@ def _run(args) -> int:
               f"         then open {result['ui_url']}")
     print(f"         (experiment {result['experiment_name']}; expand run {result['parent_run_id'][:8]}... "
           "for one run per SAE; docs/mlflow.md)")
+    return 0
+
+
+def _plan(args) -> int:
+    cfg = load_config(args.config, args.set)  # validated first
+    from .sizing import format_plan, plan_run
+
+    plan = plan_run(cfg)  # refuses, naming the field, a config that cannot fit the resources it names
+    print(json.dumps(plan.to_json(), indent=1) if args.json else format_plan(plan))
     return 0
 
 
@@ -115,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a field, e.g. --set sae.widths=[256,512] (repeatable)")
     run.add_argument("--output", help="output folder (overrides output_dir)")
     run.set_defaults(func=_run)
+    plan = sub.add_parser("plan", parents=[common],
+                          help="what a run will do and cost (shards, storage, stacks, memory, pair tasks, FLOPs), "
+                               "in seconds, without a GPU or the model's weights; refuses a config that cannot fit")
+    plan.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG), help="experiment YAML (default: %(default)s)")
+    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a field, e.g. --set sae.widths=[256,512] (repeatable)")
+    plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    plan.set_defaults(func=_plan)
     match = sub.add_parser("match", parents=[common], help="match the latents of two SAE folders (sae.safetensors + cfg.json)")
     hub = "an SAE folder, or hf://owner/name[@revision][/subfolder] on the Hugging Face Hub (sparsify or SAELens)"
     match.add_argument("a", help=hub)
@@ -161,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         cause = root_cause(err)
         if verbose:
             traceback.print_exception(err, file=sys.stderr)
-        if isinstance(cause, ConfigError) or (args.command == "run" and is_bad_input(cause)):
+        if isinstance(cause, ConfigError) or (args.command in ("run", "plan") and is_bad_input(cause)):
             print(f"sae-seeds: {_short(str(cause))}", file=sys.stderr)
             return 2
         if args.command in ("match", "export") and isinstance(

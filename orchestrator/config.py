@@ -337,6 +337,22 @@ class RayConfig(_Strict):
         return v
 
 
+class PlanConfig(_Strict):
+    """What `sae-seeds plan` (and the plan `sae-seeds run` prints first) sizes the run against; changes no result."""
+
+    transformers_config: str | None = Field(
+        None, description="A transformers config.json the plan builds the model's module tree from (on the meta "
+        "device) instead of fetching the model's own, e.g. a vendored copy; relative to the YAML file. The run "
+        "itself always loads the model's own config.")
+    node_memory_gib: float | None = Field(None, gt=0, description="Memory of one node that runs pair-matching "
+                                          "tasks and CPU training workers, GiB: a pair or worker estimated to need "
+                                          "more is refused before anything starts; None: not checked.")
+    gpu_memory_gib: float | None = Field(None, gt=0, description="Memory of one GPU, GiB: a GPU training worker "
+                                         "whose SAEs are estimated to need more is refused; None: not checked.")
+    device_tflops: float | None = Field(None, gt=0, description="Sustained TFLOP/s of one GPU (one CPU worker "
+                                        "without GPUs) for the plan's time estimate; None: FLOPs only.")
+
+
 class ExperimentConfig(_Strict):
     name: str = Field(..., min_length=1, description="Experiment name (MLflow experiment, output folder).")
     output_dir: str | None = Field(None, description="Where artifacts go; None: outputs/<name>.")
@@ -350,6 +366,7 @@ class ExperimentConfig(_Strict):
     compare: CompareConfig = Field(default_factory=CompareConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    plan: PlanConfig = Field(default_factory=PlanConfig, description="What the run is sized against (docs/planning.md).")
 
     @model_validator(mode="after")
     def _grid_fits_widths(self):
@@ -418,7 +435,7 @@ class ExperimentConfig(_Strict):
 
     def content_hash(self) -> str:
         """Hash of everything that decides the results (not where they go or how they are tracked)."""
-        data = self.model_dump(exclude={"output_dir": True, "tracking": True, "ray": True,
+        data = self.model_dump(exclude={"output_dir": True, "tracking": True, "ray": True, "plan": True,
                                       "generate": {"verify"}})  # how reuse is checked changes no result
         if self.train.backend == "torch":  # hashes from before the backend setting existed stay valid
             data["train"] = {k: v for k, v in data["train"].items() if k not in ("backend", "deepspeed")}
@@ -475,6 +492,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
+    plan = data.get("plan")
+    if isinstance(plan, dict) and isinstance(plan.get("transformers_config"), str):
+        plan["transformers_config"] = str((path.parent / Path(plan["transformers_config"]).expanduser()).resolve())
     return parse_config(data, overrides, output_dir)
 
 

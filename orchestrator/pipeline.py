@@ -16,6 +16,7 @@ from .output_folder import claim_output_folder
 from .known_answer_tracking import log_known_answer, tag_uncertified
 from .plan import describe, plan_configurations
 from .preflight import preflight
+from .sizing import cluster_warnings, format_plan, plan_run
 from .stages.compare import run_compare
 from .stages.generate import run_generate
 from .stages.train import run_train
@@ -115,18 +116,25 @@ def summary_notes(cfg: ExperimentConfig, train_manifest: dict, compare: dict) ->
     return notes
 
 
-def run_experiment(cfg: ExperimentConfig, log_to_driver: bool = True) -> dict:
+def run_experiment(cfg: ExperimentConfig, log_to_driver: bool = True, show_plan: str | None = None) -> dict:
     """Run every stage; returns the summary, stage timings and where results are. Inputs are checked first
-    (`preflight`), before Ray or MLflow start; `log_to_driver` shows the Ray workers' output here."""
+    (`preflight`), then the plan is sized and checked against the resources the config names (`plan_run`), before
+    Ray or MLflow start; `log_to_driver` shows the Ray workers' output here; `show_plan` ("compact" or "full")
+    prints the plan."""
     timings: dict[str, float] = {}
     quiet_driver()
     preflight(cfg)
+    plan = plan_run(cfg)
+    if show_plan:
+        print(format_plan(plan, compact=show_plan == "compact"), flush=True)
     claim_output_folder(cfg.output_path)  # before anything is written there
     tracker = ExperimentTracker(cfg)
     tracker.start_parent()
     ok = False
     try:
         with ray_session(cfg, log_to_driver):
+            for warning in cluster_warnings(plan, ray.nodes()):
+                log.warning("plan: %s", warning)
             t0 = time.perf_counter()
             manifest = run_generate(cfg)
             timings["generate"] = time.perf_counter() - t0

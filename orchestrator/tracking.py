@@ -54,7 +54,7 @@ PER_CONFIGURATION = {
     "calibration_probe_l0": lambda conf, metrics: metrics[0].get("calibration_probe_l0"),
 }
 # Config fields about how the run ran (placement, resources, logging, retries): parent params under BOOKKEEPING.
-BOOKKEEPING_PARAMS = ("output_dir", "ray.", "tracking.", "generate.output_uri", "generate.num_actors",
+BOOKKEEPING_PARAMS = ("output_dir", "ray.", "tracking.", "plan.", "generate.output_uri", "generate.num_actors",
                       "generate.gpus_per_actor", "generate.cpus_per_actor", "generate.device_map",
                       "generate.shard_tokens", "generate.batch_size", "train.deepspeed.", "train.num_workers",
                       "train.cpus_per_worker", "train.use_gpu", "train.log_every", "train.state_every_tokens",

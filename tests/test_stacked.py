@@ -231,3 +231,17 @@ def test_train_stage_deals_split_stacks_as_groups_and_keeps_the_hash():
     hashes = {train_hash(load_config(TINY, over), manifest)
               for over in ([], ["train.stack_seeds=false"], ["train.max_stack_bytes=1000"])}
     assert len(hashes) == 1  # results are the same bits, so stacking settings do not retrain
+
+
+def test_split_seeds_keeps_every_stack_within_the_budget():
+    """Seeds are whole: 9 seeds at 1.4 seeds' worth of budget each go alone (dividing the group's total by the
+    budget gave 7 stacks, two of them of 2 seeds, over the budget)."""
+    from actors.train.stacked import split_seeds
+
+    per_seed = stack_bytes_per_seed(16, 64, 256)
+    jobs = [{"architecture": "topk", "params": {"k": 4}, "width": 64, "seed": s} for s in range(9)]
+    for budget, sizes in ((1.4, [1] * 9), (2.5, [2, 2, 2, 2, 1]), (4.0, [3, 3, 3]), (100, [9])):
+        parts = split_seeds(jobs, 16, 256, int(budget * per_seed))
+        assert sorted(map(len, parts), reverse=True) == sizes, budget
+        assert all(len(p) * per_seed <= max(budget * per_seed, per_seed) for p in parts)
+        assert [j["seed"] for p in parts for j in p] == list(range(9))

@@ -162,7 +162,7 @@ def assign(a: torch.Tensor, b: torch.Tensor, method: str = "auto", device: str =
     """Exact maximum-weight 1:1 assignment of a's rows to b's rows by cosine, dense or candidate-graph."""
     if method not in METHODS:
         raise ValueError(f"method={method!r}; allowed: {METHODS}")
-    if method == "dense" or (method == "auto" and a.shape[0] * b.shape[0] <= DENSE_MAX_ENTRIES):
+    if uses_dense(a.shape[0], b.shape[0], method):
         s = cosine_matrix(a, b)
         partner = max_weight_assignment(s)
         return Assignment(partner, _matched_cos(s, partner), s.max(axis=1), certified=True, rounds=0)
@@ -170,6 +170,31 @@ def assign(a: torch.Tensor, b: torch.Tensor, method: str = "auto", device: str =
 
     r = sparse_max_weight_assignment(a, b, device=device)
     return Assignment(r.partner, r.cos, r.max_cos, certified=r.certified, rounds=r.rounds)
+
+
+# Bytes per entry of the dense route: the float32 cosine matrix, its negated copy (maximize), scipy's float64 copy
+# of that and its own work arrays; and what the libraries a matching imports first add. Fitted to measured peaks
+# (docs/planning.md, benchmarks/match_memory.py).
+DENSE_ENTRY_BYTES = 20
+MATCH_IMPORTS_BYTES = 64 * 2**20
+
+
+def uses_dense(n_a: int, n_b: int, method: str = "auto") -> bool:
+    return method == "dense" or (method == "auto" and n_a * n_b <= DENSE_MAX_ENTRIES)
+
+
+def pair_memory_bytes(n_a: int, n_b: int, d: int, method: str = "auto") -> int:
+    """Estimated peak memory of matching two SAEs of n_a and n_b latents in d dimensions (`match_pair` after
+    loading them): both SAEs' float32 encoders and decoders, held throughout, plus one matrix's matching at a time
+    (the dense cosine matrix and Hungarian, or the sparse matcher's working set)."""
+    from .sparse_matching import sparse_memory_bytes
+
+    inputs = 2 * 4 * d * (n_a + n_b)
+    if uses_dense(n_a, n_b, method):
+        work = DENSE_ENTRY_BYTES * n_a * n_b + 4 * d * (n_a + n_b)
+    else:
+        work = sparse_memory_bytes(n_a, n_b, d)
+    return int(inputs + work + MATCH_IMPORTS_BYTES)
 
 
 def match_pair(enc_a: torch.Tensor, dec_a: torch.Tensor, enc_b: torch.Tensor, dec_b: torch.Tensor,

@@ -702,6 +702,28 @@ def _certify(ux, uy, exact: ExactCosine, cand: Candidates, eps32: float, block: 
     return partner, cand, False, MAX_ROUNDS, tol
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Memory model: what one matrix's matching holds at its peak (the compare stage's Ray `memory=` request and
+# `sae-seeds plan`; the coefficients are fitted to measured peaks, docs/planning.md, benchmarks/match_memory.py)
+
+EDGE_BYTES = 200  # per candidate edge at the peak: heaps, their pending merges, the edge list and its sort, the solver
+BLOCK_OVERHEAD = 1.25  # the cosine block's float32 buffer plus its group maxima and hit masks
+
+
+def candidate_edges(n_a: int, n_b: int, k: int = 64) -> int:
+    """Edges of the first candidate graph: each row's and each column's top-k (an edge kept by both counts twice,
+    an upper bound)."""
+    return min(k, n_b) * n_a + min(k, n_a) * n_b
+
+
+def sparse_memory_bytes(n_a: int, n_b: int, d: int, k: int = 64, block: int = 8192) -> int:
+    """Estimated peak memory of `sparse_max_weight_assignment(a, b)` on float32 inputs a [n_a, d], b [n_b, d]
+    (the inputs themselves not counted): their unit-row copies, one cosine block, and the candidate graph."""
+    unit_rows_bytes = 4 * d * (n_a + n_b)
+    block_bytes = BLOCK_OVERHEAD * 4 * min(block, n_a) * min(block, n_b)
+    return int(unit_rows_bytes + block_bytes + EDGE_BYTES * candidate_edges(n_a, n_b, k))
+
+
 def sparse_max_weight_assignment(a: torch.Tensor, b: torch.Tensor, *, k: int = 64, block: int = 8192,
                                  device: str = "cpu", low_precision: bool = False) -> SparseAssignment:
     """Exact maximum-weight 1:1 assignment of the rows of a [n_a, d] to the rows of b [n_b, d] by cosine.

@@ -163,7 +163,9 @@ def split_seeds(jobs: list[dict], d_in: int, batch_size: int, max_stack_bytes: i
     out = []
     for group in groups.values():
         per_seed = stack_bytes_per_seed(d_in, group[0]["width"], batch_size)
-        parts = min(len(group), max(1, math.ceil(len(group) * per_seed / max_stack_bytes)))
+        # whole seeds per stack: dividing the group's total by the budget could put two seeds where one fits
+        fits = int(max(1, min(len(group), max_stack_bytes // per_seed)))
+        parts = math.ceil(len(group) / fits)
         size, extra = divmod(len(group), parts)
         start = 0
         for i in range(parts):

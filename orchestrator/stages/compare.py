@@ -7,6 +7,7 @@ nway_curve, consensus, sweeps) plus `overlap/manifest.json`, which tracking read
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 from collections import defaultdict
 from pathlib import Path
@@ -27,6 +28,7 @@ from actors.sae import import_architecture_modules
 from ..config import ExperimentConfig
 from ..console import gather
 from ..plan import slug
+from ..resources import compare_task_bytes
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,13 @@ def match_through_training(checkpoints: list[tuple[str, str]], threshold: float)
     return rows
 
 
+def _pair_task_bytes(saes: list[dict]) -> int:
+    """`memory=` of a configuration's matching tasks, from the widths and d_in its SAE folders record."""
+    d_in = json.loads((Path(saes[0]["path"]) / "cfg.json").read_text())["d_in"]
+    widths = sorted(s["width"] for s in saes)
+    return compare_task_bytes(widths[-1], widths[-2] if len(widths) > 1 else widths[-1], d_in)
+
+
 def _frequency_stability(results: list[dict]) -> dict | None:
     """Spearman correlation of a latent's firing frequency with being shared, and shared fraction per
     log-frequency bin, pooled over the pairs of a configuration (A's side of each pair)."""
@@ -113,6 +122,8 @@ def run_compare(cfg: ExperimentConfig, train_manifest: dict) -> dict:
     futures, chance, through = {}, {}, {}
     for conf, saes in by_conf.items():
         saes.sort(key=lambda s: s["seed"])
+        # Each task holds one pair at a time: Ray co-schedules tasks only where their estimated memory fits.
+        opts = {**opts, "memory": _pair_task_bytes(saes)}
         for i, j in itertools.combinations(range(len(saes)), 2):
             a, b = saes[i], saes[j]
             path = out / "assignments" / slug(conf) / f"seed{a['seed']}-seed{b['seed']}.parquet"
@@ -123,6 +134,7 @@ def run_compare(cfg: ExperimentConfig, train_manifest: dict) -> dict:
         if len(saes) > 1:
             chance[conf] = chance_overlap.options(**opts).remote(saes[0], saes[1], threshold,
                                                                   cfg.sae.architecture_modules)
+    opts = {"num_cpus": cfg.compare.cpus_per_task}
     truths = train_manifest.get("ground_truths") or {}
     scored = {}
     for conf, saes in by_conf.items():

@@ -32,6 +32,7 @@ from actors.train.worker import train_loop_per_worker
 from ..config import ExperimentConfig, TrainConfig
 from ..console import train_logging_config
 from ..plan import SAEConfiguration, slug
+from ..resources import train_request_bytes
 from .failure_policy import SAETrainer
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,7 @@ def run_train(cfg: ExperimentConfig, manifest: dict, configurations: list[SAECon
     use_gpu = t.use_gpu if t.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
     expected = train_hash(cfg, manifest)
     settings = train_settings(cfg, manifest)
+    stacks = {}  # how this run dealt the seeds it trained: recorded in the manifest (sae-seeds plan predicts it)
     for hookpoint in manifest["hookpoints"]:
         checkpoints = source_checkpoints(cfg, manifest["hookpoints"][hookpoint])
         groups = [c.jobs() for c in configurations if c.hookpoint == hookpoint]
@@ -168,6 +170,9 @@ def run_train(cfg: ExperimentConfig, manifest: dict, configurations: list[SAECon
                                    t.max_stack_bytes if t.stack_seeds else float("inf"), todo)
         # torch: configurations dealt over at most as many workers; deepspeed: every SAE across all the workers.
         num_workers = t.num_workers if t.backend == "deepspeed" else min(t.num_workers, len(groups))
+        stacks[hookpoint] = {"workers": num_workers, "stacks": [
+            {"configuration": g[0]["configuration"], "seeds": [j["seed"] for j in g if not j.get("l0_pilot")]}
+            for g in groups]}
         trainer = SAETrainer(  # a TorchTrainer that does not retry a worker's BadInputError
             deepspeed_train_loop if t.backend == "deepspeed" else train_loop_per_worker,
             train_loop_config={
@@ -178,8 +183,10 @@ def run_train(cfg: ExperimentConfig, manifest: dict, configurations: list[SAECon
                 "torch_threads": t.cpus_per_worker, "progress": progress,
                 "architecture_modules": cfg.sae.architecture_modules,
             },
-            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                         resources_per_worker={"CPU": t.cpus_per_worker}),
+            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={
+                "CPU": t.cpus_per_worker,  # and the memory its SAEs and stream are estimated to need
+                "memory": train_request_bytes(groups, num_workers, manifest["hookpoints"][hookpoint], t,
+                                              cfg.generate.dtype, use_gpu)}),
             # A worker failure restarts the workers from the last training state they reported; re-running the
             # experiment after the driver died resumes from it too (same run name and storage).
             run_config=RunConfig(name=_run_name(cfg, hookpoint, repair_checkpoints),
@@ -205,7 +212,7 @@ def run_train(cfg: ExperimentConfig, manifest: dict, configurations: list[SAECon
     ground_truths = {h: {"root": manifest["root"], **e["ground_truth"]} for h, e in manifest["hookpoints"].items()
                      if e.get("ground_truth")}
     train_manifest = {"config_hash": cfg.content_hash(), "threshold": cfg.compare.threshold,
-                      "ground_truths": ground_truths,
+                      "ground_truths": ground_truths, "stacks": stacks,
                       "configurations": [c.name for c in configurations], "saes": saes}
     write_json_atomic(train_manifest_path(cfg), _relative_to(cfg.output_path, train_manifest))
     return train_manifest
