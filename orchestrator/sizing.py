@@ -78,6 +78,7 @@ class TrainSource:
 @dataclass
 class CompareConfiguration:
     configuration: str
+    source: str  # the hookpoint or planted source its SAEs were trained on
     title: str
     width: int
     d_in: int
@@ -251,7 +252,7 @@ def build_plan(cfg: ExperimentConfig, shape: ModelShape | None = None) -> RunPla
             tasks["through_training"] += pairs if reached else 0
             tasks["ground_truth"] += n if src.kind == "planted" else 0
             flops["compare (cosine matmuls)"] += pair_flops * (pairs * (1 + len(reached)) + (2 if n > 1 else 0))
-            compare.append(CompareConfiguration(c.name, c.title, c.point.width, src.d_in, n, pairs,
+            compare.append(CompareConfiguration(c.name, src.name, c.title, c.point.width, src.d_in, n, pairs,
                                                 compare_task_bytes(c.point.width, c.point.width, src.d_in),
                                                 pair_flops))
     model_sources = [s for s in sources if s.kind == "model"]
@@ -447,7 +448,9 @@ def format_plan(plan: RunPlan, compact: bool = False) -> str:
                    "state" + (f" + {_gib(worst.lm_bytes)} language model (LM-loss evaluation)" if worst.lm_bytes
                               else ""))
     out.append("\ncompare (one Ray task per seed pair; memory= from the pair's widths and d_in)")
-    for c in plan.compare:
+    for i, c in enumerate(plan.compare):
+        if i == 0 or plan.compare[i - 1].source != c.source:
+            out.append(f"  {c.source}:")
         out.append(f"    {c.title:<44} {c.seeds} seeds, {c.pair_tasks:>3} pairs, {_gib(c.task_bytes):>10} per task")
     out.append(f"  tasks: {plan.tasks['pairs']} pairs, {plan.tasks['chance']} chance baselines, "
                f"{plan.tasks['through_training']} through-training, {plan.tasks['ground_truth']} ground-truth")
