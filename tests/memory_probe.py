@@ -1,5 +1,5 @@
 """Peak memory of the generate stage's token path at one token budget, in a fresh process (used by
-tests/test_tokenize.py and benchmarks/tokenize.py).
+tests/test_tokenize.py and benchmarks/packing.py).
 
     python -m tests.memory_probe plan  FOLDER NUM_TOKENS   # tokenise + pack + plan (the driver's work)
     python -m tests.memory_probe actor FOLDER NUM_TOKENS   # one model actor computing the plan's last shard

@@ -1,8 +1,8 @@
 """Tokenise-and-plan benchmark: tokens/s of the generate stage's token path against a bare tokenizer loop, and
 the planning process's peak memory at two token budgets.
 
-    python benchmarks/tokenize.py                           # synthetic corpus, byte-level tokenizer, 4M tokens
-    python benchmarks/tokenize.py --tokens 1000000 --repeats 1 --budgets 500000 4000000
+    python benchmarks/packing.py                           # synthetic corpus, byte-level tokenizer, 4M tokens
+    python benchmarks/packing.py --tokens 1000000 --repeats 1 --budgets 500000 4000000
 
 In one run, alternating, `--repeats` times each, in this process:
   bare   the same tokenizer over the same documents (the corpus's stream, batches of 256), ids counted and
