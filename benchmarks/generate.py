@@ -42,14 +42,16 @@ def config(out: Path, args, hookpoint: str):
     })
 
 
-def bare_loop(model_folder: Path, tokens_path: Path, batch_size: int) -> float:
-    """Seconds for forward passes over every batch of the token table, nothing else."""
-    import pyarrow.parquet as pq
-
+def bare_loop(model_folder: Path, activations: Path, batch_size: int) -> float:
+    """Seconds for forward passes over every batch of the stage's token chunks, nothing else."""
     from actors.generate.models import load_model
+    from actors.store.storage import ActivationStore
+    from actors.store.tokens import read_chunks
 
     model = load_model(str(model_folder), None, "float32", False, "cpu")
-    ids = torch.tensor(pq.read_table(tokens_path, columns=["input_ids"]).column("input_ids").to_pylist())
+    store = ActivationStore(activations)
+    plan = store.read_json("plan.json")
+    ids = torch.from_numpy(read_chunks(store, plan["token_files"], 0, plan["num_chunks"]))
     with torch.inference_mode():
         model(ids[:batch_size])  # warm-up, like the stage's first batch
         t = time.perf_counter()
@@ -109,7 +111,7 @@ def main() -> None:
                 results[name].append(stage(tmp / f"{name}-{r}", args, hook))
             model_folder = tmp / f"stage-{r}" / "model"
             build_local_model(config(tmp, args, last).model.build, 0, model_folder)
-            results["bare"].append(bare_loop(model_folder, tmp / f"stage-{r}" / "activations" / "tokens.parquet",
+            results["bare"].append(bare_loop(model_folder, tmp / f"stage-{r}" / "activations",
                                              args.batch_size))
             print(f"repeat {r + 1}: bare {results['bare'][-1]:.1f} s, stage {results['stage'][-1]['compute_s']:.1f} s "
                   f"(whole {results['stage'][-1]['whole_s']:.1f} s), stage-mid {results['stage-mid'][-1]['compute_s']:.1f} s",

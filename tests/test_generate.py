@@ -18,6 +18,7 @@ from actors.store.shards import from_storage, read_activations, to_storage
 from actors.train.data import ActivationStream
 from actors.generate.models import build_local_model, load_model
 from actors.store.storage import ActivationStore
+from actors.store.tokens import read_chunks
 from orchestrator.config import parse_config
 from orchestrator.stages.generate import _load_plan, activation_uri, run_generate
 
@@ -63,15 +64,25 @@ def test_shard_plan_depends_only_on_the_config(tmp_path, model_folder):
         update={"dataset": cfg.dataset.model_copy(update={"seed": 1})}), ActivationStore(tmp_path / "c"),
         str(model_folder), None)
     assert other["tokens_sha256"] != plan["tokens_sha256"]
-    assert store.exists("plan.json") and store.exists("tokens.parquet")
+    assert store.exists("plan.json") and all(store.exists(f["path"]) for f in plan["token_files"])
+
+
+def copy_tokens(src, dst, plan):
+    """Another store with the same plan and token files (the actors read the plan's token files)."""
+    a, b = ActivationStore(src), ActivationStore(dst)
+    for rel in ["plan.json"] + [f["path"] for f in plan["token_files"]]:
+        b.write_bytes(rel, a.read_bytes(rel))
+
+
+def all_chunks(store, plan):
+    return read_chunks(store, plan["token_files"], 0, plan["num_chunks"])
 
 
 def test_one_pass_over_several_hookpoints_equals_separate_runs_and_stops_early(tmp_path, model_folder):
     cfg = config(tmp_path, num_tokens=1024)
     plan = _load_plan(cfg, ActivationStore(tmp_path / "both"), str(model_folder), None)
     for name in ("one", "two"):
-        ActivationStore(tmp_path / name).write_bytes("tokens.parquet",
-                                                     ActivationStore(tmp_path / "both").read_bytes("tokens.parquet"))
+        copy_tokens(tmp_path / "both", tmp_path / name, plan)
     both = write_shards(model_folder, str(tmp_path / "both"), ["layers.0.mlp", "gpt_neox.layers.1"], plan)
     one = write_shards(model_folder, str(tmp_path / "one"), ["layers.0.mlp"], plan)
     two = write_shards(model_folder, str(tmp_path / "two"), ["gpt_neox.layers.1"], plan)
@@ -99,11 +110,11 @@ def test_one_pass_over_several_hookpoints_equals_separate_runs_and_stops_early(t
 
     # Provenance: every row names its chunk, position and token, in order.
     table = pq.read_table(tmp_path / "both" / "gpt_neox.layers.0.mlp" / "shard-00001.parquet")
-    tokens = pq.read_table(tmp_path / "both" / "tokens.parquet")
+    tokens = all_chunks(ActivationStore(tmp_path / "both"), plan)
     s = plan["shards"][1]
     assert table.column("chunk_id").to_pylist() == np.repeat(np.arange(s["start"], s["stop"]), 32).tolist()
     assert table.column("position").to_pylist() == np.tile(np.arange(32), s["stop"] - s["start"]).tolist()
-    expected_tokens = np.concatenate(tokens.column("input_ids").to_pylist()[s["start"]:s["stop"]])
+    expected_tokens = tokens[s["start"]:s["stop"]].reshape(-1)
     assert table.column("token_id").to_pylist() == expected_tokens.tolist()
 
 
@@ -111,7 +122,7 @@ def test_device_map_loading_gives_the_same_shards(tmp_path, model_folder):
     """generate.device_map goes through transformers + accelerate; on CPU ("cpu") it must change nothing."""
     cfg = config(tmp_path, num_tokens=256)
     plan = _load_plan(cfg, ActivationStore(tmp_path / "a"), str(model_folder), None)
-    ActivationStore(tmp_path / "b").write_bytes("tokens.parquet", ActivationStore(tmp_path / "a").read_bytes("tokens.parquet"))
+    copy_tokens(tmp_path / "a", tmp_path / "b", plan)
     records = []
     for name, device_map in (("a", None), ("b", "cpu")):
         writer = ActivationShardWriter(str(model_folder), None, "float32", False, device_map, ["layers.1"],
@@ -124,7 +135,8 @@ def test_unknown_hookpoint_fails_before_any_compute_and_names_close_modules(tmp_
     cfg = config(tmp_path, hookpoints=["layers.0.mlpp"])
     with pytest.raises(ValueError, match=r"'layers.0.mlpp' matches no module; closest module names: .*layers.0.mlp"):
         run_generate(cfg)  # no Ray needed: it fails before the plan and the actor pool
-    assert not ActivationStore(activation_uri(cfg)).exists("tokens.parquet")
+    store = ActivationStore(activation_uri(cfg))
+    assert not store.exists("plan.json") and store.listdir("tokens") == []
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -142,7 +154,7 @@ def test_half_precision_storage_is_exact(tmp_path, model_folder, dtype):
     got = read_activations(store, record["hookpoints"]["gpt_neox.layers.1"]["path"],
                            record["hookpoints"]["gpt_neox.layers.1"]["sha256"])
     model = load_model(str(model_folder), None, dtype, False, "cpu")
-    ids = torch.tensor(store.read_table("tokens.parquet").column("input_ids").to_pylist())
+    ids = torch.from_numpy(all_chunks(store, plan))
     want = torch.cat([HookpointCapture(model, ["layers.1"])(ids[i:i + 4])["gpt_neox.layers.1"]
                       for i in range(0, len(ids), 4)])
     assert got.dtype == np.float32 and torch.equal(torch.from_numpy(got), want.float().reshape(-1, 32))
@@ -165,7 +177,7 @@ def test_nonfinite_rows_are_counted_and_fail_or_drop(tmp_path, model_folder):
     cfg = config(tmp_path, num_tokens=512)
     store = ActivationStore(tmp_path / "acts")
     plan = _load_plan(cfg, store, str(broken), None)
-    ids = np.array(store.read_table("tokens.parquet").column("input_ids").to_pylist())
+    ids = all_chunks(store, plan)
     poisoned = int(ids[0, 5])
     weights = load_file(broken / "model.safetensors")
     weights["gpt_neox.embed_in.weight"][poisoned] = float("nan")

@@ -1,7 +1,8 @@
 """Activation actors: one model per actor, every hookpoint captured in one forward pass, Parquet shards.
 
-The Ray Data pipeline hands each actor one planned shard at a time (`shard_id`, chunk range). The actor runs
-the model over the shard's token chunks batch by batch; a background thread appends each batch to one Parquet
+The Ray Data pipeline hands each actor one planned shard at a time (`shard_id`, chunk range). The actor reads
+only that range's token chunks (the row groups of the token files holding it) and runs the model over them
+batch by batch; a background thread appends each batch to one Parquet
 file per hookpoint (a row group per batch) while the next batch computes. Files are written under temporary
 names and moved into place when complete; the shard's record (`shards/shard-NNNNN.json`, rows, checksums,
 norms, non-finite counts, timing) is written last and is what marks the shard committed.
@@ -21,6 +22,7 @@ from ..progress import quiet_worker
 from ..store.shards import (PARQUET_OPTIONS, activation_schema, activation_table, from_storage, record_rel, shard_rel,
                             to_storage)
 from ..store.storage import ActivationStore
+from ..store.tokens import read_chunks
 from .models import load_model, resolve_hookpoints
 
 class _StopForward(Exception):
@@ -77,7 +79,8 @@ class ActivationShardWriter:
 
     def __init__(self, model_path: str, revision: str | None, model_dtype: str, trust_remote_code: bool,
                  device_map: str | None, hookpoints: list[str], store_uri: str, storage_dtype: str, batch_size: int,
-                 nonfinite: str, plan_hash: str, torch_threads: int = 0, random_init_seed: int | None = None):
+                 nonfinite: str, plan_hash: str, torch_threads: int = 0, random_init_seed: int | None = None,
+                 token_files: list[dict] | None = None):
         quiet_worker()
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -87,7 +90,9 @@ class ActivationShardWriter:
         self.input_device = self.model.get_input_embeddings().weight.device
         self.capture = HookpointCapture(self.model, hookpoints)
         self.store = ActivationStore(store_uri)
-        self.tokens = self.store.read_table("tokens.parquet")
+        # The plan's token files (path and chunk count each; one per source shard, not per token): given by the
+        # stage, or read from the store's plan when called on its own (tests, benchmarks).
+        self.token_files = token_files if token_files is not None else self.store.read_json("plan.json")["token_files"]
         self.storage_dtype, self.batch_size, self.nonfinite = storage_dtype, batch_size, nonfinite
         self.plan_hash = plan_hash
         # One writer thread: Parquet encoding and upload of batch i overlap the forward pass of batch i + 1,
@@ -111,9 +116,8 @@ class ActivationShardWriter:
 
     def write_shard(self, shard_id: int, start: int, stop: int) -> dict:
         t0 = time.perf_counter()
-        rows = self.tokens.slice(start, stop - start)
-        chunk_ids = rows.column("chunk_id").to_numpy()
-        token_ids = np.stack(rows.column("input_ids").to_numpy(zero_copy_only=False)).astype(np.int64)
+        chunk_ids = np.arange(start, stop, dtype=np.int64)
+        token_ids = read_chunks(self.store, self.token_files, start, stop)
         ctx_len = token_ids.shape[1]
         stats = {h: {"path": shard_rel(h, shard_id), "rows": 0, "sum_norm": 0.0, "nonfinite_rows": 0}
                  for h in self.capture.hookpoints}

@@ -30,7 +30,9 @@ def byte_level_tokenizer():
     vocab = {ch: i for i, ch in enumerate(alphabet)}
     vocab[EOS] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    # Split into words as GPT-2 does: the tokens are the same bytes either way (no merges), but the BPE word cache
+    # then holds short words; unsplit, every document was one cached "word" (up to ~120 MB of cache per process).
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS)
 

@@ -22,6 +22,7 @@ from ..sae import ARCHITECTURES, SparseAutoencoder
 from ..store.checkpoint import checkpoint_folder, dead_latents, save_sae_folder
 from ..store.shards import held_out_rows
 from ..store.storage import ActivationStore
+from ..store.tokens import read_chunks
 from .calibration import SparsityTargets, calibrate_l1_coefficient, is_steered, steering_seed
 from .data import ActivationStream, read_rows, split_held_out
 from .lm_eval import spliced_lm_metrics
@@ -306,9 +307,14 @@ def lm_eval_inputs(manifest: dict, settings: TrainSettings,
     m = manifest["model"]
     model = load_model(m["path"], m.get("revision"), m["dtype"], settings.trust_remote_code, str(device),
                        random_init_seed=m.get("random_init_seed"))
-    chunks = ActivationStore(manifest["root"]).read_table("tokens.parquet", columns=["input_ids"]).slice(
-        0, settings.lm_eval_chunks).column("input_ids").to_pylist()
-    return model, torch.tensor(chunks, dtype=torch.long, device=device)
+    store = ActivationStore(manifest["root"])
+    token_files = manifest["plan"].get("token_files")
+    if token_files is None:  # a manifest written before token files were per source shard
+        chunks = store.read_table("tokens.parquet", columns=["input_ids"]).slice(
+            0, settings.lm_eval_chunks).column("input_ids").to_pylist()
+        return model, torch.tensor(chunks, dtype=torch.long, device=device)
+    n = min(settings.lm_eval_chunks, sum(f["chunks"] for f in token_files))
+    return model, torch.from_numpy(read_chunks(store, token_files, 0, n)).to(device)
 
 
 def _calibrate_sparsity(jobs: list[dict], streams: dict, d_in: int, settings: TrainSettings,

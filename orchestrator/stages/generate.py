@@ -1,8 +1,9 @@
 """Generate stage: corpus -> token chunks -> shard plan -> Ray Data actor pool -> Parquet shards + manifest.
 
 Reads only the config; writes, in the activation store (a folder or object-store URI):
-  tokens.parquet   the packed token chunks (what every shard reads)
-  plan.json        which chunks go in which shard; written before any activation is computed
+  tokens/*.parquet the packed token chunks, one file per source shard of the corpus (`stages/tokenize.py`);
+                   each actor reads only the row groups holding the shard it computes
+  plan.json        the token files (checksums) and which chunks go in which shard; written before any activation
   shards/*.json    one record per committed shard (rows, checksums, norms, timing), written after its files
   manifest.json    the one thing the train stage reads, assembled from the records
 A re-run with the same config skips every shard that has a record and computes only the rest, so a run killed
@@ -23,22 +24,20 @@ import math
 import os
 import time
 
-import numpy as np
-import pyarrow as pa
 import ray
 from tqdm.auto import tqdm
 
 from actors.generate.activations import ActivationShardWriter
-from actors.generate.corpus import load_documents, pack_chunks
 from actors.generate.models import build_local_model, load_tokenizer, resolve_hookpoints, skeleton_model
-from actors.store.shards import locate_manifest, record_rel, verify_shards
+from actors.store.shards import file_problem, locate_manifest, record_rel, verify_shards
 from actors.store.storage import ActivationStore
 
 from ..config import ExperimentConfig
+from .tokenize import tokenize_corpus
 
 log = logging.getLogger(__name__)
 
-MANIFEST, PLAN, TOKENS = "manifest.json", "plan.json", "tokens.parquet"
+MANIFEST, PLAN = "manifest.json", "plan.json"
 
 
 def activation_uri(cfg: ExperimentConfig) -> str:
@@ -78,23 +77,28 @@ def _model_source(cfg: ExperimentConfig) -> tuple[str, str | None]:
     return cfg.model.name, cfg.model.revision
 
 
+def tokens_digest(token_files: list[dict]) -> str:
+    """One checksum for all the run's chunks: over the token files' names, chunk counts and sha256s."""
+    return hashlib.sha256(json.dumps([[f["path"], f["chunks"], f["sha256"]] for f in token_files]).encode()
+                          ).hexdigest()
+
+
 def _make_plan(cfg: ExperimentConfig, store: ActivationStore, model_path: str, revision: str | None) -> dict:
-    """Tokenise and pack on the driver (cheap next to the forward passes) and write tokens + plan."""
+    """Tokenise and pack (Ray tasks over the corpus's source shards) and write the token files + plan."""
     g = cfg.generate
     num_chunks = g.num_tokens // g.ctx_len
     if num_chunks == 0:
         raise ValueError(f"generate.num_tokens ({g.num_tokens}) is smaller than one chunk (ctx_len {g.ctx_len})")
     tokenizer = load_tokenizer(model_path, revision, cfg.model.trust_remote_code)
-    counts: dict = {}
-    chunks = pack_chunks(load_documents(cfg.dataset), tokenizer, cfg.dataset.text_column, g.ctx_len, num_chunks,
-                         counts=counts)
-    store.write_table(TOKENS, pa.table({
-        "chunk_id": pa.array(np.arange(num_chunks, dtype=np.int64)),
-        "input_ids": pa.array(chunks, pa.list_(pa.int32())),
-    }))
+    per_shard = max(1, g.shard_tokens // g.ctx_len)
+    token_files, counts = tokenize_corpus(cfg, store, model_path, revision, num_chunks, row_group_chunks=per_shard)
+    digest = tokens_digest(token_files)
     plan = {
         "generate_hash": lm_generate_hash(cfg),
-        "tokens_sha256": store.sha256(TOKENS),
+        # What a committed shard's record names: the config's hash and the exact chunks it was computed from.
+        "plan_hash": hashlib.sha256(f"{lm_generate_hash(cfg)}:{digest}".encode()).hexdigest()[:16],
+        "tokens_sha256": digest,
+        "token_files": token_files,
         "num_chunks": num_chunks,
         "ctx_len": g.ctx_len,
         "corpus": counts,
@@ -107,9 +111,12 @@ def _make_plan(cfg: ExperimentConfig, store: ActivationStore, model_path: str, r
 
 
 def _load_plan(cfg: ExperimentConfig, store: ActivationStore, model_path: str, revision: str | None) -> dict:
-    if store.exists(PLAN) and store.exists(TOKENS):
+    """The stored plan when it is this config's and its token files check out (`generate.verify`); else a new one
+    (the same, when only token files were lost: tokenising is deterministic)."""
+    if store.exists(PLAN):
         plan = store.read_json(PLAN)
-        if plan.get("generate_hash") == lm_generate_hash(cfg) and store.sha256(TOKENS) == plan["tokens_sha256"]:
+        if (plan.get("generate_hash") == lm_generate_hash(cfg) and "token_files" in plan
+                and not any(file_problem(store, f, cfg.generate.verify) for f in plan["token_files"])):
             return plan
     return _make_plan(cfg, store, model_path, revision)
 
@@ -121,7 +128,7 @@ def committed_records(store: ActivationStore, plan: dict) -> dict[int, dict]:
     for name in store.listdir("shards"):
         if name.startswith("shard-") and name.endswith(".json"):
             record = store.read_json(f"shards/{name}")
-            if record.get("plan_hash") == plan["generate_hash"] and record["shard_id"] in planned:
+            if record.get("plan_hash") == plan["plan_hash"] and record["shard_id"] in planned:
                 records[record["shard_id"]] = record
     return records
 
@@ -213,7 +220,7 @@ def run_generate(cfg: ExperimentConfig) -> dict:
                 model_path=model_path, revision=revision, model_dtype=cfg.model.dtype,
                 trust_remote_code=cfg.model.trust_remote_code, device_map=g.device_map, hookpoints=g.hookpoints,
                 store_uri=store.uri, storage_dtype=g.dtype, batch_size=g.batch_size, nonfinite=g.nonfinite,
-                plan_hash=plan["generate_hash"], torch_threads=max(1, int(g.cpus_per_actor)) if gpus == 0 else 0,
+                plan_hash=plan["plan_hash"], token_files=plan["token_files"], torch_threads=max(1, int(g.cpus_per_actor)) if gpus == 0 else 0,
                 random_init_seed=cfg.model.random_init_seed),
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=_actor_count(cfg, gpus, len(todo))),
@@ -292,6 +299,7 @@ def assemble_manifest(cfg: ExperimentConfig, store: ActivationStore, plan: dict,
         "num_tokens": plan["num_chunks"] * plan["ctx_len"],
         "dtype": cfg.generate.dtype,
         "hookpoint_patterns": cfg.generate.hookpoints,
-        "plan": {"shards": len(plan["shards"]), "tokens_sha256": plan["tokens_sha256"]},
+        "plan": {"shards": len(plan["shards"]), "tokens_sha256": plan["tokens_sha256"],
+                 "token_files": [{"path": f["path"], "chunks": f["chunks"]} for f in plan["token_files"]]},
         "hookpoints": hookpoints,
     }
