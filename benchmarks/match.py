@@ -94,7 +94,7 @@ def block_seconds(a, b, block: int, device: str, samples: int, seed: int) -> lis
     return times
 
 
-def _run(method: str, n: int, seed: int, block: int, device: str = "cpu") -> dict:
+def _run(method: str, n: int, seed: int, block: int, device: str = "cpu", k: int | None = None) -> dict:
     """In a fresh process: generate a planted SAE pair, match it, report time, memory, statistics, floor."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import torch
@@ -117,7 +117,7 @@ def _run(method: str, n: int, seed: int, block: int, device: str = "cpu") -> dic
         real = sparse_matching.sparse_max_weight_assignment
 
         def recorded(*args, **kw):
-            res = real(*args, **kw)
+            res = real(*args, **kw, **({"k": k} if k else {}))
             phases.append({k: (round(v, 1) if isinstance(v, float) else v) for k, v in res.timings.items()}
                           | {"rounds": res.rounds, "edges": res.n_edges, "gap_bound": f"{res.gap_bound:.1e}"})
             return res
@@ -142,9 +142,9 @@ def _run(method: str, n: int, seed: int, block: int, device: str = "cpu") -> dic
     return out
 
 
-def measure(method: str, n: int, seed: int, block: int = 8192, device: str = "cpu") -> dict:
+def measure(method: str, n: int, seed: int, block: int = 8192, device: str = "cpu", k: int | None = None) -> dict:
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(_run, method, n, seed, block, device).result()
+        return pool.submit(_run, method, n, seed, block, device, k).result()
 
 
 def main(argv=None) -> None:
@@ -153,6 +153,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=1, help="runs per size and method; medians are printed")
     p.add_argument("--pair", action="store_true", help="accepted for compatibility: every run is a whole pair")
     p.add_argument("--block", type=int, default=8192)
+    p.add_argument("--k", type=int, default=None, help="candidates per row and column (default: the matcher's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]; dense scipy always runs on the CPU")
     p.add_argument("--no-dense", action="store_true", help="skip dense scipy even where it fits")
     args = p.parse_args(argv)
@@ -162,7 +163,7 @@ def main(argv=None) -> None:
     print(f"# SAE pair (encoder + decoder), d_in 768, 40% planted overlap; block={args.block}; median of "
           f"{args.repeats} run(s); peak = peak RSS of a fresh process, inputs included (inputs alone: 'in')")
     for n in args.sizes:
-        runs = {"sparse": [measure("sparse", n, seed, args.block, args.device) for seed in range(args.repeats)]}
+        runs = {"sparse": [measure("sparse", n, seed, args.block, args.device, args.k) for seed in range(args.repeats)]}
         if n <= DENSE_MAX_N and not args.no_dense:
             runs["dense"] = [measure("dense", n, seed) for seed in range(args.repeats)]
         med = {m: (statistics.median(r["seconds"] for r in rs), statistics.median(r["rss_peak"] for r in rs))
