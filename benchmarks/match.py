@@ -69,9 +69,10 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def block_seconds(a, b, block: int, device: str, samples: int, seed: int) -> list[float]:
+def block_seconds(a, b, block: int, device: str, samples: int, seed: int, cpu_times: list) -> list[float]:
     """Seconds of `samples` float32 [block, d] @ [d, block] matmuls on random blocks of the unit rows of a and b,
-    into a reused output buffer (the fastest way this device computes a block of cosines)."""
+    into a reused output buffer (the fastest way this device computes a block of cosines); their CPU seconds (all
+    threads) are appended to cpu_times."""
     import torch
 
     from actors.compare.sparse_matching import pinned_matmul_precision, unit_rows
@@ -87,10 +88,11 @@ def block_seconds(a, b, block: int, device: str, samples: int, seed: int) -> lis
             r0 = int(torch.randint(0, len(ua) - bl + 1, (1,), generator=g))
             c0 = int(torch.randint(0, len(ub) - bl + 1, (1,), generator=g))
             _sync(device)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             torch.mm(ua[r0:r0 + bl], ub[c0:c0 + bl].T, out=buf)
             _sync(device)
             times.append(time.perf_counter() - t)
+            cpu_times.append(time.process_time() - c)
     return times
 
 
@@ -107,9 +109,9 @@ def _run(method: str, n: int, seed: int, block: int, device: str = "cpu", k: int
         torch.cuda.reset_peak_memory_stats()
     peak = (lambda: torch.cuda.max_memory_allocated()) if device.startswith("cuda") else _peak_rss
     out = {"method": method, "n": n, "rss_inputs": peak()}
-    floor_samples = []
+    floor_samples, floor_cpu = [], []
     if method == "sparse":
-        floor_samples += block_seconds(enc_a, enc_b, block, device, FLOOR_SAMPLES, seed)
+        floor_samples += block_seconds(enc_a, enc_b, block, device, FLOOR_SAMPLES, seed, floor_cpu)
     phases = []
     if method == "sparse":  # record each matrix's phase timings
         from actors.compare import sparse_matching
@@ -124,16 +126,18 @@ def _run(method: str, n: int, seed: int, block: int, device: str = "cpu", k: int
 
         sparse_matching.sparse_max_weight_assignment = recorded
     _sync(device)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     m = matching.match_pair(enc_a, dec_a, enc_b, dec_b, 0.7, method=method, device=device)
     _sync(device)
     out["seconds"] = time.perf_counter() - t
+    out["cpu_seconds"] = time.process_time() - c
     out["rss_peak"] = peak()
     if method == "sparse":
-        floor_samples += block_seconds(dec_a, dec_b, block, device, FLOOR_SAMPLES, seed + 1)
+        floor_samples += block_seconds(dec_a, dec_b, block, device, FLOOR_SAMPLES, seed + 1, floor_cpu)
         bl = min(block, n)
         blocks = (-(-n // bl)) ** 2
         out["floor"] = 2 * blocks * statistics.median(floor_samples)  # two matrices
+        out["floor_cpu"] = 2 * blocks * statistics.median(floor_cpu)
         out["floor_samples"] = floor_samples
     out["stats"] = m.statistics()
     out["certified"] = m.certified
@@ -179,6 +183,11 @@ def main(argv=None) -> None:
         print(f"         floor: {floor:7.1f} s  (two float32 matmul passes over n x n, timed here: "
               f"{len(s['floor_samples'])} blocks, median {statistics.median(s['floor_samples']):.3f} s/block)  "
               f"ours / floor: {med['sparse'][0] / floor:.2f}  (goal <= 1.25)", flush=True)
+        cpu = statistics.median(r["cpu_seconds"] for r in runs["sparse"])
+        floor_cpu = statistics.median(r["floor_cpu"] for r in runs["sparse"])
+        # CPU seconds (all threads) are far less sensitive than wall time to other processes on shared cores
+        print(f"         cpu seconds: ours {cpu:7.1f}, floor {floor_cpu:7.1f}, ours / floor: {cpu / floor_cpu:.2f}",
+              flush=True)
         if "dense" in runs:
             d = runs["dense"][-1]
             # counts and fractions must be equal; means of float32 cosines may differ in the last bits (ours are

@@ -281,6 +281,22 @@ def _group(n: int, preferred: int) -> int:
 MOSTLY_HITS = 0.25
 
 
+@contextmanager
+def _one_thread(device):
+    """torch ops on one CPU thread: the block's matmul uses them all, but the extraction's many small ops run
+    faster on one (each multi-threaded op ends at a barrier that waits for every thread to be scheduled, which
+    on shared cores costs more than the op; measured ~2x in wall time under load, and idle threads spin)."""
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def _flatnonzero(mask: torch.Tensor) -> torch.Tensor:
     """Flat (row-major) positions of the True entries. On CPU numpy's is ~6x faster than torch.nonzero."""
     if mask.device.type == "cpu":
@@ -320,7 +336,7 @@ def _block_rows(tops: _Tops, s: torch.Tensor, r0: int, c0: int) -> None:
 def _block_cols(tops: _Tops, s: torch.Tensor, r0: int, c0: int) -> None:
     """The columns' candidates from the same block: maxima of runs of g entries down each column (reduced across
     rows, vectorised along them; reducing the transposed view directly was 40x slower on CPU), hits listed in
-    column order (the small map of maxima is transposed, not the block). A hit run is read with stride Bc, an
+    column order (sorted: cheaper than transposing the map of maxima). A hit run is read with stride Bc, an
     entry per cache line, so g is smaller where more hits are expected (_run_length)."""
     br, bc = s.shape
     g = _group(br, _run_length(tops))
@@ -330,12 +346,15 @@ def _block_cols(tops: _Tops, s: torch.Tensor, r0: int, c0: int) -> None:
     thr = tops.thr[lines]
     if r0 == 0:
         tops.set_floor(lines, group_max.T.contiguous(), br)
-    runs = _flatnonzero((group_max > thr[None, :]).T)  # c * n_runs + q
+    runs = _flatnonzero(group_max > thr[None, :])  # q * bc + c
     if len(runs) * g > MOSTLY_HITS * br * bc:
         _block_top(tops, s.T, c0, r0)
         return
-    col = runs // n_runs
-    at = ((runs - col * n_runs) * (g * bc) + col)[:, None] + torch.arange(0, g * bc, bc, device=s.device)
+    col = runs % bc
+    order = torch.from_numpy(np.argsort(col.numpy(), kind="stable")) if col.device.type == "cpu" else \
+        torch.sort(col, stable=True).indices
+    runs, col = runs[order], col[order]  # hits grouped by column
+    at = ((runs - col) * g + col)[:, None] + torch.arange(0, g * bc, bc, device=s.device)
     vals = _take(s.view(-1), at.view(-1)).view(-1, g)  # [h, g]
     hit = _flatnonzero(vals > thr[col, None])
     at = at.view(-1)[hit]
@@ -395,7 +414,7 @@ def pass_precision(device, low_precision: bool) -> tuple[str, str]:
 def candidate_pass(ua: torch.Tensor, ub: torch.Tensor, k: int, block: int, low_precision: bool):
     """One blocked pass over ua @ ub.T: top-k per row and per column, both from the same blocks.
 
-    Returns (rows, cols, values, row_bound, col_bound) as torch tensors, and the seconds spent in matmuls. Values
+    Returns (rows, cols, values, row_bound, col_bound) as torch tensors, and seconds spent per step. Values
     are accurate to cosine_error_bound of the pass's precision; the bounds include it, so they bound the EXACT
     cosine of every pair left out. Run it under pinned_matmul_precision.
     """
@@ -405,14 +424,17 @@ def candidate_pass(ua: torch.Tensor, ub: torch.Tensor, k: int, block: int, low_p
     rows, cols = _Tops(n_a, k_r, n_b, dev), _Tops(n_b, k_c, n_a, dev)
     xa, xb = (ua.bfloat16(), ub.bfloat16()) if low_precision else (ua, ub)
     buf = torch.empty(min(block, n_a), min(block, n_b), device=dev)
-    t_matmul = 0.0
+    seconds = {"candidates_matmul": 0.0, "candidates_extract": 0.0}  # (CUDA is asynchronous: CPU figures only)
     for r0 in range(0, n_a, block):
         for c0 in range(0, n_b, block):
             t = time.perf_counter()
             s = _block_matmul(xa[r0:r0 + block], xb[c0:c0 + block], buf)
-            t_matmul += time.perf_counter() - t  # (asynchronous on CUDA: only meaningful on CPU)
-            _block_rows(rows, s, r0, c0)
-            _block_cols(cols, s, r0, c0)
+            t1 = time.perf_counter()
+            with _one_thread(dev):
+                _block_rows(rows, s, r0, c0)
+                _block_cols(cols, s, r0, c0)
+            seconds["candidates_matmul"] += t1 - t
+            seconds["candidates_extract"] += time.perf_counter() - t1
     err = cosine_error_bound(ua.shape[1], *pass_precision(dev, low_precision))
     # bounds in float64: adding err in float32 could round them down; a line held whole has bound -inf
     row_val, row_idx, row_bound = rows.finish()
@@ -422,7 +444,7 @@ def candidate_pass(ua: torch.Tensor, ub: torch.Tensor, k: int, block: int, low_p
     edge_cols = torch.cat([row_idx.flatten().long(), torch.arange(n_b, device=dev).repeat_interleave(k_c)])
     vals = torch.cat([row_val.flatten(), col_val.flatten()])
     kept = torch.cat([row_idx.flatten(), col_idx.flatten()]) >= 0  # lines left short by their floor are padded
-    return edge_rows[kept], edge_cols[kept], vals[kept], row_bound, col_bound, t_matmul
+    return edge_rows[kept], edge_cols[kept], vals[kept], row_bound, col_bound, seconds
 
 
 def pair_cos(ua: torch.Tensor, ub: torch.Tensor, rows: np.ndarray, cols: np.ndarray, chunk=1 << 15) -> np.ndarray:
@@ -467,9 +489,9 @@ class ExactCosine:
 
 
 def _build_candidates(ua, ub, k, block, low_precision, timings=None) -> Candidates:
-    rows, cols, vals, row_bound, col_bound, t_matmul = candidate_pass(ua, ub, k, block, low_precision)
+    rows, cols, vals, row_bound, col_bound, seconds = candidate_pass(ua, ub, k, block, low_precision)
     if timings is not None:
-        timings["candidates_matmul"] = t_matmul
+        timings.update(seconds)
     keys = (rows * ub.shape[0] + cols).cpu().numpy()
     keys, first = np.unique(keys, return_index=True)  # an entry kept by its row and by its column appears twice
     rows, cols = keys // ub.shape[0], keys % ub.shape[0]
