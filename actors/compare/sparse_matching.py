@@ -145,6 +145,24 @@ def unit_rows(x: torch.Tensor, device="cpu") -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
 
 
+class UnitRows:
+    """The rows of x scaled to unit norm in float32, computed for each slice or gather that is read instead of held:
+    the unit copies of a pair's matrices would be 768 MiB at 131K latents, and dividing a block's rows by their
+    norms costs ~1% of that block's matmul. Same operations as unit_rows (a row's norm, then a division), so the
+    same error bound; zero rows stay zero."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+        self.norm = x.norm(dim=1).clamp_min(1e-30)
+        self.shape, self.device = x.shape, x.device
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        return self.x[idx] / self.norm[idx, None]
+
+
 @dataclass
 class Candidates:
     """Sparse edges (sorted by row, then column) and bounds on everything else: for every pair (i, j) that is not an
@@ -411,7 +429,7 @@ def pass_precision(device, low_precision: bool) -> tuple[str, str]:
     return "bfloat16", ("float32" if _float32_out(device) else "bfloat16")
 
 
-def candidate_pass(ua: torch.Tensor, ub: torch.Tensor, k: int, block: int, low_precision: bool):
+def candidate_pass(ua: "UnitRows | torch.Tensor", ub: "UnitRows | torch.Tensor", k: int, block: int, low_precision: bool):
     """One blocked pass over ua @ ub.T: top-k per row and per column, both from the same blocks.
 
     Returns (rows, cols, values, row_bound, col_bound) as torch tensors, and seconds spent per step. Values
@@ -422,13 +440,14 @@ def candidate_pass(ua: torch.Tensor, ub: torch.Tensor, k: int, block: int, low_p
     k_r, k_c = min(k, n_b), min(k, n_a)
     dev = ua.device
     rows, cols = _Tops(n_a, k_r, n_b, dev), _Tops(n_b, k_c, n_a, dev)
-    xa, xb = (ua.bfloat16(), ub.bfloat16()) if low_precision else (ua, ub)
+    cast = (lambda x: x.bfloat16()) if low_precision else (lambda x: x)
     buf = torch.empty(min(block, n_a), min(block, n_b), device=dev)
     seconds = {"candidates_matmul": 0.0, "candidates_extract": 0.0}  # (CUDA is asynchronous: CPU figures only)
     for r0 in range(0, n_a, block):
+        xa = cast(ua[r0:r0 + block])
         for c0 in range(0, n_b, block):
             t = time.perf_counter()
-            s = _block_matmul(xa[r0:r0 + block], xb[c0:c0 + block], buf)
+            s = _block_matmul(xa, cast(ub[c0:c0 + block]), buf)
             t1 = time.perf_counter()
             with _one_thread(dev):
                 _block_rows(rows, s, r0, c0)
@@ -523,7 +542,9 @@ def solve_sparse(n_rows: int, n_cols: int, rows: np.ndarray, cols: np.ndarray, W
         from ortools.graph.python import linear_sum_assignment as ortools_lsa
 
         solver = ortools_lsa.SimpleLinearSumAssignment()
-        solver.add_arcs_with_cost(rows.astype(np.int64), cols.astype(np.int64), -W.astype(np.int64))
+        # (no copies of int64 inputs: the graph is ~12M arcs at 131K latents)
+        solver.add_arcs_with_cost(np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64),
+                                  np.negative(W, dtype=np.int64))
         status = solver.solve()
         if status == solver.INFEASIBLE:
             return None
@@ -797,7 +818,7 @@ def _sparse_assignment(a, b, k, block, device, low_precision) -> SparseAssignmen
         return SparseAssignment(np.full(n_a, UNMATCHED, dtype=np.int64), nan, nan.copy(), True, 0, 0.0)
     t = time.perf_counter()
     a, b = (x.to(device=device, dtype=torch.float32) for x in (a, b))
-    ua, ub = unit_rows(a, device), unit_rows(b, device)
+    ua, ub = UnitRows(a), UnitRows(b)
     exact = ExactCosine(a, b)
     eps32 = cosine_error_bound(a.shape[1])
     cand = _build_candidates(ua, ub, k, block, low_precision, timings)
