@@ -3,10 +3,11 @@
 The dense route (actors/compare/matching.py: cosine matrix + scipy's Hungarian) costs n^2 memory and n^3 time: hours and
 ~270 GB at 131K latents. Here (../shared/reference/matching-notes.md):
 
-1. One blocked pass over the cosine matrix keeps, for every row AND every column, its top-k entries (merged from the
-   same blocks: a separate column pass over transposed blocks dominated the cost in the notes). Whatever a row's
-   heap did not keep is <= that row's bound (its k-th value, or a floor set from its first block, plus the pass's
-   error bound), so after the pass every pair is either a candidate edge or <= min(row bound, column bound).
+1. One blocked pass over the cosine matrix keeps, for every row AND every column, its top-k entries (collected from
+   the same blocks: a separate column pass over transposed blocks dominated the cost in the notes). Whatever a
+   line did not keep is <= its threshold (its k-th kept value, or a floor set from its first block), which plus
+   the pass's error bound is its bound, so after the pass every pair is either a candidate edge or
+   <= min(row bound, column bound).
 2. A sparse assignment solver on the candidate graph: OR-tools' LinearSumAssignment on integer-scaled weights
    (square), scipy's LAPJVsp (rectangular).
 3. An optimality certificate. From the sparse optimum we compute LP duals u (rows), v (columns) by longest paths on
