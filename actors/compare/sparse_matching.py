@@ -164,6 +164,19 @@ class UnitRows:
         return self.x[idx] / self.norm[idx, None]
 
 
+def _sort_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted keys, the stable sorting permutation) of non-negative int64 keys. Where a key and its position fit
+    in 63 bits together they are packed and sorted as one number: numpy's vectorised sort ran ~20x faster than its
+    argsort on 16M keys on this CPU."""
+    n = len(keys)
+    pos_bits = max(1, (n - 1).bit_length())
+    if n and int(keys.max()).bit_length() + pos_bits <= 63:
+        packed = np.sort((keys.astype(np.int64) << pos_bits) | np.arange(n, dtype=np.int64))
+        return packed >> pos_bits, packed & ((1 << pos_bits) - 1)
+    order = np.argsort(keys, kind="stable")
+    return keys[order], order
+
+
 @dataclass
 class Candidates:
     """Sparse edges (sorted by row, then column) and bounds on everything else: for every pair (i, j) that is not an
@@ -193,7 +206,7 @@ class Candidates:
                           self.row_bound, self.col_bound)
 
     def transposed(self) -> "Candidates":
-        order = np.argsort(self.cols * len(self.row_bound) + self.rows)
+        order = _sort_keys(self.cols * len(self.row_bound) + self.rows)[1]
         return Candidates(self.cols[order], self.rows[order], self.w[order], self.exact[order], self.col_bound,
                           self.row_bound)
 
@@ -512,8 +525,10 @@ def _build_candidates(ua, ub, k, block, low_precision, timings=None) -> Candidat
     rows, cols, vals, row_bound, col_bound, seconds = candidate_pass(ua, ub, k, block, low_precision)
     if timings is not None:
         timings.update(seconds)
-    keys = (rows * ub.shape[0] + cols).cpu().numpy()
-    keys, first = np.unique(keys, return_index=True)  # an entry kept by its row and by its column appears twice
+    keys, order = _sort_keys((rows * ub.shape[0] + cols).cpu().numpy())
+    first = np.ones(len(keys), dtype=bool)  # an entry kept by its row and by its column appears twice
+    np.not_equal(keys[1:], keys[:-1], out=first[1:])
+    keys, first = keys[first], order[first]
     rows, cols = keys // ub.shape[0], keys % ub.shape[0]
     # low-precision values are re-scored in float32, so that every edge is good to cosine_error_bound(d)
     w = pair_cos(ua, ub, rows, cols) if low_precision else vals.cpu().double().numpy()[first]
