@@ -298,7 +298,7 @@ def _run_length(tops: "_Tops") -> int:
     """Entries per run down a column: a block brings a line ~2k * L / n_other hits, so reading them costs ~that
     x g cache lines and the maxima L / g per line; g ~ sqrt(n_other / 2k) balances them (8 at 16K latents, 16 at
     65K and beyond: a reduction over fewer rows than 16 is no faster)."""
-    return RUN_LENGTH or int(min(16, max(8, 2 ** round(math.log2(math.sqrt(tops.n_other / (2 * tops.k)))))))
+    return RUN_LENGTH or int(min(16, max(8, 2 ** math.floor(math.log2(math.sqrt(tops.n_other / (2 * tops.k)))))))
 
 
 RUN_LENGTH = 0  # 0: chosen by _run_length
@@ -695,15 +695,18 @@ def dual_violations(ua: torch.Tensor, ub: torch.Tensor, u: np.ndarray, v: np.nda
         for c0 in range(0, n_cols, block):
             c1 = min(c0 + block, n_cols)
             sim = x @ ub[c0:c1].T
-            li, lj = (sim > thr_row[:, None] + vt[None, c0:c1]).nonzero(as_tuple=True)
-            out_r.append(rr[li.cpu().numpy()])
-            out_c.append(lj.cpu().numpy() + c0)
-            out_w.append(sim[li, lj].cpu().double().numpy())
-            sim[li, lj] = -math.inf
-            if skip is not None:
-                inside = (ec >= c0) & (ec < c1)
-                sim[torch.from_numpy(er[inside]).to(dev), torch.from_numpy(ec[inside] - c0).to(dev)] = -math.inf
-            row_max = torch.maximum(row_max, sim.amax(1))
+            with _one_thread(dev):  # (see _one_thread: small ops after a big matmul)
+                width = c1 - c0
+                flat = _flatnonzero(sim > thr_row[:, None] + vt[None, c0:c1]).to(dev)
+                li, lj = flat // width, flat % width
+                out_r.append(rr[li.cpu().numpy()])
+                out_c.append(lj.cpu().numpy() + c0)
+                out_w.append(sim.view(-1)[flat].cpu().double().numpy())
+                sim.view(-1)[flat] = -math.inf
+                if skip is not None:
+                    inside = (ec >= c0) & (ec < c1)
+                    sim[torch.from_numpy(er[inside]).to(dev), torch.from_numpy(ec[inside] - c0).to(dev)] = -math.inf
+                row_max = torch.maximum(row_max, sim.amax(1))
         bound[s:s + step] = row_max.cpu().double().numpy() + eps
     cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)
     return cat(out_r, np.int64), cat(out_c, np.int64), cat(out_w, np.float64), bound
