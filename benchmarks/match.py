@@ -16,6 +16,9 @@ unit rows, candidates, assignment, certificate, max cosines), data generation ex
 n x n matrix (2 n^2 d FLOPs each), timed in the same process on the same inputs (block-sized matmuls into a reused
 buffer, a sample of blocks before and after the matching, median block time x number of blocks), so that load
 from other processes affects ours and the floor alike. "ours / floor" is the goal ratio (<= 1.25 for the pair).
+The same ratio in CPU seconds (all threads of the process) is printed too: on shared cores wall time depends on
+when other processes ran, CPU seconds much less. `--k` sets the candidates per row and column (default: the
+matcher's).
 On CUDA the peak is torch.cuda.max_memory_allocated, inputs included.
 """
 
