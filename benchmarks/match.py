@@ -16,6 +16,9 @@ unit rows, candidates, assignment, certificate, max cosines), data generation ex
 n x n matrix (2 n^2 d FLOPs each), timed in the same process on the same inputs (block-sized matmuls into a reused
 buffer, a sample of blocks before and after the matching, median block time x number of blocks), so that load
 from other processes affects ours and the floor alike. "ours / floor" is the goal ratio (<= 1.25 for the pair).
+The same ratio in CPU seconds (all threads of the process) is printed too: on shared cores wall time depends on
+when other processes ran, CPU seconds much less. `--k` sets the candidates per row and column (default: the
+matcher's).
 On CUDA the peak is torch.cuda.max_memory_allocated, inputs included.
 """
 
@@ -69,9 +72,10 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def block_seconds(a, b, block: int, device: str, samples: int, seed: int) -> list[float]:
+def block_seconds(a, b, block: int, device: str, samples: int, seed: int, cpu_times: list) -> list[float]:
     """Seconds of `samples` float32 [block, d] @ [d, block] matmuls on random blocks of the unit rows of a and b,
-    into a reused output buffer (the fastest way this device computes a block of cosines)."""
+    into a reused output buffer (the fastest way this device computes a block of cosines); their CPU seconds (all
+    threads) are appended to cpu_times."""
     import torch
 
     from actors.compare.sparse_matching import pinned_matmul_precision, unit_rows
@@ -87,14 +91,15 @@ def block_seconds(a, b, block: int, device: str, samples: int, seed: int) -> lis
             r0 = int(torch.randint(0, len(ua) - bl + 1, (1,), generator=g))
             c0 = int(torch.randint(0, len(ub) - bl + 1, (1,), generator=g))
             _sync(device)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             torch.mm(ua[r0:r0 + bl], ub[c0:c0 + bl].T, out=buf)
             _sync(device)
             times.append(time.perf_counter() - t)
+            cpu_times.append(time.process_time() - c)
     return times
 
 
-def _run(method: str, n: int, seed: int, block: int, device: str = "cpu") -> dict:
+def _run(method: str, n: int, seed: int, block: int, device: str = "cpu", k: int | None = None) -> dict:
     """In a fresh process: generate a planted SAE pair, match it, report time, memory, statistics, floor."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import torch
@@ -107,9 +112,9 @@ def _run(method: str, n: int, seed: int, block: int, device: str = "cpu") -> dic
         torch.cuda.reset_peak_memory_stats()
     peak = (lambda: torch.cuda.max_memory_allocated()) if device.startswith("cuda") else _peak_rss
     out = {"method": method, "n": n, "rss_inputs": peak()}
-    floor_samples = []
+    floor_samples, floor_cpu = [], []
     if method == "sparse":
-        floor_samples += block_seconds(enc_a, enc_b, block, device, FLOOR_SAMPLES, seed)
+        floor_samples += block_seconds(enc_a, enc_b, block, device, FLOOR_SAMPLES, seed, floor_cpu)
     phases = []
     if method == "sparse":  # record each matrix's phase timings
         from actors.compare import sparse_matching
@@ -117,23 +122,25 @@ def _run(method: str, n: int, seed: int, block: int, device: str = "cpu") -> dic
         real = sparse_matching.sparse_max_weight_assignment
 
         def recorded(*args, **kw):
-            res = real(*args, **kw)
+            res = real(*args, **kw, **({"k": k} if k else {}))
             phases.append({k: (round(v, 1) if isinstance(v, float) else v) for k, v in res.timings.items()}
                           | {"rounds": res.rounds, "edges": res.n_edges, "gap_bound": f"{res.gap_bound:.1e}"})
             return res
 
         sparse_matching.sparse_max_weight_assignment = recorded
     _sync(device)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     m = matching.match_pair(enc_a, dec_a, enc_b, dec_b, 0.7, method=method, device=device)
     _sync(device)
     out["seconds"] = time.perf_counter() - t
+    out["cpu_seconds"] = time.process_time() - c
     out["rss_peak"] = peak()
     if method == "sparse":
-        floor_samples += block_seconds(dec_a, dec_b, block, device, FLOOR_SAMPLES, seed + 1)
+        floor_samples += block_seconds(dec_a, dec_b, block, device, FLOOR_SAMPLES, seed + 1, floor_cpu)
         bl = min(block, n)
         blocks = (-(-n // bl)) ** 2
         out["floor"] = 2 * blocks * statistics.median(floor_samples)  # two matrices
+        out["floor_cpu"] = 2 * blocks * statistics.median(floor_cpu)
         out["floor_samples"] = floor_samples
     out["stats"] = m.statistics()
     out["certified"] = m.certified
@@ -142,9 +149,9 @@ def _run(method: str, n: int, seed: int, block: int, device: str = "cpu") -> dic
     return out
 
 
-def measure(method: str, n: int, seed: int, block: int = 8192, device: str = "cpu") -> dict:
+def measure(method: str, n: int, seed: int, block: int = 8192, device: str = "cpu", k: int | None = None) -> dict:
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(_run, method, n, seed, block, device).result()
+        return pool.submit(_run, method, n, seed, block, device, k).result()
 
 
 def main(argv=None) -> None:
@@ -153,6 +160,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=1, help="runs per size and method; medians are printed")
     p.add_argument("--pair", action="store_true", help="accepted for compatibility: every run is a whole pair")
     p.add_argument("--block", type=int, default=8192)
+    p.add_argument("--k", type=int, default=None, help="candidates per row and column (default: the matcher's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]; dense scipy always runs on the CPU")
     p.add_argument("--no-dense", action="store_true", help="skip dense scipy even where it fits")
     args = p.parse_args(argv)
@@ -162,7 +170,7 @@ def main(argv=None) -> None:
     print(f"# SAE pair (encoder + decoder), d_in 768, 40% planted overlap; block={args.block}; median of "
           f"{args.repeats} run(s); peak = peak RSS of a fresh process, inputs included (inputs alone: 'in')")
     for n in args.sizes:
-        runs = {"sparse": [measure("sparse", n, seed, args.block, args.device) for seed in range(args.repeats)]}
+        runs = {"sparse": [measure("sparse", n, seed, args.block, args.device, args.k) for seed in range(args.repeats)]}
         if n <= DENSE_MAX_N and not args.no_dense:
             runs["dense"] = [measure("dense", n, seed) for seed in range(args.repeats)]
         med = {m: (statistics.median(r["seconds"] for r in rs), statistics.median(r["rss_peak"] for r in rs))
@@ -178,6 +186,11 @@ def main(argv=None) -> None:
         print(f"         floor: {floor:7.1f} s  (two float32 matmul passes over n x n, timed here: "
               f"{len(s['floor_samples'])} blocks, median {statistics.median(s['floor_samples']):.3f} s/block)  "
               f"ours / floor: {med['sparse'][0] / floor:.2f}  (goal <= 1.25)", flush=True)
+        cpu = statistics.median(r["cpu_seconds"] for r in runs["sparse"])
+        floor_cpu = statistics.median(r["floor_cpu"] for r in runs["sparse"])
+        # CPU seconds (all threads) are far less sensitive than wall time to other processes on shared cores
+        print(f"         cpu seconds: ours {cpu:7.1f}, floor {floor_cpu:7.1f}, ours / floor: {cpu / floor_cpu:.2f}",
+              flush=True)
         if "dense" in runs:
             d = runs["dense"][-1]
             # counts and fractions must be equal; means of float32 cosines may differ in the last bits (ours are

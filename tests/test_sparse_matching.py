@@ -193,6 +193,45 @@ def test_candidates_bound_everything_else():
         np.testing.assert_allclose(best, sim.max(1), atol=0.011 if low_precision else 1e-6)
 
 
+def test_candidate_pass_under_adversarial_orders(monkeypatch):
+    """Orders that defeat the first-block floors: cosines that grow along the columns for every row (each block
+    beats the thresholds: the plain top-k fallback), and all-equal cosines (ties at every threshold: buffers
+    overflow and merge). Bounds still hold against the full matrix, every line keeps its best entry, and the
+    matcher still returns dense scipy's optimum."""
+    import actors.compare.sparse_matching as sm
+
+    calls = {"_block_top": 0, "_merge": 0}
+    for owner, name in ((sm, "_block_top"), (sm._Tops, "_merge")):
+        real = getattr(owner, name)
+
+        def spy(*args, _real=real, _name=name, **kw):
+            calls[_name] += 1
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(owner, name, spy)
+    rng = np.random.default_rng(14)
+    d = 16
+    e = torch.zeros(d)
+    e[0] = 1.0
+    rising_a = e + 0.05 * gaussian(rng, 200, d)
+    rising_b = torch.linspace(0.1, 3.0, 300)[:, None] * e + 0.3 * gaussian(rng, 300, d)
+    tied_a, tied_b = e.repeat(120, 1), e.repeat(150, 1)
+    for a, b in ((rising_a, rising_b), (tied_a, tied_b), (rising_b[:150], rising_a[:120])):
+        sim = cosine_matrix(a, b)
+        cand = sm._build_candidates(unit_rows(a), unit_rows(b), 4, 32, False)
+        outside = np.ones(sim.shape, dtype=bool)
+        outside[cand.rows, cand.cols] = False
+        bound = np.minimum(cand.row_bound[:, None], cand.col_bound[None, :])
+        assert np.all(sim[outside] <= bound[outside] + 1e-6)
+        best_r, best_c = np.full(sim.shape[0], -np.inf), np.full(sim.shape[1], -np.inf)
+        np.maximum.at(best_r, cand.rows, cand.w)
+        np.maximum.at(best_c, cand.cols, cand.w)
+        np.testing.assert_allclose(best_r, sim.max(1), atol=1e-6)
+        np.testing.assert_allclose(best_c, sim.max(0), atol=1e-6)
+        check(a, b, unique=False, k=4, block=32)
+    assert calls["_block_top"] > 0 and calls["_merge"] > 0  # both fallbacks were exercised
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
 def test_cuda_matches_cpu():
     rng = np.random.default_rng(11)

@@ -3,10 +3,11 @@
 The dense route (actors/compare/matching.py: cosine matrix + scipy's Hungarian) costs n^2 memory and n^3 time: hours and
 ~270 GB at 131K latents. Here (../shared/reference/matching-notes.md):
 
-1. One blocked pass over the cosine matrix keeps, for every row AND every column, its top-k entries (merged from the
-   same blocks: a separate column pass over transposed blocks dominated the cost in the notes). Whatever a row's
-   heap did not keep is <= that row's bound (its k-th value, or a floor set from its first block, plus the pass's
-   error bound), so after the pass every pair is either a candidate edge or <= min(row bound, column bound).
+1. One blocked pass over the cosine matrix keeps, for every row AND every column, its top-k entries (collected from
+   the same blocks: a separate column pass over transposed blocks dominated the cost in the notes). Whatever a
+   line did not keep is <= its threshold (its k-th kept value, or a floor set from its first block), which plus
+   the pass's error bound is its bound, so after the pass every pair is either a candidate edge or
+   <= min(row bound, column bound).
 2. A sparse assignment solver on the candidate graph: OR-tools' LinearSumAssignment on integer-scaled weights
    (square), scipy's LAPJVsp (rectangular).
 3. An optimality certificate. From the sparse optimum we compute LP duals u (rows), v (columns) by longest paths on
@@ -145,6 +146,37 @@ def unit_rows(x: torch.Tensor, device="cpu") -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
 
 
+class UnitRows:
+    """The rows of x scaled to unit norm in float32, computed for each slice or gather that is read instead of held:
+    the unit copies of a pair's matrices would be 768 MiB at 131K latents, and dividing a block's rows by their
+    norms costs ~1% of that block's matmul. Same operations as unit_rows (a row's norm, then a division), so the
+    same error bound; zero rows stay zero."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+        self.norm = x.norm(dim=1).clamp_min(1e-30)
+        self.shape, self.device = x.shape, x.device
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        return self.x[idx] / self.norm[idx, None]
+
+
+def _sort_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted keys, the stable sorting permutation) of non-negative int64 keys. Where a key and its position fit
+    in 63 bits together they are packed and sorted as one number: numpy's vectorised sort ran ~20x faster than its
+    argsort on 16M keys on this CPU."""
+    n = len(keys)
+    pos_bits = max(1, (n - 1).bit_length())
+    if n and int(keys.max()).bit_length() + pos_bits <= 63:
+        packed = np.sort((keys.astype(np.int64) << pos_bits) | np.arange(n, dtype=np.int64))
+        return packed >> pos_bits, packed & ((1 << pos_bits) - 1)
+    order = np.argsort(keys, kind="stable")
+    return keys[order], order
+
+
 @dataclass
 class Candidates:
     """Sparse edges (sorted by row, then column) and bounds on everything else: for every pair (i, j) that is not an
@@ -174,139 +206,205 @@ class Candidates:
                           self.row_bound, self.col_bound)
 
     def transposed(self) -> "Candidates":
-        order = np.argsort(self.cols * len(self.row_bound) + self.rows)
+        order = _sort_keys(self.cols * len(self.row_bound) + self.rows)[1]
         return Candidates(self.cols[order], self.rows[order], self.w[order], self.exact[order], self.col_bound,
                           self.row_bound)
 
 
-class _Heaps:
-    """Running top-k (sorted descending, -inf padded) for each of n lines (the matrix's rows, or its columns), and
-    a floor: entries <= max(k-th value, floor) are skipped. A line's first block sets the floor to an estimate of
-    its final k-th value, so later blocks bring ~2k candidates in all rather than k * ln(#blocks), and the first
-    block itself only needs its top few. Later entries wait in `pending` and are merged in bulk (a merge per
-    block and line cost more than finding the entries); skipping against the older k-th value stays correct.
+class _Tops:
+    """Candidates of n lines (the matrix's rows, or its columns): up to `cap` collected entries per line in a dense
+    buffer, and a threshold per line. Entries <= a line's threshold are skipped; when a line's buffer would
+    overflow it keeps its top k and its threshold rises to the k-th of them.
 
-    Invariant (what the bounds rely on): every entry seen and not kept is <= max(k-th value, floor), so that is a
-    valid bound on the line's non-candidates, also where the floor overshot and fewer than k entries beat it.
+    Invariant (what the bounds rely on): every entry seen and not held is <= the line's threshold, which never
+    decreases. At the end the buffer is cut to the top k, so threshold = max(k-th kept value, floor) bounds the
+    line's non-candidates, also where a floor overshot and fewer than k entries beat it.
+    Appending is a scatter into the buffer (no sort, no per-block merge): most blocks bring a line a few entries.
     """
 
-    def __init__(self, n: int, k: int, n_other: int, device):
-        self.val = torch.full((n, k), -math.inf, device=device)
-        self.idx = torch.full((n, k), -1, dtype=torch.int64, device=device)
-        self.floor = torch.full((n,), -math.inf, device=device)
-        self.n_other = n_other
-        self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self.n_pending = 0
+    def __init__(self, n: int, k: int, n_other: int, device, cap_factor: int = 3):
+        self.k, self.n_other = k, n_other
+        self.cap = cap_factor * k
+        self.val = torch.full((n, self.cap), -math.inf, device=device)
+        self.idx = torch.full((n, self.cap), -1, dtype=torch.int32, device=device)
+        self.count = torch.zeros(n, dtype=torch.int64, device=device)
+        self.thr = torch.full((n,), -math.inf, device=device)
 
-    def defer(self, lines: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor) -> None:
-        self.pending.append((lines, vals, idx))
-        self.n_pending += len(lines)
-        if self.n_pending > self.val.numel():  # bounded memory: at most one more heap's worth
-            self.flush()
+    def set_floor(self, lines: slice, group_max: torch.Tensor, length: int) -> None:
+        """A line's first block [m, length], summarised by `group_max` [m, groups] (maxima of runs of entries):
+        its final k-th value is about the (k * length / n_other)-th entry of the block; the twice-that-rank-th
+        largest group max, a lower bound on that entry, keeps the floor below the final k-th for almost every
+        line (and only efficiency, not validity, depends on it)."""
+        rank = min(self.k, math.ceil(2 * self.k * length / self.n_other))
+        if self.k < self.n_other and rank < group_max.shape[1]:
+            floor = torch.topk(group_max, rank, dim=1, sorted=False).values.amin(1).float()
+            # just below it: the entries equal to it are held too, so that every line holds at least one
+            torch.maximum(self.thr[lines], torch.nextafter(floor, torch.tensor(-math.inf)), out=self.thr[lines])
 
-    def flush(self) -> None:
-        if self.pending:
-            lines, vals, idx = (torch.cat(x) for x in zip(*self.pending))
-            order = torch.argsort(lines, stable=True)
-            _merge_entries(self.val, self.idx, lines[order], vals[order], idx[order])
-            self.pending, self.n_pending = [], 0
+    def add(self, lines: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor) -> None:
+        """Hold these entries (equal lines consecutive, each value above its line's threshold)."""
+        if len(lines) == 0:
+            return
+        touched, counts = torch.unique_consecutive(lines, return_counts=True)
+        starts = torch.cumsum(counts, 0) - counts
+        over = self.count[touched] + counts > self.cap
+        if bool(over.any()):  # these lines merge buffer and new entries by a padded top-k; the rest are scattered
+            entry_over = torch.repeat_interleave(over, counts)
+            self._merge(touched[over], counts[over], lines[entry_over], vals[entry_over], idx[entry_over])
+            touched, counts = touched[~over], counts[~over]
+            keep = ~entry_over
+            lines, vals, idx = lines[keep], vals[keep], idx[keep]
+            starts = torch.cumsum(counts, 0) - counts
+        if len(lines):
+            slot = (torch.arange(len(lines), device=lines.device) - torch.repeat_interleave(starts, counts)
+                    + torch.repeat_interleave(self.count[touched], counts))
+            flat = lines * self.cap + slot
+            self.val.view(-1)[flat] = vals.float()
+            self.idx.view(-1)[flat] = idx.to(torch.int32)
+            self.count[touched] += counts
 
-    def bound(self) -> torch.Tensor:
-        self.flush()
-        return torch.maximum(self.val[:, -1], self.floor)
+    def _merge(self, touched, counts, lines, vals, idx) -> None:
+        width = int(counts.max())
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(len(lines), device=lines.device) - torch.repeat_interleave(starts, counts)
+        which = torch.repeat_interleave(torch.arange(len(touched), device=lines.device), counts)
+        new_val = torch.full((len(touched), width), -math.inf, device=vals.device)
+        new_idx = torch.full((len(touched), width), -1, dtype=torch.int32, device=vals.device)
+        new_val[which, slot] = vals
+        new_idx[which, slot] = idx.to(torch.int32)
+        self._keep_top(touched, torch.cat([self.val[touched], new_val], 1), torch.cat([self.idx[touched], new_idx], 1))
 
+    def _keep_top(self, lines, val, idx) -> None:
+        """Lines' buffers := top k of (val, idx); threshold := max(threshold, k-th value)."""
+        k = min(self.k, val.shape[1])
+        top, pos = torch.topk(val, k, dim=1)
+        buf_val = torch.full((len(lines), self.cap), -math.inf, device=val.device)
+        buf_idx = torch.full((len(lines), self.cap), -1, dtype=torch.int32, device=val.device)
+        buf_val[:, :k], buf_idx[:, :k] = top, idx.gather(1, pos)
+        self.val[lines], self.idx[lines] = buf_val, buf_idx
+        self.count[lines] = (top > -math.inf).sum(1)
+        if k == self.k < self.n_other:  # what was dropped is <= the k-th kept value (-inf if fewer: no change)
+            self.thr[lines] = torch.maximum(self.thr[lines], top[:, -1])
 
-def _merge_block(heaps: _Heaps, lines: slice, side: torch.Tensor, group_max: torch.Tensor, gather, g: int,
-                 offset: int, first: bool) -> None:
-    """Merge one block into the heaps of `lines`, one per row of `side` [m, L] (the block, or its transposed view).
-
-    `group_max` [m, L / g] holds the max of each run of g consecutive entries of a line and `gather(lines, runs)`
-    returns those runs: only entries above a line's threshold can enter, and the group maxima find them without
-    comparing every entry (a full comparison pass would cost a third of the matmul).
-    """
-    heap_val, floor = heaps.val[lines], heaps.floor[lines]
-    m, length = side.shape
-    k = heap_val.shape[1]
-    thr = torch.maximum(heap_val[:, -1], floor)
-    if not first and group_max.stride(0) == 1:
-        # a transposed map (columns): find the hits in its memory order, 4x faster; deferred entries need no order
-        runs, hr = (group_max.T > thr[None, :]).nonzero(as_tuple=True)
-        _take_hits(heaps, lines, side, gather, g, offset, thr, hr, runs, first=False)
-        return
-    hit = group_max > thr[:, None]
-    # the line has seen nothing yet: its final k-th value is about the (k * L / n_other)-th of this block; twice
-    # that rank keeps the floor below it for almost every line
-    rank = min(k, math.ceil(2 * k * length / heaps.n_other)) if first else k
-    block_kth = None
-    if first and group_max.shape[1] >= rank:
-        # the rank-th largest group max is a lower bound on the rank-th largest entry: entries below it can be
-        # skipped (entries equal to it must be kept: >=, not >)
-        block_kth = torch.topk(group_max.contiguous(), rank, dim=1).values[:, -1]
-        hit &= group_max >= block_kth[:, None]
-    hr, hg = hit.nonzero(as_tuple=True)
-    _take_hits(heaps, lines, side, gather, g, offset, thr, hr, hg, first, block_kth)
-    if rank < k:
-        floor.copy_(heap_val[:, rank - 1])  # the block's rank-th largest entry: all skipped ones are below it
-
-
-def _take_hits(heaps: _Heaps, lines: slice, side, gather, g, offset, thr, hr, hg, first: bool,
-               block_kth=None) -> None:
-    """The entries of the hit runs (hr = line, hg = run) that pass the thresholds join the heaps: merged now on a
-    line's first block (its floor is read from them next; hr is then sorted), deferred otherwise."""
-    heap_val, heap_idx = heaps.val[lines], heaps.idx[lines]
-    m, length = side.shape
-    k = heap_val.shape[1]
-    if len(hr) * g * 2 > m * length:  # mostly hits (ties, tiny blocks): a plain top-k is cheaper
-        vals, pos = torch.topk(torch.cat([heap_val, side.reshape(m, length)], 1), k, dim=1)
-        heap_idx.copy_(torch.where(pos < k, heap_idx.gather(1, pos.clamp_max(k - 1)), pos - k + offset))
-        heap_val.copy_(vals)
-    elif len(hr):
-        vals = gather(hr, hg)  # [h, g]
-        keep = vals > thr[hr, None]
-        if block_kth is not None:
-            keep &= vals >= block_kth[hr, None]
-        hi, within = keep.nonzero(as_tuple=True)
-        entries = hr[hi], vals[hi, within], offset + hg[hi] * g + within
-        if first:
-            _merge_entries(heap_val, heap_idx, *entries)
-        else:
-            heaps.defer(entries[0] + lines.start, *entries[1:])
+    def finish(self, chunk: int = 1 << 14):
+        """(values [n, k], indices [n, k] (-1 where a line holds fewer), bound [n]): top k of each line."""
+        for s in range(0, len(self.count), chunk):
+            lines = torch.arange(s, min(s + chunk, len(self.count)), device=self.count.device)
+            self._keep_top(lines, self.val[lines], self.idx[lines])
+        return self.val[:, :self.k], self.idx[:, :self.k], self.thr
 
 
-def _merge_entries(heap_val, heap_idx, rows, vals, idx) -> None:
-    """Merge new entries (rows sorted ascending) into the heaps: pad each touched row's entries to a common width,
-    then one top-k over [heap | new]."""
-    touched, counts = torch.unique_consecutive(rows, return_counts=True)
-    width = int(counts.max())
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(len(rows), device=rows.device) - torch.repeat_interleave(starts, counts)
-    which = torch.repeat_interleave(torch.arange(len(touched), device=rows.device), counts)
-    new_val = torch.full((len(touched), width), -math.inf, device=vals.device)
-    new_idx = torch.full((len(touched), width), -1, dtype=torch.int64, device=vals.device)
-    new_val[which, slot] = vals
-    new_idx[which, slot] = idx
-    merged_val, pos = torch.topk(torch.cat([heap_val[touched], new_val], 1), heap_val.shape[1], dim=1)
-    heap_val[touched] = merged_val
-    heap_idx[touched] = torch.cat([heap_idx[touched], new_idx], 1).gather(1, pos)
+def _run_length(tops: "_Tops") -> int:
+    """Entries per run down a column: a block brings a line ~2k * L / n_other hits, so reading them costs ~that
+    x g cache lines and the maxima L / g per line; g ~ sqrt(n_other / 2k) balances them (11 at 16K latents,
+    rounded to 16: runs of 8 measured no faster there; 16 at 65K and beyond)."""
+    return RUN_LENGTH or int(min(16, max(8, 2 ** round(math.log2(math.sqrt(tops.n_other / (2 * tops.k)))))))
+
+
+RUN_LENGTH = 0  # 0: chosen by _run_length
 
 
 def _group(n: int, preferred: int) -> int:
     return next(g for g in (preferred, 32, 16, 8, 4, 2, 1) if g <= preferred and n % g == 0)
 
 
-def _merge_rows_and_cols(s: torch.Tensor, rows: _Heaps, cols: _Heaps, r0: int, c0: int) -> None:
-    """Both sides' heaps from one block s [Br, Bc] at (r0, c0). The group maxima are taken the cheap way round
-    for each side: runs of 32 along a row (a contiguous reduction), runs of 16 down a column (reduced across rows,
-    vectorised along them); reducing the transposed view directly was 40x slower on CPU."""
+# A side's hits in one block above this fraction of its entries: a plain top-k of the block is cheaper than
+# gathering them (ties, tiny blocks, adversarial orders)
+MOSTLY_HITS = 0.25
+
+
+@contextmanager
+def _one_thread(device):
+    """torch ops on one CPU thread: the block's matmul uses them all, but the extraction's many small ops run
+    faster on one (each multi-threaded op ends at a barrier that waits for every thread to be scheduled, which
+    on shared cores costs more than the op; measured ~2x in wall time under load, and idle threads spin)."""
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _flatnonzero(mask: torch.Tensor) -> torch.Tensor:
+    """Flat (row-major) positions of the True entries. On CPU numpy's is ~6x faster than torch.nonzero."""
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(mask.numpy()))
+    return mask.reshape(-1).nonzero().squeeze(1)
+
+
+def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x[idx] along dim 0 (numpy's take on CPU: ~2x torch's index_select, ~4x advanced indexing)."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(np.take(x.numpy(), idx.numpy(), axis=0))
+    return x[idx]
+
+
+def _block_rows(tops: _Tops, s: torch.Tensor, r0: int, c0: int) -> None:
+    """The rows' candidates from block s [Br, Bc] at (r0, c0). Maxima of runs of 32 consecutive entries (one
+    contiguous reduction, ~3% of the block's matmul) find the few runs above a row's threshold without comparing
+    every entry (a full comparison pass costs more than the reduction on CPU); only those runs are read."""
     br, bc = s.shape
     g = _group(bc, 32)
-    runs = s.view(br * (bc // g), g)  # run q of row r is runs[r * (bc // g) + q], contiguous
-    _merge_block(rows, slice(r0, r0 + br), s, s.view(br, bc // g, g).amax(2),
-                 lambda r, q: runs.index_select(0, r * (bc // g) + q), g, c0, first=c0 == 0)
-    g = _group(br, 16)
-    by_col = s.view(br // g, g, bc)  # run q of column c is by_col[q, :, c], strided
-    _merge_block(cols, slice(c0, c0 + bc), s.T, by_col.amax(1).T, lambda c, q: by_col[q, :, c], g, r0,
-                 first=r0 == 0)
+    n_runs = bc // g
+    group_max = s.view(br, n_runs, g).amax(2)
+    lines = slice(r0, r0 + br)
+    if c0 == 0:
+        tops.set_floor(lines, group_max, bc)
+    thr = tops.thr[lines]
+    runs = _flatnonzero(group_max > thr[:, None])  # run q of row r is r * n_runs + q
+    if len(runs) * g > MOSTLY_HITS * br * bc:
+        _block_top(tops, s, r0, c0)
+        return
+    vals = _take(s.view(br * n_runs, g), runs)  # [h, g]
+    hit = _flatnonzero(vals > thr[runs // n_runs, None])
+    at = runs[hit // g] * g + hit % g  # flat position in the block
+    tops.add(at // bc + r0, vals.view(-1)[hit], at % bc + c0)
+
+
+def _block_cols(tops: _Tops, s: torch.Tensor, r0: int, c0: int) -> None:
+    """The columns' candidates from the same block: maxima of runs of g entries down each column (reduced across
+    rows, vectorised along them; reducing the transposed view directly was 40x slower on CPU), hits listed in
+    column order (sorted: cheaper than transposing the map of maxima). A hit run is read with stride Bc, an
+    entry per cache line, so g is smaller where more hits are expected (_run_length)."""
+    br, bc = s.shape
+    g = _group(br, _run_length(tops))
+    n_runs = br // g
+    group_max = s.view(n_runs, g, bc).amax(1)  # [runs, bc]: run q of column c covers rows q*g .. q*g + g - 1
+    lines = slice(c0, c0 + bc)
+    thr = tops.thr[lines]
+    if r0 == 0:
+        tops.set_floor(lines, group_max.T.contiguous(), br)
+    runs = _flatnonzero(group_max > thr[None, :])  # q * bc + c
+    if len(runs) * g > MOSTLY_HITS * br * bc:
+        _block_top(tops, s.T, c0, r0)
+        return
+    col = runs % bc
+    order = torch.from_numpy(np.argsort(col.numpy(), kind="stable")) if col.device.type == "cpu" else \
+        torch.sort(col, stable=True).indices
+    runs, col = runs[order], col[order]  # hits grouped by column
+    at = ((runs - col) * g + col)[:, None] + torch.arange(0, g * bc, bc, device=s.device)
+    vals = _take(s.view(-1), at.view(-1)).view(-1, g)  # [h, g]
+    hit = _flatnonzero(vals > thr[col, None])
+    at = at.view(-1)[hit]
+    tops.add(at % bc + c0, vals.view(-1)[hit], at // bc + r0)
+
+
+def _block_top(tops: _Tops, side: torch.Tensor, l0: int, o0: int) -> None:
+    """Mostly hits: each line of `side` [m, L] (the block or its transposed view) contributes its top k; the
+    rest of the block is <= its k-th value, which the line's threshold then covers."""
+    m, length = side.shape
+    k = min(tops.k, length)
+    top, pos = torch.topk(side, k, dim=1)
+    lines = slice(l0, l0 + m)
+    keep = top > tops.thr[lines, None]
+    if k < length:
+        torch.maximum(tops.thr[lines], top[:, -1], out=tops.thr[lines])
+    li, j = keep.nonzero(as_tuple=True)
+    tops.add(li + l0, top[li, j], pos[li, j] + o0)
 
 
 def _float32_out(device) -> bool:
@@ -345,38 +443,41 @@ def pass_precision(device, low_precision: bool) -> tuple[str, str]:
     return "bfloat16", ("float32" if _float32_out(device) else "bfloat16")
 
 
-def candidate_pass(ua: torch.Tensor, ub: torch.Tensor, k: int, block: int, low_precision: bool):
+def candidate_pass(ua: "UnitRows | torch.Tensor", ub: "UnitRows | torch.Tensor", k: int, block: int, low_precision: bool):
     """One blocked pass over ua @ ub.T: top-k per row and per column, both from the same blocks.
 
-    Returns (rows, cols, values, row_bound, col_bound) as torch tensors, and the seconds spent in matmuls. Values
+    Returns (rows, cols, values, row_bound, col_bound) as torch tensors, and seconds spent per step. Values
     are accurate to cosine_error_bound of the pass's precision; the bounds include it, so they bound the EXACT
     cosine of every pair left out. Run it under pinned_matmul_precision.
     """
     n_a, n_b = ua.shape[0], ub.shape[0]
     k_r, k_c = min(k, n_b), min(k, n_a)
     dev = ua.device
-    rows, cols = _Heaps(n_a, k_r, n_b, dev), _Heaps(n_b, k_c, n_a, dev)
-    xa, xb = (ua.bfloat16(), ub.bfloat16()) if low_precision else (ua, ub)
+    rows, cols = _Tops(n_a, k_r, n_b, dev), _Tops(n_b, k_c, n_a, dev)
+    cast = (lambda x: x.bfloat16()) if low_precision else (lambda x: x)
     buf = torch.empty(min(block, n_a), min(block, n_b), device=dev)
-    t_matmul = 0.0
+    seconds = {"candidates_matmul": 0.0, "candidates_extract": 0.0}  # (CUDA is asynchronous: CPU figures only)
     for r0 in range(0, n_a, block):
+        xa = cast(ua[r0:r0 + block])
         for c0 in range(0, n_b, block):
             t = time.perf_counter()
-            s = _block_matmul(xa[r0:r0 + block], xb[c0:c0 + block], buf)
-            t_matmul += time.perf_counter() - t  # (asynchronous on CUDA: only meaningful on CPU)
-            _merge_rows_and_cols(s, rows, cols, r0, c0)
-        rows.flush()  # these rows are complete
-    cols.flush()
+            s = _block_matmul(xa, cast(ub[c0:c0 + block]), buf)
+            t1 = time.perf_counter()
+            with _one_thread(dev):
+                _block_rows(rows, s, r0, c0)
+                _block_cols(cols, s, r0, c0)
+            seconds["candidates_matmul"] += t1 - t
+            seconds["candidates_extract"] += time.perf_counter() - t1
     err = cosine_error_bound(ua.shape[1], *pass_precision(dev, low_precision))
-    # a heap that holds the whole line (k >= its length, a single block, no floor) leaves nothing out: bound -inf
-    # (in float64: adding err in float32 could round the bound down)
-    row_bound = rows.bound().double() + err if k_r < n_b else torch.full((n_a,), -math.inf, device=dev).double()
-    col_bound = cols.bound().double() + err if k_c < n_a else torch.full((n_b,), -math.inf, device=dev).double()
-    edge_rows = torch.cat([torch.arange(n_a, device=dev).repeat_interleave(k_r), cols.idx.flatten()])
-    edge_cols = torch.cat([rows.idx.flatten(), torch.arange(n_b, device=dev).repeat_interleave(k_c)])
-    vals = torch.cat([rows.val.flatten(), cols.val.flatten()])
-    kept = torch.cat([rows.idx.flatten(), cols.idx.flatten()]) >= 0  # heaps left short by their floor are padded
-    return edge_rows[kept], edge_cols[kept], vals[kept], row_bound, col_bound, t_matmul
+    # bounds in float64: adding err in float32 could round them down; a line held whole has bound -inf
+    row_val, row_idx, row_bound = rows.finish()
+    col_val, col_idx, col_bound = cols.finish()
+    row_bound, col_bound = row_bound.double() + err, col_bound.double() + err
+    edge_rows = torch.cat([torch.arange(n_a, device=dev).repeat_interleave(k_r), col_idx.flatten().long()])
+    edge_cols = torch.cat([row_idx.flatten().long(), torch.arange(n_b, device=dev).repeat_interleave(k_c)])
+    vals = torch.cat([row_val.flatten(), col_val.flatten()])
+    kept = torch.cat([row_idx.flatten(), col_idx.flatten()]) >= 0  # lines left short by their floor are padded
+    return edge_rows[kept], edge_cols[kept], vals[kept], row_bound, col_bound, seconds
 
 
 def pair_cos(ua: torch.Tensor, ub: torch.Tensor, rows: np.ndarray, cols: np.ndarray, chunk=1 << 15) -> np.ndarray:
@@ -421,11 +522,13 @@ class ExactCosine:
 
 
 def _build_candidates(ua, ub, k, block, low_precision, timings=None) -> Candidates:
-    rows, cols, vals, row_bound, col_bound, t_matmul = candidate_pass(ua, ub, k, block, low_precision)
+    rows, cols, vals, row_bound, col_bound, seconds = candidate_pass(ua, ub, k, block, low_precision)
     if timings is not None:
-        timings["candidates_matmul"] = t_matmul
-    keys = (rows * ub.shape[0] + cols).cpu().numpy()
-    keys, first = np.unique(keys, return_index=True)  # an entry kept by its row and by its column appears twice
+        timings.update(seconds)
+    keys, order = _sort_keys((rows * ub.shape[0] + cols).cpu().numpy())
+    first = np.ones(len(keys), dtype=bool)  # an entry kept by its row and by its column appears twice
+    np.not_equal(keys[1:], keys[:-1], out=first[1:])
+    keys, first = keys[first], order[first]
     rows, cols = keys // ub.shape[0], keys % ub.shape[0]
     # low-precision values are re-scored in float32, so that every edge is good to cosine_error_bound(d)
     w = pair_cos(ua, ub, rows, cols) if low_precision else vals.cpu().double().numpy()[first]
@@ -455,7 +558,9 @@ def solve_sparse(n_rows: int, n_cols: int, rows: np.ndarray, cols: np.ndarray, W
         from ortools.graph.python import linear_sum_assignment as ortools_lsa
 
         solver = ortools_lsa.SimpleLinearSumAssignment()
-        solver.add_arcs_with_cost(rows.astype(np.int64), cols.astype(np.int64), -W.astype(np.int64))
+        # (no copies of int64 inputs: the graph is ~12M arcs at 131K latents)
+        solver.add_arcs_with_cost(np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64),
+                                  np.negative(W, dtype=np.int64))
         status = solver.solve()
         if status == solver.INFEASIBLE:
             return None
@@ -590,15 +695,18 @@ def dual_violations(ua: torch.Tensor, ub: torch.Tensor, u: np.ndarray, v: np.nda
         for c0 in range(0, n_cols, block):
             c1 = min(c0 + block, n_cols)
             sim = x @ ub[c0:c1].T
-            li, lj = (sim > thr_row[:, None] + vt[None, c0:c1]).nonzero(as_tuple=True)
-            out_r.append(rr[li.cpu().numpy()])
-            out_c.append(lj.cpu().numpy() + c0)
-            out_w.append(sim[li, lj].cpu().double().numpy())
-            sim[li, lj] = -math.inf
-            if skip is not None:
-                inside = (ec >= c0) & (ec < c1)
-                sim[torch.from_numpy(er[inside]).to(dev), torch.from_numpy(ec[inside] - c0).to(dev)] = -math.inf
-            row_max = torch.maximum(row_max, sim.amax(1))
+            with _one_thread(dev):  # (see _one_thread: small ops after a big matmul)
+                width = c1 - c0
+                flat = _flatnonzero(sim > thr_row[:, None] + vt[None, c0:c1]).to(dev)
+                li, lj = flat // width, flat % width
+                out_r.append(rr[li.cpu().numpy()])
+                out_c.append(lj.cpu().numpy() + c0)
+                out_w.append(sim.view(-1)[flat].cpu().double().numpy())
+                sim.view(-1)[flat] = -math.inf
+                if skip is not None:
+                    inside = (ec >= c0) & (ec < c1)
+                    sim[torch.from_numpy(er[inside]).to(dev), torch.from_numpy(ec[inside] - c0).to(dev)] = -math.inf
+                row_max = torch.maximum(row_max, sim.amax(1))
         bound[s:s + step] = row_max.cpu().double().numpy() + eps
     cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)
     return cat(out_r, np.int64), cat(out_c, np.int64), cat(out_w, np.float64), bound
@@ -751,7 +859,7 @@ def _sparse_assignment(a, b, k, block, device, low_precision) -> SparseAssignmen
         return SparseAssignment(np.full(n_a, UNMATCHED, dtype=np.int64), nan, nan.copy(), True, 0, 0.0)
     t = time.perf_counter()
     a, b = (x.to(device=device, dtype=torch.float32) for x in (a, b))
-    ua, ub = unit_rows(a, device), unit_rows(b, device)
+    ua, ub = UnitRows(a), UnitRows(b)
     exact = ExactCosine(a, b)
     eps32 = cosine_error_bound(a.shape[1])
     cand = _build_candidates(ua, ub, k, block, low_precision, timings)
