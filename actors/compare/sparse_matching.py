@@ -826,7 +826,9 @@ def candidate_edges(n_a: int, n_b: int, k: int = 64) -> int:
 
 def sparse_memory_bytes(n_a: int, n_b: int, d: int, k: int = 64, block: int = 8192) -> int:
     """Estimated peak memory of `sparse_max_weight_assignment(a, b)` on float32 inputs a [n_a, d], b [n_b, d]
-    (the inputs themselves not counted): their unit-row copies, one cosine block, and the candidate graph."""
+    (the inputs themselves not counted): unit-row copies, one cosine block, and the candidate graph. An upper
+    bound since the candidate pass normalises rows block by block (`UnitRows`): calibrated (docs/planning.md) when
+    whole unit-row copies were held."""
     unit_rows_bytes = 4 * d * (n_a + n_b)
     block_bytes = BLOCK_OVERHEAD * 4 * min(block, n_a) * min(block, n_b)
     return int(unit_rows_bytes + block_bytes + EDGE_BYTES * candidate_edges(n_a, n_b, k))
