@@ -278,6 +278,7 @@ def _all_rows(store: ActivationStore, manifest: dict) -> np.ndarray:
                            for e in manifest["hookpoints"].values() for s in e["shards"]])
 
 
+@pytest.mark.slow  # kill-and-resume (~1 min): run by CI's slow set (scripts/test.sh -m slow)
 def test_resume_after_killed_actor_and_killed_driver_gives_identical_shards(ray_local, tmp_path):
     base = config(tmp_path / "ref").model_dump(mode="json")
     base["generate"]["hookpoints"] = ["layers.0.mlp", "layers.1.mlp"]

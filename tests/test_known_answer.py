@@ -251,6 +251,7 @@ def test_planted_source_resumes_after_killed_actor_and_killed_driver_with_identi
 
 # ---- end to end: a planted source beside a model hookpoint ----
 
+@pytest.mark.slow  # a whole pipeline with two sources (~2 min): run by CI's slow set (scripts/test.sh -m slow)
 def test_pipeline_scores_a_planted_source_beside_the_model_hookpoint(ray_local, tmp_path):
     import pyarrow.parquet as pq
     from mlflow.tracking import MlflowClient

@@ -128,6 +128,7 @@ def test_a_relative_transformers_config_is_read_beside_the_yaml(tmp_path):
         plan_run(missing)
 
 
+@pytest.mark.slow  # a whole pipeline (~1.5 min): run by CI's slow set (scripts/test.sh -m slow)
 def test_the_plan_is_what_the_run_does(ray_local, tmp_path):
     """One real run whose width-128 seeds split into stacks of 2 + 1 over two workers: the plan's rows, shards,
     widths, stacks, SAEs and pair tasks against the run's manifests and tables."""

@@ -147,6 +147,7 @@ def _train_driver(cfg, address: str, fault: dict) -> DriverProcess:
     return proc
 
 
+@pytest.mark.slow  # kill-and-resume (~1.5 min): run by CI's slow set (scripts/test.sh -m slow)
 def test_worker_killed_mid_training_resumes_to_identical_weights(ray_local, tmp_path, monkeypatch):
     x, _ = planted_data(3072, seed=3)
     # The uninterrupted reference, in this process (one torch thread, as in the workers): each SAE's training is
