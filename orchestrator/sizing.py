@@ -23,7 +23,7 @@ from .plan import plan_configurations
 from .resources import GIB, STORAGE_BYTES, compare_task_bytes, sae_bytes, train_worker_bytes, worker_jobs
 
 PROVENANCE_BYTES = 16  # per activation row: chunk id (8), position (4), token id (4)
-TOKEN_BYTES = 4  # tokens.parquet: one int32 per token
+TOKEN_BYTES = 4  # the token files (tokens/source-*.parquet): one int32 per token
 
 
 class PlanError(ConfigError):
@@ -93,7 +93,7 @@ class RunPlan:
     name: str
     model: ModelShape | None
     sources: list[Source]
-    tokens_bytes: int  # tokens.parquet
+    tokens_bytes: int  # the token files
     train: list[TrainSource]
     compare: list[CompareConfiguration]
     tasks: dict[str, int]  # compare tasks by kind
@@ -432,7 +432,7 @@ def format_plan(plan: RunPlan, compact: bool = False) -> str:
         out.append(f"  {s.name:<28} {s.d_in:>6} {_count(s.rows):>8} {s.shards:>7} {_count(s.shard_rows):>10} "
                    f"{_gib(s.storage_bytes):>10} {_count(s.train_tokens):>13} {s.steps:>8}")
     if plan.tokens_bytes:
-        out.append(f"  + tokens.parquet {_gib(plan.tokens_bytes)}; total {_gib(total_storage)}")
+        out.append(f"  + token files (tokens/) {_gib(plan.tokens_bytes)}; total {_gib(total_storage)}")
     out.append("\ntrain (stacks of seeds, dealt round-robin to the workers; each worker holds all its SAEs at once)")
     for ts in plan.train:
         out.append(f"  {ts.source}: {ts.configurations} configurations -> {len(ts.stacks)} stacks on "
