@@ -55,6 +55,7 @@ class Source:
     held_out_rows: int
     train_tokens: int  # per SAE
     steps: int
+    passes: float  # over the training rows (rows less held out): above 1 when train.tokens exceeds one pass
 
 
 @dataclass
@@ -278,8 +279,9 @@ def _source(cfg: ExperimentConfig, name: str, kind: str, d_in: int, rows: int, s
             item: int) -> Source:
     budget = cfg.source_tokens["model" if kind == "model" else name]
     steps = budget // cfg.train.batch_size
-    return Source(name, kind, d_in, rows, shards, shard_rows, rows * (d_in * item + PROVENANCE_BYTES),
-                  held_out_rows(rows, cfg.train.eval_tokens), steps * cfg.train.batch_size, steps)
+    held = held_out_rows(rows, cfg.train.eval_tokens)
+    return Source(name, kind, d_in, rows, shards, shard_rows, rows * (d_in * item + PROVENANCE_BYTES), held,
+                  steps * cfg.train.batch_size, steps, steps * cfg.train.batch_size / (rows - held))
 
 
 def _resources(cfg: ExperimentConfig, on_gpu: bool, train: list[TrainSource]) -> dict[str, str]:
@@ -433,6 +435,11 @@ def format_plan(plan: RunPlan, compact: bool = False) -> str:
                    f"{_gib(s.storage_bytes):>10} {_count(s.train_tokens):>13} {s.steps:>8}")
     if plan.tokens_bytes:
         out.append(f"  + token files (tokens/) {_gib(plan.tokens_bytes)}; total {_gib(total_storage)}")
+    for s in plan.sources:
+        if s.passes > 1:  # fewer tokens cached, more passes over them (docs/storage.md)
+            out.append(f"  {s.name}: {s.passes:.2f} passes over {_count(s.rows - s.held_out_rows)} training rows; "
+                       f"one pass of {_count(s.train_tokens)} tokens would store "
+                       f"{_gib(s.storage_bytes * (s.train_tokens + s.held_out_rows) / s.rows)}")
     out.append("\ntrain (stacks of seeds, dealt round-robin to the workers; each worker holds all its SAEs at once)")
     for ts in plan.train:
         out.append(f"  {ts.source}: {ts.configurations} configurations -> {len(ts.stacks)} stacks on "

@@ -198,6 +198,35 @@ def test_nonfinite_rows_are_counted_and_fail_or_drop(tmp_path, model_folder):
     assert np.isfinite(acts).all() and len(acts) == stats[0]["rows"]
 
 
+def test_a_checked_shard_is_read_from_its_store_once(tmp_path):
+    """The checksum and the decoding use one read of the shard: on an object store every read is a download, and
+    the checked bytes are the decoded bytes. Counted through a pyarrow filesystem that records every file opened."""
+    import fsspec.implementations.local
+    import pyarrow.fs as pafs
+
+    from actors.store.shards import activation_table
+
+    class Counting(fsspec.implementations.local.LocalFileSystem):
+        opened: list[str] = []
+
+        def _open(self, path, mode="rb", **kwargs):
+            if "r" in mode:
+                self.opened.append(path)
+            return super()._open(path, mode=mode, **kwargs)
+
+    store = ActivationStore(tmp_path)
+    rows = torch.randn(64, 16)
+    zeros = np.zeros(64)
+    store.write_table("h/shard.parquet", activation_table(to_storage(rows, "bfloat16"), zeros, zeros, zeros, "bfloat16"))
+    sha = store.sha256("h/shard.parquet")
+    store.fs = pafs.PyFileSystem(pafs.FSSpecHandler(Counting(skip_instance_cache=True)))
+    got = read_activations(store, "h/shard.parquet", sha)
+    np.testing.assert_array_equal(got, rows.to(torch.bfloat16).float().numpy())
+    assert [Path(p).name for p in Counting.opened] == ["shard.parquet"]
+    with pytest.raises(ValueError, match="does not match its manifest checksum"):
+        read_activations(store, "h/shard.parquet", "0" * 64)
+
+
 def test_corrupt_shard_is_named_on_read(tmp_path, model_folder):
     cfg = config(tmp_path, num_tokens=256)
     store = ActivationStore(tmp_path / "acts")

@@ -88,6 +88,24 @@ def test_the_headline_plan_in_numbers():
     assert max(c.task_bytes for c in plan.compare) >= pair_memory_bytes(131072, 131072, 768)
 
 
+def test_the_plan_shows_passes_over_fewer_cached_tokens():
+    """The headline run on a quarter of the activations, four passes over them (docs/storage.md): the plan counts
+    the passes over the training rows and stores a quarter of the bytes; one pass shows no passes line."""
+    from orchestrator.sizing import format_plan
+
+    full = build_plan(load_config(PAPER / "pythia-160m-topk.yaml"))
+    cfg = load_config(PAPER / "pythia-160m-topk.yaml", ["generate.num_tokens=2_000_000_000",
+                                                       "train.tokens=8_000_000_000"])
+    plan = build_plan(cfg, full.model)
+    (src,), (one,) = plan.sources, full.sources
+    assert src.steps == 8_000_000_000 // 16384 and src.train_tokens == src.steps * 16384
+    assert src.passes == pytest.approx(src.train_tokens / (src.rows - src.held_out_rows)) and 3.9 < src.passes < 4.1
+    assert src.rows == 2_000_000_000 // 2048 * 2048 and src.storage_bytes == src.rows * (768 * 2 + 16)
+    assert one.passes <= 1 and src.storage_bytes < one.storage_bytes / 3.9
+    text = format_plan(plan)
+    assert f"{src.passes:.2f} passes over" in text and "passes over" not in format_plan(full)
+
+
 def _tiny(*overrides, output_dir=None):
     return load_config(TINY, ["sae.architectures=[{name: topk, k: 4}]", *overrides], output_dir)
 

@@ -138,6 +138,58 @@ def test_stream_order_depends_only_on_data_seed(tmp_path):
     assert len({r.tobytes() for r in first_epoch}) == 4800
 
 
+def test_more_passes_over_fewer_cached_rows_give_every_reader_the_same_batches(tmp_path):
+    """`train.tokens` above one pass (fewer tokens cached, more passes over them; docs/storage.md): streams built
+    independently, as two workers would, on the store's folder and on its file:// URI, give the same batches in
+    the same order on every pass. With no shuffle buffer each pass is a permutation of every row, a different
+    one on each pass, fixed by the data seed."""
+    x, _ = planted_data(4096)
+    shards = write_manifest(tmp_path, x, rows_per_shard=1024)["hookpoints"]["layers.0.mlp"]["shards"]
+    passes, per_pass = 3, 4096 // 256
+
+    def stream(root, data_seed=5, buffer=0):
+        return list(ActivationStream(str(root), shards, 256, data_seed, passes * 4096, shuffle_buffer=buffer))
+
+    a, b = stream(tmp_path), stream(tmp_path.as_uri())
+    assert len(a) == passes * per_pass
+    assert all(np.array_equal(p, q) for p, q in zip(a, b, strict=True))
+    index = {row.tobytes(): i for i, row in enumerate(x)}
+    assert len(index) == len(x)
+
+    def pass_orders(batches):
+        return [[index[r.tobytes()] for r in np.concatenate(batches[k * per_pass:(k + 1) * per_pass])]
+                for k in range(passes)]
+
+    orders = pass_orders(a)
+    assert all(sorted(o) == list(range(len(x))) for o in orders)  # every row once per pass
+    assert len({tuple(o) for o in orders}) == passes  # reshuffled on every pass
+    assert pass_orders(stream(tmp_path, data_seed=6))[1] != orders[1]  # the reshuffle is the data seed's
+    # With the shuffle buffer (rows carried across shard and pass boundaries) the order is still the readers' own.
+    c, d = stream(tmp_path, buffer=2048), stream(tmp_path.as_uri(), buffer=2048)
+    assert len(c) == passes * per_pass and all(np.array_equal(p, q) for p, q in zip(c, d, strict=True))
+    assert not all(np.array_equal(p, q) for p, q in zip(a, c))
+
+
+def test_seeds_trained_apart_see_the_same_batches_over_several_passes(tmp_path):
+    """Seeds on different workers (separate train_saes calls) and seeds stacked on one, over 2.5 passes of the
+    training rows, hash the same batches (the digest covers every batch of every pass)."""
+    x, _ = planted_data(4096)
+    manifest = write_manifest(tmp_path / "acts", x)
+    train_rows = len(x) - len(held_out(x))
+    tokens = train_rows * 5 // 2 // 256 * 256
+
+    def run(seeds, out):
+        jobs = [{"configuration": "c", "architecture": "topk", "params": {"k": 4}, "width": 32, "seed": s,
+                 "path": str(tmp_path / out / f"seed{s}"), "run_id": None} for s in seeds]
+        return train_saes(jobs, manifest, "layers.0.mlp", settings(tokens=tokens), torch.device("cpu"))
+
+    results = run([0, 1], "stacked") + run([2], "apart")
+    assert len(results) == 3
+    assert len({r["data_digest"] for r in results}) == 1
+    cfg = json.loads((tmp_path / "apart" / "seed2" / "cfg.json").read_text())
+    assert cfg["tokens"] == tokens > 2 * train_rows
+
+
 def test_same_seed_same_weights_different_seed_same_batches(tmp_path):
     x, _ = planted_data(4096)
     manifest = write_manifest(tmp_path / "acts", x)

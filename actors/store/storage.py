@@ -79,6 +79,11 @@ class ActivationStore:
         with self.fs.open_input_stream(self.path(rel)) as f:
             return f.read()
 
+    def read_buffer(self, rel: str) -> pa.Buffer:
+        """A whole file as one Arrow buffer (no copy into Python bytes)."""
+        with self.fs.open_input_stream(self.path(rel)) as f:
+            return f.read_buffer()
+
     def write_json(self, rel: str, obj) -> None:
         self.write_bytes(rel, json.dumps(obj, indent=1, sort_keys=True).encode())
 
