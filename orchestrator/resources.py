@@ -29,6 +29,21 @@ def worker_jobs(groups: list[list[dict]], world: int) -> list[list[dict]]:
     return [[job for i, group in enumerate(groups) if i % world == rank for job in group] for rank in range(world)]
 
 
+def dealt_jobs(groups: list[list[dict]], world: int, backend: str) -> list[list[dict]]:
+    """The SAEs each training worker holds at once: torch, the groups dealt round-robin (`worker_jobs`); deepspeed,
+    every worker takes part in every SAE, one at a time, so the widest (its ZeRO partitions not counted)."""
+    if backend == "deepspeed":
+        return [[max((j for g in groups for j in g), key=lambda j: j["width"])]] * world
+    return worker_jobs(groups, world)
+
+
+def stream_count(jobs: list[dict]) -> int:
+    """Activation streams a worker reads: one per input normalisation among its SAEs."""
+    from actors.sae import ARCHITECTURES
+
+    return len({ARCHITECTURES[j["architecture"]].normalize_inputs for j in jobs}) or 1
+
+
 def sae_bytes(jobs: list[dict], d_in: int, batch_size: int) -> int:
     """Estimated training memory of these SAEs held at once (weights, gradients, Adam moments, step tensors)."""
     return sum(stack_bytes_per_seed(d_in, job["width"], batch_size) for job in jobs)
@@ -56,17 +71,10 @@ def train_request_bytes(groups: list[list[dict]], world: int, entry: dict, train
                         on_gpu: bool) -> int:
     """The train stage's per-worker `memory=` for one activation source (`entry`: its generate-manifest entry; Ray
     Train gives every worker the same resources, so the largest worker's need)."""
-    from actors.sae import ARCHITECTURES
     from actors.store.shards import held_out_rows
 
     shard_rows = max(s["rows"] for s in entry["shards"])
     eval_rows = held_out_rows(entry["rows"], train.eval_tokens)
-    # deepspeed: every worker takes part in every SAE, one SAE at a time (its ZeRO partitions not counted)
-    dealt = ([[max((j for g in groups for j in g), key=lambda j: j["width"])]] if train.backend == "deepspeed"
-             else worker_jobs(groups, world))
-    per_worker = []
-    for jobs in dealt:
-        streams = len({ARCHITECTURES[j["architecture"]].normalize_inputs for j in jobs}) or 1
-        per_worker.append(train_worker_bytes(jobs, entry["d_in"], train.batch_size, shard_rows, storage_dtype,
-                                             train.shuffle_buffer_tokens, eval_rows, on_gpu, streams))
-    return max(per_worker)
+    return max(train_worker_bytes(jobs, entry["d_in"], train.batch_size, shard_rows, storage_dtype,
+                                  train.shuffle_buffer_tokens, eval_rows, on_gpu, stream_count(jobs))
+               for jobs in dealt_jobs(groups, world, train.backend))

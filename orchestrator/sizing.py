@@ -14,13 +14,13 @@ import itertools
 import re
 from dataclasses import asdict, dataclass, field
 
-from actors.sae import ARCHITECTURES
 from actors.store.shards import held_out_rows
 from actors.train.stacked import stack_bytes_per_seed
 
 from .config import ConfigError, ExperimentConfig
 from .plan import plan_configurations
-from .resources import GIB, STORAGE_BYTES, compare_task_bytes, sae_bytes, train_worker_bytes, worker_jobs
+from .resources import (GIB, STORAGE_BYTES, compare_task_bytes, dealt_jobs, sae_bytes, stream_count,
+                        train_worker_bytes)
 
 PROVENANCE_BYTES = 16  # per activation row: chunk id (8), position (4), token id (4)
 TOKEN_BYTES = 4  # the token files (tokens/source-*.parquet): one int32 per token
@@ -230,14 +230,13 @@ def build_plan(cfg: ExperimentConfig, shape: ModelShape | None = None) -> RunPla
                    "width": grp[0]["width"], "seeds": [j["seed"] for j in grp if not j.get("l0_pilot")],
                    "pilots": sum(1 for j in grp if j.get("l0_pilot")),
                    "bytes": sae_bytes(grp, src.d_in, t.batch_size)} for grp in groups]
-        dealt = ([[max((j for grp in groups for j in grp), key=lambda j: j["width"])]] * world
-                 if t.backend == "deepspeed" else worker_jobs(groups, world))
+        dealt = dealt_jobs(groups, world, t.backend)
         lm = shape.total_params * STORAGE_BYTES[cfg.model.dtype] if src.kind == "model" and t.lm_eval_chunks else 0
         workers = [Worker(seeds=len(jobs), stacks=sum(1 for i in range(len(groups)) if i % world == rank),
                           sae_bytes=sae_bytes(jobs, src.d_in, t.batch_size), lm_bytes=lm,
                           host_bytes=train_worker_bytes(jobs, src.d_in, t.batch_size, src.shard_rows, g.dtype,
                                                         t.shuffle_buffer_tokens, src.held_out_rows, on_gpu,
-                                                        _streams(jobs)))
+                                                        stream_count(jobs)))
                    for rank, jobs in enumerate(dealt)]
         train.append(TrainSource(src.name, len(confs), stacks, workers, max(w.host_bytes for w in workers)))
         flops["train (SAEs)"] += sum(src.steps * t.batch_size * sae_flops_per_token(j["architecture"], j["params"],
@@ -268,11 +267,6 @@ def build_plan(cfg: ExperimentConfig, shape: ModelShape | None = None) -> RunPla
         tasks=tasks, resources=_resources(cfg, on_gpu, train), flops=flops, device_hours=hours,
         assumptions=_assumptions(cfg), warnings=_warnings(cfg) + shape.notes)
     return plan
-
-
-def _streams(jobs: list[dict]) -> int:
-    """Activation streams a worker reads: one per input normalisation among its SAEs."""
-    return len({ARCHITECTURES[j["architecture"]].normalize_inputs for j in jobs}) or 1
 
 
 def _source(cfg: ExperimentConfig, name: str, kind: str, d_in: int, rows: int, shards: int, shard_rows: int,

@@ -19,6 +19,15 @@ import time
 FAULT_ENV = "SAE_SEEDS_FAULT"
 
 
+def runtime_env(fault: dict | None, repo: str) -> dict:
+    """The Ray runtime env of a driver whose workers get `fault` (None: the hook installs nothing). The hook is
+    imported when a worker process starts, before Ray adds the driver's directories to its sys.path: PYTHONPATH is
+    what makes `tests.fault_hooks` importable there (without it every worker of the job fails to start and an
+    actor pool waits for ever)."""
+    env_vars = {"PYTHONPATH": repo} | ({FAULT_ENV: json.dumps(fault)} if fault else {})
+    return {"env_vars": env_vars, "worker_process_setup_hook": "tests.fault_hooks.install"}
+
+
 def _first(fault: dict) -> bool:
     """Whether this is the fault's first firing (the marker file records it): the restarted worker must get through."""
     try:

@@ -23,6 +23,7 @@ from orchestrator.config import parse_config
 from orchestrator.stages.generate import _load_plan, activation_uri, run_generate
 
 from .conftest import REPO
+from .fault_hooks import runtime_env
 
 TWO_LAYERS = {"model_type": "gpt_neox", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
               "intermediate_size": 64, "max_position_embeddings": 64}
@@ -280,22 +281,16 @@ class DriverProcess(subprocess.Popen):
 
 def _driver(cfg_data: dict, address: str, fault: dict | None = None) -> DriverProcess:
     """run_generate in a separate driver process joined to the test's Ray instance; `fault` is installed in its
-    workers by tests/fault_hooks.py. Its stderr is kept in driver-<n>.log beside the config's output folder."""
+    workers by tests/fault_hooks.py. Its stderr is kept in <output folder>-driver.log."""
     code = ("import json, sys, ray\n"
             "from orchestrator.config import parse_config\n"
             "from orchestrator.stages.generate import run_generate\n"
-            "env = json.loads(sys.argv[2])\n"
-            "ray.init(address=sys.argv[1], runtime_env={'env_vars': env, 'worker_process_setup_hook':\n"
-            "         'tests.fault_hooks.install'}, log_to_driver=False)\n"
+            "ray.init(address=sys.argv[1], runtime_env=json.loads(sys.argv[2]), log_to_driver=False)\n"
             "run_generate(parse_config(json.loads(sys.stdin.read())))\n")
-    # The setup hook is imported when a worker process starts, before Ray adds the driver's directories to its
-    # sys.path: PYTHONPATH is what makes `tests.fault_hooks` importable there (without it every worker of the job
-    # fails to start and the actor pool waits for ever).
-    env_vars = {"PYTHONPATH": str(REPO)} | ({"SAE_SEEDS_FAULT": json.dumps(fault)} if fault else {})
     log_path = Path(cfg_data["output_dir"]).with_name(Path(cfg_data["output_dir"]).name + "-driver.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    proc = DriverProcess([sys.executable, "-c", code, address, json.dumps(env_vars)], log_path, cwd=REPO,
-                         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+    proc = DriverProcess([sys.executable, "-c", code, address, json.dumps(runtime_env(fault, str(REPO)))], log_path,
+                         cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                          env=os.environ | {"PYTHONPATH": str(REPO)})
     proc.stdin.write(json.dumps(cfg_data))
     proc.stdin.close()

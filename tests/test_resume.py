@@ -20,6 +20,7 @@ from orchestrator.plan import plan_configurations
 from orchestrator.stages import train as train_stage
 
 from .conftest import REPO, TINY
+from .fault_hooks import runtime_env
 from .test_generate import DriverProcess
 from .test_training import planted_data, settings, write_manifest
 
@@ -132,13 +133,11 @@ def _train_driver(cfg, address: str, fault: dict) -> DriverProcess:
             "from orchestrator.config import parse_config\n"
             "from orchestrator.plan import plan_configurations\n"
             "from orchestrator.stages.train import run_train\n"
-            "ray.init(address=sys.argv[1], runtime_env={'env_vars': {'SAE_SEEDS_FAULT': sys.argv[2],\n"
-            "         'PYTHONPATH': sys.argv[4]},  # the setup hook is imported before the driver's paths are added\n"
-            "         'worker_process_setup_hook': 'tests.fault_hooks.install'}, log_to_driver=False)\n"
+            "ray.init(address=sys.argv[1], runtime_env=json.loads(sys.argv[2]), log_to_driver=False)\n"
             "cfg = parse_config(json.loads(sys.stdin.read()))\n"
             "manifest = json.loads((cfg.output_path / 'activations' / 'manifest.json').read_text())\n"
             "run_train(cfg, manifest, plan_configurations(cfg, [sys.argv[3]]), None)\n")
-    proc = DriverProcess([sys.executable, "-c", code, address, json.dumps(fault), HOOKPOINT, str(REPO)],
+    proc = DriverProcess([sys.executable, "-c", code, address, json.dumps(runtime_env(fault, str(REPO))), HOOKPOINT],
                          cfg.output_path.with_name(cfg.output_path.name + "-driver.log"), cwd=REPO,
                          stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                          env=os.environ | {"PYTHONPATH": str(REPO)})
