@@ -17,10 +17,10 @@ TRAIN_WORKER_BASE = 1 * GIB
 STORAGE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
-def compare_task_bytes(width_a: int, width_b: int, d_in: int) -> int:
+def compare_task_bytes(width_a: int, width_b: int, d_in: int, cpus: float = 1.0) -> int:
     """Ray `memory=` of a task that matches two SAEs (one pair, its chance baseline or its checkpoints: they match
-    one pair at a time)."""
-    return COMPARE_TASK_BASE + pair_memory_bytes(width_a, width_b, d_in)
+    one pair at a time) with `cpus` CPUs reserved: Ray gives the task as many threads (OMP_NUM_THREADS)."""
+    return COMPARE_TASK_BASE + pair_memory_bytes(width_a, width_b, d_in, threads=max(1, int(cpus)))
 
 
 def worker_jobs(groups: list[list[dict]], world: int) -> list[list[dict]]:

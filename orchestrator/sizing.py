@@ -253,7 +253,8 @@ def build_plan(cfg: ExperimentConfig, shape: ModelShape | None = None) -> RunPla
             tasks["ground_truth"] += n if src.kind == "planted" else 0
             flops["compare (cosine matmuls)"] += pair_flops * (pairs * (1 + len(reached)) + (2 if n > 1 else 0))
             compare.append(CompareConfiguration(c.name, src.name, c.title, c.point.width, src.d_in, n, pairs,
-                                                compare_task_bytes(c.point.width, c.point.width, src.d_in),
+                                                compare_task_bytes(c.point.width, c.point.width, src.d_in,
+                                                                   cfg.compare.cpus_per_task),
                                                 pair_flops))
     model_sources = [s for s in sources if s.kind == "model"]
     if model_sources:

@@ -193,6 +193,41 @@ def test_candidates_bound_everything_else():
         np.testing.assert_allclose(best, sim.max(1), atol=0.011 if low_precision else 1e-6)
 
 
+def test_candidate_lanes_bound_everything_and_do_not_depend_on_thread_timing(monkeypatch):
+    """Lanes (threads that each own row blocks, their column candidates merged at the end), 1 to 4 of them: every
+    bound holds against the full matrix, every row and column keeps its best entry, a repeat gives the same
+    candidates however the threads interleaved (a lane's blocks arrive in a fixed order), and the matcher still
+    returns dense scipy's optimum."""
+    import actors.compare.sparse_matching as sm
+
+    rng = np.random.default_rng(21)
+    a, b = planted(rng, 301, 263, 24)
+    sim = cosine_matrix(a, b)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        for lanes in (1, 2, 3, 4):
+            monkeypatch.setattr(sm, "MAX_LANES", lanes)
+            assert sm.lane_count("cpu", 301, 64) == lanes
+            cand = sm._build_candidates(unit_rows(a), unit_rows(b), 5, 64, False)
+            assert torch.get_num_threads() == 4  # restored after the pass
+            again = sm._build_candidates(unit_rows(a), unit_rows(b), 5, 64, False)
+            for field in ("rows", "cols", "w", "row_bound", "col_bound"):
+                np.testing.assert_array_equal(getattr(again, field), getattr(cand, field), err_msg=f"{lanes}: {field}")
+            outside = np.ones(sim.shape, dtype=bool)
+            outside[cand.rows, cand.cols] = False
+            bound = np.minimum(cand.row_bound[:, None], cand.col_bound[None, :])
+            assert np.all(sim[outside] <= bound[outside] + 1e-6)
+            best_r, best_c = np.full(sim.shape[0], -np.inf), np.full(sim.shape[1], -np.inf)
+            np.maximum.at(best_r, cand.rows, cand.w)
+            np.maximum.at(best_c, cand.cols, cand.w)
+            np.testing.assert_allclose(best_r, sim.max(1), atol=1e-6)
+            np.testing.assert_allclose(best_c, sim.max(0), atol=1e-6)
+            check(a, b, k=5, block=64)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_candidate_pass_under_adversarial_orders(monkeypatch):
     """Orders that defeat the first-block floors: cosines that grow along the columns for every row (each block
     beats the thresholds: the plain top-k fallback), and all-equal cosines (ties at every threshold: buffers

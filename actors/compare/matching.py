@@ -183,17 +183,17 @@ def uses_dense(n_a: int, n_b: int, method: str = "auto") -> bool:
     return method == "dense" or (method == "auto" and n_a * n_b <= DENSE_MAX_ENTRIES)
 
 
-def pair_memory_bytes(n_a: int, n_b: int, d: int, method: str = "auto") -> int:
+def pair_memory_bytes(n_a: int, n_b: int, d: int, method: str = "auto", threads: int = 1) -> int:
     """Estimated peak memory of matching two SAEs of n_a and n_b latents in d dimensions (`match_pair` after
-    loading them): both SAEs' float32 encoders and decoders, held throughout, plus one matrix's matching at a time
-    (the dense cosine matrix and Hungarian, or the sparse matcher's working set)."""
+    loading them, with `threads` torch threads): both SAEs' float32 encoders and decoders, held throughout, plus
+    one matrix's matching at a time (the dense cosine matrix and Hungarian, or the sparse matcher's working set)."""
     from .sparse_matching import sparse_memory_bytes
 
     inputs = 2 * 4 * d * (n_a + n_b)
     if uses_dense(n_a, n_b, method):
         work = DENSE_ENTRY_BYTES * n_a * n_b + 4 * d * (n_a + n_b)
     else:
-        work = sparse_memory_bytes(n_a, n_b, d)
+        work = sparse_memory_bytes(n_a, n_b, d, threads=threads)
     return int(inputs + work + MATCH_IMPORTS_BYTES)
 
 

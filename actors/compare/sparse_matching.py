@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -222,9 +223,11 @@ class _Tops:
     Appending is a scatter into the buffer (no sort, no per-block merge): most blocks bring a line a few entries.
     """
 
-    def __init__(self, n: int, k: int, n_other: int, device, cap_factor: int = 3):
+    CAP_FACTOR = 3  # buffer slots per line, in units of k
+
+    def __init__(self, n: int, k: int, n_other: int, device):
         self.k, self.n_other = k, n_other
-        self.cap = cap_factor * k
+        self.cap = self.CAP_FACTOR * k
         self.val = torch.full((n, self.cap), -math.inf, device=device)
         self.idx = torch.full((n, self.cap), -1, dtype=torch.int32, device=device)
         self.count = torch.zeros(n, dtype=torch.int64, device=device)
@@ -286,6 +289,16 @@ class _Tops:
         if k == self.k < self.n_other:  # what was dropped is <= the k-th kept value (-inf if fewer: no change)
             self.thr[lines] = torch.maximum(self.thr[lines], top[:, -1])
 
+    def absorb(self, other: "_Tops", chunk: int = 1 << 14) -> None:
+        """Take in another collector of the same lines (a lane that saw other blocks): each line keeps the top k of
+        both buffers, and its threshold is the larger of the two. What either dropped is <= its own threshold, so
+        the invariant holds for the union of the entries both saw."""
+        for s in range(0, len(self.count), chunk):
+            lines = torch.arange(s, min(s + chunk, len(self.count)), device=self.count.device)
+            torch.maximum(self.thr[lines], other.thr[lines], out=self.thr[s:s + len(lines)])
+            self._keep_top(lines, torch.cat([self.val[lines], other.val[lines]], 1),
+                           torch.cat([self.idx[lines], other.idx[lines]], 1))
+
     def finish(self, chunk: int = 1 << 14):
         """(values [n, k], indices [n, k] (-1 where a line holds fewer), bound [n]): top k of each line."""
         for s in range(0, len(self.count), chunk):
@@ -343,7 +356,7 @@ def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x[idx]
 
 
-def _block_rows(tops: _Tops, s: torch.Tensor, r0: int, c0: int) -> None:
+def _block_rows(tops: _Tops, s: torch.Tensor, r0: int, c0: int, first: bool) -> None:
     """The rows' candidates from block s [Br, Bc] at (r0, c0). Maxima of runs of 32 consecutive entries (one
     contiguous reduction, ~3% of the block's matmul) find the few runs above a row's threshold without comparing
     every entry (a full comparison pass costs more than the reduction on CPU); only those runs are read."""
@@ -352,7 +365,7 @@ def _block_rows(tops: _Tops, s: torch.Tensor, r0: int, c0: int) -> None:
     n_runs = bc // g
     group_max = s.view(br, n_runs, g).amax(2)
     lines = slice(r0, r0 + br)
-    if c0 == 0:
+    if first:
         tops.set_floor(lines, group_max, bc)
     thr = tops.thr[lines]
     runs = _flatnonzero(group_max > thr[:, None])  # run q of row r is r * n_runs + q
@@ -365,7 +378,7 @@ def _block_rows(tops: _Tops, s: torch.Tensor, r0: int, c0: int) -> None:
     tops.add(at // bc + r0, vals.view(-1)[hit], at % bc + c0)
 
 
-def _block_cols(tops: _Tops, s: torch.Tensor, r0: int, c0: int) -> None:
+def _block_cols(tops: _Tops, s: torch.Tensor, r0: int, c0: int, first: bool) -> None:
     """The columns' candidates from the same block: maxima of runs of g entries down each column (reduced across
     rows, vectorised along them; reducing the transposed view directly was 40x slower on CPU), hits listed in
     column order (sorted: cheaper than transposing the map of maxima). A hit run is read with stride Bc, an
@@ -376,7 +389,7 @@ def _block_cols(tops: _Tops, s: torch.Tensor, r0: int, c0: int) -> None:
     group_max = s.view(n_runs, g, bc).amax(1)  # [runs, bc]: run q of column c covers rows q*g .. q*g + g - 1
     lines = slice(c0, c0 + bc)
     thr = tops.thr[lines]
-    if r0 == 0:
+    if first:
         tops.set_floor(lines, group_max.T.contiguous(), br)
     runs = _flatnonzero(group_max > thr[None, :])  # q * bc + c
     if len(runs) * g > MOSTLY_HITS * br * bc:
@@ -443,31 +456,82 @@ def pass_precision(device, low_precision: bool) -> tuple[str, str]:
     return "bfloat16", ("float32" if _float32_out(device) else "bfloat16")
 
 
+MAX_LANES = 4
+
+
+def lane_count(device, n_rows: int, block: int) -> int:
+    """Lanes of the candidate pass: Python threads that each own whole row blocks (matmul and extraction). On a CPU
+    the extraction is single-threaded, so with one stream of blocks a core idles while it runs; lanes keep every
+    core busy (both the matmul and the extraction release the GIL). Each lane holds its own column candidates
+    (n_cols x 3k values and indices) and a [block / lanes, block] cosine buffer. One lane on a GPU."""
+    if torch.device(device).type != "cpu":
+        return 1
+    lanes = max(1, min(torch.get_num_threads(), MAX_LANES))
+    return max(1, min(lanes, math.ceil(n_rows / max(1, block // lanes))))
+
+
+@contextmanager
+def _threads_per_lane(device, lanes: int):
+    """torch's intra-op threads shared out among the lanes for the pass (one each on a 2-core machine), restored
+    after. With a single lane, the extraction's small ops still run on one thread (_one_thread)."""
+    if torch.device(device).type != "cpu" or lanes == 1:
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(max(1, n // lanes))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def candidate_pass(ua: "UnitRows | torch.Tensor", ub: "UnitRows | torch.Tensor", k: int, block: int, low_precision: bool):
     """One blocked pass over ua @ ub.T: top-k per row and per column, both from the same blocks.
 
-    Returns (rows, cols, values, row_bound, col_bound) as torch tensors, and seconds spent per step. Values
-    are accurate to cosine_error_bound of the pass's precision; the bounds include it, so they bound the EXACT
-    cosine of every pair left out. Run it under pinned_matmul_precision.
+    Returns (rows, cols, values, row_bound, col_bound) as torch tensors, and seconds spent per step (summed over
+    lanes). Values are accurate to cosine_error_bound of the pass's precision; the bounds include it, so they
+    bound the EXACT cosine of every pair left out. The result does not depend on how the lanes interleave. Run it
+    under pinned_matmul_precision.
     """
     n_a, n_b = ua.shape[0], ub.shape[0]
     k_r, k_c = min(k, n_b), min(k, n_a)
     dev = ua.device
-    rows, cols = _Tops(n_a, k_r, n_b, dev), _Tops(n_b, k_c, n_a, dev)
+    lanes = lane_count(dev, n_a, block)
+    row_block = block if lanes == 1 else max(1, block // lanes)
+    rows = _Tops(n_a, k_r, n_b, dev)
+    lane_cols = [_Tops(n_b, k_c, n_a, dev) for _ in range(lanes)]  # row tops: a lane's row blocks are its own
     cast = (lambda x: x.bfloat16()) if low_precision else (lambda x: x)
-    buf = torch.empty(min(block, n_a), min(block, n_b), device=dev)
     seconds = {"candidates_matmul": 0.0, "candidates_extract": 0.0}  # (CUDA is asynchronous: CPU figures only)
-    for r0 in range(0, n_a, block):
-        xa = cast(ua[r0:r0 + block])
-        for c0 in range(0, n_b, block):
-            t = time.perf_counter()
-            s = _block_matmul(xa, cast(ub[c0:c0 + block]), buf)
-            t1 = time.perf_counter()
-            with _one_thread(dev):
-                _block_rows(rows, s, r0, c0)
-                _block_cols(cols, s, r0, c0)
-            seconds["candidates_matmul"] += t1 - t
-            seconds["candidates_extract"] += time.perf_counter() - t1
+
+    def run_lane(lane: int) -> dict:
+        spent = dict.fromkeys(seconds, 0.0)
+        buf = torch.empty(min(row_block, n_a), min(block, n_b), device=dev)
+        for i, r0 in enumerate(range(lane * row_block, n_a, lanes * row_block)):
+            xa = cast(ua[r0:r0 + row_block])
+            for c0 in range(0, n_b, block):
+                t = time.perf_counter()
+                s = _block_matmul(xa, cast(ub[c0:c0 + block]), buf)
+                t1 = time.perf_counter()
+                with _one_thread(dev) if lanes == 1 else nullcontext():
+                    _block_rows(rows, s, r0, c0, first=c0 == 0)
+                    _block_cols(lane_cols[lane], s, r0, c0, first=i == 0)
+                spent["candidates_matmul"] += t1 - t
+                spent["candidates_extract"] += time.perf_counter() - t1
+        return spent
+
+    with _threads_per_lane(dev, lanes):
+        if lanes == 1:
+            spent = [run_lane(0)]
+        else:
+            with ThreadPoolExecutor(lanes, thread_name_prefix="candidate-lane") as pool:
+                spent = list(pool.map(run_lane, range(lanes)))
+        for s in spent:
+            for key, v in s.items():
+                seconds[key] += v
+        cols = lane_cols[0]
+        for other in lane_cols[1:]:
+            cols.absorb(other)
+        lane_cols.clear()  # the other lanes' buffers are free before the edges are built
     err = cosine_error_bound(ua.shape[1], *pass_precision(dev, low_precision))
     # bounds in float64: adding err in float32 could round them down; a line held whole has bound -inf
     row_val, row_idx, row_bound = rows.finish()
@@ -824,14 +888,23 @@ def candidate_edges(n_a: int, n_b: int, k: int = 64) -> int:
     return min(k, n_b) * n_a + min(k, n_a) * n_b
 
 
-def sparse_memory_bytes(n_a: int, n_b: int, d: int, k: int = 64, block: int = 8192) -> int:
+def lane_column_bytes(n_a: int, n_b: int, k: int = 64) -> int:
+    """What one more candidate lane holds: its own column candidates (3k float32 values and int32 indices, a count
+    and a threshold per column). Its cosine buffer is not extra: lanes split the block's rows among them."""
+    return n_b * (_Tops.CAP_FACTOR * min(k, n_a) * 8 + 12)
+
+
+def sparse_memory_bytes(n_a: int, n_b: int, d: int, k: int = 64, block: int = 8192, threads: int = 1) -> int:
     """Estimated peak memory of `sparse_max_weight_assignment(a, b)` on float32 inputs a [n_a, d], b [n_b, d]
-    (the inputs themselves not counted): unit-row copies, one cosine block, and the candidate graph. An upper
-    bound since the candidate pass normalises rows block by block (`UnitRows`): calibrated (docs/planning.md) when
-    whole unit-row copies were held."""
+    (the inputs themselves not counted) with `threads` torch threads: unit-row copies, one cosine block, the
+    candidate graph, and the column candidates of every lane beyond the first. An upper bound since the candidate
+    pass normalises rows block by block (`UnitRows`): calibrated (docs/planning.md) when whole unit-row copies
+    were held."""
     unit_rows_bytes = 4 * d * (n_a + n_b)
     block_bytes = BLOCK_OVERHEAD * 4 * min(block, n_a) * min(block, n_b)
-    return int(unit_rows_bytes + block_bytes + EDGE_BYTES * candidate_edges(n_a, n_b, k))
+    extra_lanes = min(max(1, threads), MAX_LANES) - 1
+    return int(unit_rows_bytes + block_bytes + EDGE_BYTES * candidate_edges(n_a, n_b, k)
+               + extra_lanes * lane_column_bytes(n_a, n_b, k))
 
 
 def sparse_max_weight_assignment(a: torch.Tensor, b: torch.Tensor, *, k: int = 64, block: int = 8192,

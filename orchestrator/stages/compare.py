@@ -86,11 +86,11 @@ def match_through_training(checkpoints: list[tuple[str, str]], threshold: float)
     return rows
 
 
-def _pair_task_bytes(saes: list[dict]) -> int:
+def _pair_task_bytes(saes: list[dict], cpus: float) -> int:
     """`memory=` of a configuration's matching tasks, from the widths and d_in its SAE folders record."""
     d_in = json.loads((Path(saes[0]["path"]) / "cfg.json").read_text())["d_in"]
     widths = sorted(s["width"] for s in saes)
-    return compare_task_bytes(widths[-1], widths[-2] if len(widths) > 1 else widths[-1], d_in)
+    return compare_task_bytes(widths[-1], widths[-2] if len(widths) > 1 else widths[-1], d_in, cpus)
 
 
 def _frequency_stability(results: list[dict]) -> dict | None:
@@ -123,7 +123,7 @@ def run_compare(cfg: ExperimentConfig, train_manifest: dict) -> dict:
     for conf, saes in by_conf.items():
         saes.sort(key=lambda s: s["seed"])
         # Each task holds one pair at a time: Ray co-schedules tasks only where their estimated memory fits.
-        opts = {**opts, "memory": _pair_task_bytes(saes)}
+        opts = {**opts, "memory": _pair_task_bytes(saes, cfg.compare.cpus_per_task)}
         for i, j in itertools.combinations(range(len(saes)), 2):
             a, b = saes[i], saes[j]
             path = out / "assignments" / slug(conf) / f"seed{a['seed']}-seed{b['seed']}.parquet"
