@@ -172,16 +172,19 @@ def test_rectangular_duals_are_lp_duals():
     assert len(r) == 0
 
 
-def test_candidates_bound_everything_else():
-    """After the blocked pass, every pair that is not an edge is <= min(row bound, column bound)."""
-    from actors.compare.sparse_matching import _build_candidates
+@pytest.mark.parametrize("columns_by", ["runs", "compare"])
+def test_candidates_bound_everything_else(columns_by, monkeypatch):
+    """After the blocked pass, every pair that is not an edge is <= min(row bound, column bound), with the columns'
+    hits found through run maxima or by comparing the whole block with the thresholds."""
+    import actors.compare.sparse_matching as sm
 
     rng = np.random.default_rng(10)
     a, b = planted(rng, 333, 257, 24)
     ua, ub = unit_rows(a), unit_rows(b)
     sim = cosine_matrix(a, b)
+    monkeypatch.setattr(sm, "COMPARE_HITS", 0 if columns_by == "compare" else 10**9)
     for low_precision in (False, True):
-        cand: Candidates = _build_candidates(ua, ub, 5, 48, low_precision)
+        cand: Candidates = sm._build_candidates(ua, ub, 5, 48, low_precision)
         outside = np.ones(sim.shape, dtype=bool)
         outside[cand.rows, cand.cols] = False
         bound = np.minimum(cand.row_bound[:, None], cand.col_bound[None, :])

@@ -378,26 +378,50 @@ def _block_rows(tops: _Tops, s: torch.Tensor, r0: int, c0: int, first: bool) -> 
     tops.add(at // bc + r0, vals.view(-1)[hit], at % bc + c0)
 
 
+# Expected hits per column per block (2k x rows of the block / rows of the matrix, the floors' regime) from which
+# one comparison of the whole block beats gathering the hit runs down the columns (measured crossover on this CPU:
+# between 8 (65K rows, block 4096) and 16 (32K))
+COMPARE_HITS = 12
+
+
+def _column_order(col: torch.Tensor) -> torch.Tensor:
+    """The stable order that groups hits by column (numpy's sort on CPU)."""
+    if col.device.type == "cpu":
+        return torch.from_numpy(np.argsort(col.numpy(), kind="stable"))
+    return torch.sort(col, stable=True).indices
+
+
 def _block_cols(tops: _Tops, s: torch.Tensor, r0: int, c0: int, first: bool) -> None:
     """The columns' candidates from the same block: maxima of runs of g entries down each column (reduced across
     rows, vectorised along them; reducing the transposed view directly was 40x slower on CPU), hits listed in
     column order (sorted: cheaper than transposing the map of maxima). A hit run is read with stride Bc, an
-    entry per cache line, so g is smaller where more hits are expected (_run_length)."""
+    entry per cache line, so g is smaller where more hits are expected (_run_length); where many are expected
+    (small matrices) the whole block is compared with the thresholds instead."""
     br, bc = s.shape
     g = _group(br, _run_length(tops))
-    n_runs = br // g
-    group_max = s.view(n_runs, g, bc).amax(1)  # [runs, bc]: run q of column c covers rows q*g .. q*g + g - 1
     lines = slice(c0, c0 + bc)
-    thr = tops.thr[lines]
+    by_compare = 2 * tops.k * br >= COMPARE_HITS * tops.n_other
+    if first or not by_compare:
+        group_max = s.view(br // g, g, bc).amax(1)  # [runs, bc]: run q of column c covers rows q*g .. q*g + g - 1
     if first:
         tops.set_floor(lines, group_max.T.contiguous(), br)
+    thr = tops.thr[lines]
+    if by_compare:
+        at = _flatnonzero(s > thr[None, :])  # r * bc + c
+        if len(at) > MOSTLY_HITS * br * bc:
+            _block_top(tops, s.T, c0, r0)
+            return
+        col = at % bc
+        order = _column_order(col)
+        at = at[order]
+        tops.add(col[order] + c0, _take(s.view(-1), at), at // bc + r0)
+        return
     runs = _flatnonzero(group_max > thr[None, :])  # q * bc + c
     if len(runs) * g > MOSTLY_HITS * br * bc:
         _block_top(tops, s.T, c0, r0)
         return
     col = runs % bc
-    order = torch.from_numpy(np.argsort(col.numpy(), kind="stable")) if col.device.type == "cpu" else \
-        torch.sort(col, stable=True).indices
+    order = _column_order(col)
     runs, col = runs[order], col[order]  # hits grouped by column
     at = ((runs - col) * g + col)[:, None] + torch.arange(0, g * bc, bc, device=s.device)
     vals = _take(s.view(-1), at.view(-1)).view(-1, g)  # [h, g]
