@@ -78,7 +78,8 @@ def block_seconds(a, b, block: int, device: str, samples: int, seed: int, cpu_ti
     threads) are appended to cpu_times."""
     import torch
 
-    from actors.compare.sparse_matching import pinned_matmul_precision, unit_rows
+    from actors.compare.candidate_pass import unit_rows
+    from actors.compare.precision import pinned_matmul_precision
 
     g = torch.Generator().manual_seed(seed)
     times = []

@@ -5,14 +5,16 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
+import actors.compare.candidate_pass as cp
+from actors.compare.candidate_pass import unit_rows
 from actors.compare.matching import UNMATCHED, cosine_matrix
+from actors.compare.precision import cosine_error_bound
 from actors.compare.sparse_matching import (
     Candidates,
     cost_scale,
     dual_violations,
     matching_duals,
     sparse_max_weight_assignment,
-    unit_rows,
 )
 
 
@@ -182,7 +184,7 @@ def test_candidates_bound_everything_else(columns_by, monkeypatch):
     a, b = planted(rng, 333, 257, 24)
     ua, ub = unit_rows(a), unit_rows(b)
     sim = cosine_matrix(a, b)
-    monkeypatch.setattr(sm, "COMPARE_HITS", 0 if columns_by == "compare" else 10**9)
+    monkeypatch.setattr(cp, "COMPARE_HITS", 0 if columns_by == "compare" else 10**9)
     for low_precision in (False, True):
         cand: Candidates = sm._build_candidates(ua, ub, 5, 48, low_precision)
         outside = np.ones(sim.shape, dtype=bool)
@@ -210,8 +212,8 @@ def test_candidate_lanes_bound_everything_and_do_not_depend_on_thread_timing(mon
     torch.set_num_threads(4)
     try:
         for lanes in (1, 2, 3, 4):
-            monkeypatch.setattr(sm, "MAX_LANES", lanes)
-            assert sm.lane_count("cpu", 301, 64) == lanes
+            monkeypatch.setattr(cp, "MAX_LANES", lanes)
+            assert cp.lane_count("cpu", 301, 64) == lanes
             cand = sm._build_candidates(unit_rows(a), unit_rows(b), 5, 64, False)
             assert torch.get_num_threads() == 4  # restored after the pass
             again = sm._build_candidates(unit_rows(a), unit_rows(b), 5, 64, False)
@@ -239,7 +241,7 @@ def test_candidate_pass_under_adversarial_orders(monkeypatch):
     import actors.compare.sparse_matching as sm
 
     calls = {"_block_top": 0, "_merge": 0}
-    for owner, name in ((sm, "_block_top"), (sm._Tops, "_merge")):
+    for owner, name in ((cp, "_block_top"), (cp.Tops, "_merge")):
         real = getattr(owner, name)
 
         def spy(*args, _real=real, _name=name, **kw):
@@ -286,7 +288,8 @@ def test_bf16_error_bound_covers_a_worst_case_that_2_pow_minus_9_does_not():
     sqrt(3.96875)): every component rounds by ~2^-8 relative in the same direction, so the bf16 cosine of the row
     with itself is off by ~2 * 2^-8 before the output rounding. A bound built on 2^-9 per component (with the
     output rounding and the float32 sum: ~0.0059) is exceeded; cosine_error_bound's is not."""
-    from actors.compare.sparse_matching import FORMATS, _block_matmul, cosine_error_bound, gamma
+    from actors.compare.candidate_pass import _block_matmul
+    from actors.compare.precision import FORMATS, gamma
 
     d = 64
     x = torch.tensor([0.5] + [0.25] * 59 + [0.125] * 2 + [0.0] * 2)
@@ -390,7 +393,7 @@ def test_near_ties_misordered_by_bf16_certified_to_the_float64_optimum(low_preci
 def test_certificate_refuses_a_wrong_assignment_off_by_a_near_tie():
     """Duals that prove a slightly worse assignment (one near-tie block crossed the wrong way, ~1e-5 lighter) on
     its own edges fail the full check: the float32 pass with its error bound flags the pairs, float64 decides."""
-    from actors.compare.sparse_matching import ExactCosine, cosine_error_bound
+    from actors.compare.sparse_matching import ExactCosine
 
     rng = np.random.default_rng(13)
     a, b = near_tie_blocks(rng, 4, n_noise=10)
