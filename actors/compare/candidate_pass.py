@@ -39,6 +39,23 @@ class UnitRows:
     def __getitem__(self, idx) -> torch.Tensor:
         return self.x[idx] / self.norm[idx, None]
 
+    def rows(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """Rows start:stop written into the front of `out` (flat float32 scratch, reused block after block)."""
+        x = self.x[start:stop]
+        return torch.div(x, self.norm[start:stop, None], out=scratch(out, x.shape))
+
+
+def scratch(flat: torch.Tensor, shape) -> torch.Tensor:
+    """The front of a flat buffer viewed as `shape` (contiguous). Blocks write into buffers reused from block to
+    block: a fresh array of tens of MB is new pages every time, and first touches of pages (page faults) cost
+    ~5 us each on this VM (measured: ~2 s of system time per 16K pair before buffers were reused)."""
+    return flat[:math.prod(shape)].view(shape)
+
+
+def unit_block(u: "UnitRows | torch.Tensor", start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+    """Rows start:stop of unit rows, held (a view) or computed into `out`."""
+    return u.rows(start, stop, out) if isinstance(u, UnitRows) else u[start:stop]
+
 
 class Tops:
     """Candidates of n lines (the matrix's rows, or its columns): up to `cap` collected entries per line in a dense
@@ -219,7 +236,8 @@ def _column_order(col: torch.Tensor) -> torch.Tensor:
     return torch.sort(col, stable=True).indices
 
 
-def _block_cols(tops: Tops, s: torch.Tensor, r0: int, c0: int, first: bool) -> None:
+def _block_cols(tops: Tops, s: torch.Tensor, r0: int, c0: int, first: bool,
+                mask: torch.Tensor | None = None) -> None:
     """The columns' candidates from the same block: maxima of runs of g entries down each column (reduced across
     rows, vectorised along them; reducing the transposed view directly was 40x slower on CPU), hits listed in
     column order (sorted: cheaper than transposing the map of maxima). A hit run is read with stride Bc, an
@@ -235,7 +253,8 @@ def _block_cols(tops: Tops, s: torch.Tensor, r0: int, c0: int, first: bool) -> N
         tops.set_floor(lines, group_max.T.contiguous(), br)
     thr = tops.thr[lines]
     if by_compare:
-        at = flatnonzero(s > thr[None, :])  # r * bc + c
+        above = torch.gt(s, thr[None, :], out=scratch(mask, s.shape)) if mask is not None else s > thr[None, :]
+        at = flatnonzero(above)  # r * bc + c
         if len(at) > MOSTLY_HITS * br * bc:
             _block_top(tops, s.T, c0, r0)
             return
@@ -337,7 +356,8 @@ def _threads_per_lane(device, lanes: int):
         torch.set_num_threads(n)
 
 
-def candidate_pass(ua: "UnitRows | torch.Tensor", ub: "UnitRows | torch.Tensor", k: int, block: int, low_precision: bool):
+def candidate_pass(ua: "UnitRows | torch.Tensor", ub: "UnitRows | torch.Tensor", k: int, block: int,
+                   low_precision: bool):
     """One blocked pass over ua @ ub.T: top-k per row and per column, both from the same blocks.
 
     Returns (rows, cols, values, row_bound, col_bound) as torch tensors, and seconds spent per step (summed over
@@ -357,16 +377,19 @@ def candidate_pass(ua: "UnitRows | torch.Tensor", ub: "UnitRows | torch.Tensor",
 
     def run_lane(lane: int) -> dict:
         spent = dict.fromkeys(seconds, 0.0)
-        buf = torch.empty(min(row_block, n_a), min(block, n_b), device=dev)
+        br, bc, d = min(row_block, n_a), min(block, n_b), ua.shape[1]
+        cosines, above = torch.empty(br * bc, device=dev), torch.empty(br * bc, dtype=torch.bool, device=dev)
+        unit_a, unit_b = torch.empty(br * d, device=dev), torch.empty(bc * d, device=dev)
         for i, r0 in enumerate(range(lane * row_block, n_a, lanes * row_block)):
-            xa = cast(ua[r0:r0 + row_block])
+            xa = cast(unit_block(ua, r0, r0 + row_block, unit_a))
             for c0 in range(0, n_b, block):
                 t = time.perf_counter()
-                s = _block_matmul(xa, cast(ub[c0:c0 + block]), buf)
+                xb = cast(unit_block(ub, c0, c0 + block, unit_b))
+                s = _block_matmul(xa, xb, scratch(cosines, (len(xa), len(xb))))
                 t1 = time.perf_counter()
                 with one_thread(dev) if lanes == 1 else nullcontext():
                     _block_rows(rows, s, r0, c0, first=c0 == 0)
-                    _block_cols(lane_cols[lane], s, r0, c0, first=i == 0)
+                    _block_cols(lane_cols[lane], s, r0, c0, first=i == 0, mask=above)
                 spent["candidates_matmul"] += t1 - t
                 spent["candidates_extract"] += time.perf_counter() - t1
         return spent

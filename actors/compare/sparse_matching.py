@@ -19,11 +19,11 @@ The dense route (actors/compare/matching.py: cosine matrix + scipy's Hungarian) 
    cannot decide is re-scored in float64. Violating pairs join the candidate graph and we re-solve, until a round
    finds no violation.
 
-Every comparison allows for the rounding of the values it compares (precision.py's cosine_error_bound per format,
-the float32 duals, the integer scaling), and matched and nearly tight edges are re-scored in float64, so `certified=True` is a
-proof about the EXACT cosines of the float32 rows: cos_ij <= u_i + v_j + tol for every (i, j) and the matched
-pairs' weights are within tol of theirs, so no assignment beats ours by more than `gap_bound` = 2 n tol (tol ~
-0.5/scale, ~5e-8 at 131K latents).
+Every comparison allows for the rounding of the values it compares (precision.py's cosine_error_bound per
+format, the float32 duals, the integer scaling), and matched and nearly tight edges are re-scored in float64, so
+`certified=True` is a proof about the EXACT cosines of the float32 rows: cos_ij <= u_i + v_j + tol for every
+(i, j) and the matched pairs' weights are within tol of theirs, so no assignment beats ours by more than
+`gap_bound` = 2 n tol (tol ~ 0.5/scale, ~5e-8 at 131K latents).
 
 Rectangular inputs: the smaller side is matched completely (as scipy does); rows of the larger side are left
 UNMATCHED. Zero-norm rows have cosine 0 with everything (as actors/compare/matching.cosine_matrix).
@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .candidate_pass import MAX_LANES, UnitRows, Tops, candidate_pass, flatnonzero, one_thread
+from .candidate_pass import (MAX_LANES, Tops, UnitRows, candidate_pass, flatnonzero, one_thread, scratch,
+                             unit_block)
 from .precision import U32, cosine_error_bound, pinned_matmul_precision, rescore_error_bound
 
 UNMATCHED = -1
@@ -136,16 +137,27 @@ class ExactCosine:
         self.x, self.y = x, y
         self.inv_x, self.inv_y = (1.0 / t.double().norm(dim=1).clamp_min(1e-300) for t in (x, y))
         self.eps = rescore_error_bound(x.shape[1])
+        self.buffers = None  # the CPU path's gather buffers, made on first use
+
+    CHUNK = 2048  # pairs re-scored at a time on the CPU, through buffers held by this instance (see scratch)
 
     def __call__(self, rows: np.ndarray, cols: np.ndarray, chunk: int = 1 << 13) -> np.ndarray:
         out = np.empty(len(rows), dtype=np.float64)
         cpu = self.x.device.type == "cpu"
         if cpu:  # numpy: single-threaded gathers and one fused einsum beat a chain of small torch ops
             x, y, inv_x, inv_y = self.x.numpy(), self.y.numpy(), self.inv_x.numpy(), self.inv_y.numpy()
+            chunk = self.CHUNK
+            if self.buffers is None:
+                d = x.shape[1]
+                self.buffers = (np.empty((chunk, d), np.float32), np.empty((chunk, d)), np.empty((chunk, d)))
+            gathered, x64, y64 = self.buffers
         for s in range(0, len(rows), chunk):
             r, c = rows[s:s + chunk], cols[s:s + chunk]
             if cpu:
-                dot = np.einsum("ij,ij->i", x[r].astype(np.float64), y[c].astype(np.float64))
+                m = len(r)
+                x64[:m] = np.take(x, r, axis=0, out=gathered[:m])  # float32 -> float64: exact
+                y64[:m] = np.take(y, c, axis=0, out=gathered[:m])
+                dot = np.einsum("ij,ij->i", x64[:m], y64[:m])
                 out[s:s + chunk] = dot * inv_x[r] * inv_y[c]  # zero rows: 0 * 1e300 = 0
             else:
                 r, c = (torch.from_numpy(i).to(self.x.device) for i in (r, c))
@@ -156,6 +168,7 @@ class ExactCosine:
     def transposed(self) -> "ExactCosine":
         t = ExactCosine.__new__(ExactCosine)
         t.x, t.y, t.inv_x, t.inv_y, t.eps = self.y, self.x, self.inv_y, self.inv_x, self.eps
+        t.buffers = None
         return t
 
 
@@ -318,7 +331,11 @@ def dual_violations(ua: torch.Tensor, ub: torch.Tensor, u: np.ndarray, v: np.nda
     u32 = np.asarray(u, dtype=np.float32)
     out_r, out_c, out_w = [], [], []
     bound = np.full(len(rows), -math.inf)
-    step = min(block, 2048)  # rows per chunk: a few [step, block] float32 temporaries
+    step = min(block, 2048)  # rows per chunk: a few [step, block] float32 buffers
+    width = min(block, n_cols)
+    cosines, limits = torch.empty(step * width, device=dev), torch.empty(step * width, device=dev)
+    above = torch.empty(step * width, dtype=torch.bool, device=dev)
+    unit_b = torch.empty(width * ua.shape[1], device=dev)
     for s in range(0, len(rows), step):
         rr = rows[s:s + step]
         x = ua[torch.from_numpy(rr).to(dev)]
@@ -332,11 +349,11 @@ def dual_violations(ua: torch.Tensor, ub: torch.Tensor, u: np.ndarray, v: np.nda
         row_max = torch.full((len(rr),), -math.inf, device=dev)
         for c0 in range(0, n_cols, block):
             c1 = min(c0 + block, n_cols)
-            sim = x @ ub[c0:c1].T
+            sim = torch.mm(x, unit_block(ub, c0, c1, unit_b).T, out=scratch(cosines, (len(x), c1 - c0)))
             with one_thread(dev):  # (see one_thread: small ops after a big matmul)
-                width = c1 - c0
-                flat = flatnonzero(sim > thr_row[:, None] + vt[None, c0:c1]).to(dev)
-                li, lj = flat // width, flat % width
+                limit = torch.add(thr_row[:, None], vt[None, c0:c1], out=scratch(limits, sim.shape))
+                flat = flatnonzero(torch.gt(sim, limit, out=scratch(above, sim.shape))).to(dev)
+                li, lj = flat // (c1 - c0), flat % (c1 - c0)
                 out_r.append(rr[li.cpu().numpy()])
                 out_c.append(lj.cpu().numpy() + c0)
                 out_w.append(sim.view(-1)[flat].cpu().double().numpy())
