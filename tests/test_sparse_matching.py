@@ -174,17 +174,18 @@ def test_rectangular_duals_are_lp_duals():
     assert len(r) == 0
 
 
-@pytest.mark.parametrize("columns_by", ["runs", "compare"])
-def test_candidates_bound_everything_else(columns_by, monkeypatch):
-    """After the blocked pass, every pair that is not an edge is <= min(row bound, column bound), with the columns'
-    hits found through run maxima or by comparing the whole block with the thresholds."""
+@pytest.mark.parametrize("hits_by", ["runs", "compare"])
+def test_candidates_bound_everything_else(hits_by, monkeypatch):
+    """After the blocked pass, every pair that is not an edge is <= min(row bound, column bound), with the rows' and
+    columns' hits found through run maxima or by comparing the whole block with the thresholds."""
     import actors.compare.sparse_matching as sm
 
     rng = np.random.default_rng(10)
     a, b = planted(rng, 333, 257, 24)
     ua, ub = unit_rows(a), unit_rows(b)
     sim = cosine_matrix(a, b)
-    monkeypatch.setattr(cp, "COMPARE_HITS", 0 if columns_by == "compare" else 10**9)
+    for name in ("COMPARE_HITS", "ROW_COMPARE_HITS"):
+        monkeypatch.setattr(cp, name, 0 if hits_by == "compare" else 10**9)
     for low_precision in (False, True):
         cand: Candidates = sm._build_candidates(ua, ub, 5, 48, low_precision)
         outside = np.ones(sim.shape, dtype=bool)

@@ -201,18 +201,38 @@ def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x[idx]
 
 
-def _block_rows(tops: Tops, s: torch.Tensor, r0: int, c0: int, first: bool) -> None:
+# Expected hits per line per block (2k x the block's length along the line / the line's length: the floors'
+# regime) from which one comparison of the whole block with the thresholds beats finding and reading the hit runs.
+# Measured crossovers on this CPU (4096 x 8192 blocks): columns, whose runs are read with a stride, between 8 and 16
+# hits; rows, whose runs are contiguous, between 32 and 64.
+COMPARE_HITS = 12
+ROW_COMPARE_HITS = 48
+
+
+def _block_rows(tops: Tops, s: torch.Tensor, r0: int, c0: int, first: bool,
+                mask: torch.Tensor | None = None) -> None:
     """The rows' candidates from block s [Br, Bc] at (r0, c0). Maxima of runs of 32 consecutive entries (one
     contiguous reduction, ~3% of the block's matmul) find the few runs above a row's threshold without comparing
-    every entry (a full comparison pass costs more than the reduction on CPU); only those runs are read."""
+    every entry (a full comparison pass costs more than the reduction on CPU where few hits are expected); only
+    those runs are read. Where many are expected (small matrices), the block is compared with the thresholds."""
     br, bc = s.shape
     g = _group(bc, 32)
     n_runs = bc // g
-    group_max = s.view(br, n_runs, g).amax(2)
+    by_compare = 2 * tops.k * bc >= ROW_COMPARE_HITS * tops.n_other
     lines = slice(r0, r0 + br)
+    if first or not by_compare:
+        group_max = s.view(br, n_runs, g).amax(2)
     if first:
         tops.set_floor(lines, group_max, bc)
     thr = tops.thr[lines]
+    if by_compare:
+        above = torch.gt(s, thr[:, None], out=scratch(mask, s.shape)) if mask is not None else s > thr[:, None]
+        at = flatnonzero(above)  # r * bc + c: grouped by row already
+        if len(at) > MOSTLY_HITS * br * bc:
+            _block_top(tops, s, r0, c0)
+            return
+        tops.add(at // bc + r0, _take(s.view(-1), at), at % bc + c0)
+        return
     runs = flatnonzero(group_max > thr[:, None])  # run q of row r is r * n_runs + q
     if len(runs) * g > MOSTLY_HITS * br * bc:
         _block_top(tops, s, r0, c0)
@@ -223,10 +243,6 @@ def _block_rows(tops: Tops, s: torch.Tensor, r0: int, c0: int, first: bool) -> N
     tops.add(at // bc + r0, vals.view(-1)[hit], at % bc + c0)
 
 
-# Expected hits per column per block (2k x rows of the block / rows of the matrix, the floors' regime) from which
-# one comparison of the whole block beats gathering the hit runs down the columns (measured crossover on this CPU:
-# between 8 (65K rows, block 4096) and 16 (32K))
-COMPARE_HITS = 12
 
 
 def _column_order(col: torch.Tensor) -> torch.Tensor:
@@ -388,7 +404,7 @@ def candidate_pass(ua: "UnitRows | torch.Tensor", ub: "UnitRows | torch.Tensor",
                 s = _block_matmul(xa, xb, scratch(cosines, (len(xa), len(xb))))
                 t1 = time.perf_counter()
                 with one_thread(dev) if lanes == 1 else nullcontext():
-                    _block_rows(rows, s, r0, c0, first=c0 == 0)
+                    _block_rows(rows, s, r0, c0, first=c0 == 0, mask=above)
                     _block_cols(lane_cols[lane], s, r0, c0, first=i == 0, mask=above)
                 spent["candidates_matmul"] += t1 - t
                 spent["candidates_extract"] += time.perf_counter() - t1
