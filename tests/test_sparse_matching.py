@@ -199,6 +199,20 @@ def test_candidates_bound_everything_else(hits_by, monkeypatch):
         np.testing.assert_allclose(best, sim.max(1), atol=0.011 if low_precision else 1e-6)
 
 
+def assert_bounds_and_best_kept(cand: Candidates, sim: np.ndarray) -> None:
+    """Every pair left out of the candidates is <= min(its row's bound, its column's bound), and every row's and
+    every column's best entry is a candidate edge."""
+    outside = np.ones(sim.shape, dtype=bool)
+    outside[cand.rows, cand.cols] = False
+    bound = np.minimum(cand.row_bound[:, None], cand.col_bound[None, :])
+    assert np.all(sim[outside] <= bound[outside] + 1e-6)
+    best_r, best_c = np.full(sim.shape[0], -np.inf), np.full(sim.shape[1], -np.inf)
+    np.maximum.at(best_r, cand.rows, cand.w)
+    np.maximum.at(best_c, cand.cols, cand.w)
+    np.testing.assert_allclose(best_r, sim.max(1), atol=1e-6)
+    np.testing.assert_allclose(best_c, sim.max(0), atol=1e-6)
+
+
 def test_candidate_lanes_bound_everything_and_do_not_depend_on_thread_timing(monkeypatch):
     """Lanes (threads that each own row blocks, their column candidates merged at the end), 1 to 4 of them: every
     bound holds against the full matrix, every row and column keeps its best entry, a repeat gives the same
@@ -220,15 +234,7 @@ def test_candidate_lanes_bound_everything_and_do_not_depend_on_thread_timing(mon
             again = sm._build_candidates(unit_rows(a), unit_rows(b), 5, 64, False)
             for field in ("rows", "cols", "w", "row_bound", "col_bound"):
                 np.testing.assert_array_equal(getattr(again, field), getattr(cand, field), err_msg=f"{lanes}: {field}")
-            outside = np.ones(sim.shape, dtype=bool)
-            outside[cand.rows, cand.cols] = False
-            bound = np.minimum(cand.row_bound[:, None], cand.col_bound[None, :])
-            assert np.all(sim[outside] <= bound[outside] + 1e-6)
-            best_r, best_c = np.full(sim.shape[0], -np.inf), np.full(sim.shape[1], -np.inf)
-            np.maximum.at(best_r, cand.rows, cand.w)
-            np.maximum.at(best_c, cand.cols, cand.w)
-            np.testing.assert_allclose(best_r, sim.max(1), atol=1e-6)
-            np.testing.assert_allclose(best_c, sim.max(0), atol=1e-6)
+            assert_bounds_and_best_kept(cand, sim)
             check(a, b, k=5, block=64)
     finally:
         torch.set_num_threads(threads)
@@ -260,15 +266,7 @@ def test_candidate_pass_under_adversarial_orders(monkeypatch):
     for a, b in ((rising_a, rising_b), (tied_a, tied_b), (rising_b[:150], rising_a[:120])):
         sim = cosine_matrix(a, b)
         cand = sm._build_candidates(unit_rows(a), unit_rows(b), 4, 32, False)
-        outside = np.ones(sim.shape, dtype=bool)
-        outside[cand.rows, cand.cols] = False
-        bound = np.minimum(cand.row_bound[:, None], cand.col_bound[None, :])
-        assert np.all(sim[outside] <= bound[outside] + 1e-6)
-        best_r, best_c = np.full(sim.shape[0], -np.inf), np.full(sim.shape[1], -np.inf)
-        np.maximum.at(best_r, cand.rows, cand.w)
-        np.maximum.at(best_c, cand.cols, cand.w)
-        np.testing.assert_allclose(best_r, sim.max(1), atol=1e-6)
-        np.testing.assert_allclose(best_c, sim.max(0), atol=1e-6)
+        assert_bounds_and_best_kept(cand, sim)
         check(a, b, unique=False, k=4, block=32)
     assert calls["_block_top"] > 0 and calls["_merge"] > 0  # both fallbacks were exercised
 
