@@ -302,7 +302,8 @@ class TrainConfig(_Strict):
 
 class CompareConfig(_Strict):
     threshold: float = Field(0.7, ge=-1, le=1, description="Cosine above which a matched latent counts as shared.")
-    cpus_per_task: float = Field(1.0, gt=0, description="CPUs reserved by each pair-matching Ray task.")
+    cpus_per_task: float = Field(1.0, gt=0, description="CPUs reserved by each pair-matching Ray task (the "
+                                 "certified matcher runs that many candidate lanes, at most 4: docs/matching.md).")
     ground_truth_threshold: float = Field(0.9, gt=-1, lt=1, description="Decoder-row cosine above which a latent "
                                           "counts as a true feature (sources with a ground truth only).")
 
