@@ -18,7 +18,9 @@ n x n matrix (2 n^2 d FLOPs each), timed in the same process on the same inputs 
 buffer, a sample of blocks before and after the matching, median block time x number of blocks), so that load
 from other processes affects ours and the floor alike. "ours / floor" is the goal ratio (<= 1.25 for the pair).
 The same ratio in CPU seconds (all threads of the process) is printed too: on shared cores wall time depends on
-when other processes ran, CPU seconds much less. `--k` sets the candidates per row and column (default: the
+when other processes ran, CPU seconds much less. A second reading of the floor comes from the run itself: the
+seconds our candidate pass spent in its matmuls (summed over its lanes, divided by their number), the same work
+as the floor's. `--k` sets the candidates per row and column (default: the
 matcher's).
 On CUDA the peak is torch.cuda.max_memory_allocated, inputs included.
 """
@@ -37,7 +39,7 @@ from pathlib import Path
 
 DENSE_MAX_N = 16384  # beyond this dense scipy needs > 5 GB and minutes-to-hours (matching-notes.md)
 GIB = 2**30
-FLOOR_SAMPLES = 3  # blocks timed before and again after the matching
+FLOOR_SAMPLES = 8  # blocks timed before and again after the matching
 
 
 def planted_pair(n: int, d: int = 768, overlap: float = 0.4, seed: int = 0):
@@ -194,6 +196,12 @@ def main(argv=None) -> None:
         print(f"         floor: {floor:7.1f} s  (two float32 matmul passes over n x n, timed here: "
               f"{len(s['floor_samples'])} blocks, median {statistics.median(s['floor_samples']):.3f} s/block)  "
               f"ours / floor: {med['sparse'][0] / floor:.2f}  (goal <= 1.25)", flush=True)
+        # the same matmul work timed inside our candidate pass (each lane's matmuls, over the lanes): a second
+        # reading of the floor, from the run itself
+        inside = statistics.median(sum(ph["candidates_matmul"] / ph["candidate_lanes"] for ph in r["phases"])
+                                   for r in runs["sparse"])
+        print(f"         matmuls inside ours: {inside:7.1f} s (lane-seconds / lanes); ours / that: "
+              f"{med['sparse'][0] / inside:.2f}", flush=True)
         cpu = statistics.median(r["cpu_seconds"] for r in runs["sparse"])
         floor_cpu = statistics.median(r["floor_cpu"] for r in runs["sparse"])
         # CPU seconds (all threads) are far less sensitive than wall time to other processes on shared cores

@@ -419,6 +419,7 @@ def candidate_pass(ua: "UnitRows | torch.Tensor", ub: "UnitRows | torch.Tensor",
         for s in spent:
             for key, v in s.items():
                 seconds[key] += v
+        seconds["candidate_lanes"] = lanes
         cols = lane_cols[0]
         for other in lane_cols[1:]:
             cols.absorb(other)
