@@ -176,13 +176,11 @@ def main(argv=None) -> None:
     for n in args.sizes:
         # ours and dense alternate, so that each ratio compares runs made under the same load
         with_dense = n <= DENSE_MAX_N and not args.no_dense
-        runs = {"sparse": [], "dense": []}
+        runs = {"sparse": []} | ({"dense": []} if with_dense else {})
         for seed in range(args.repeats):
             runs["sparse"].append(measure("sparse", n, seed, args.block, args.device, args.k))
             if with_dense:
                 runs["dense"].append(measure("dense", n, seed))
-        if not with_dense:
-            del runs["dense"]
         med = {m: (statistics.median(r["seconds"] for r in rs), statistics.median(r["rss_peak"] for r in rs))
                for m, rs in runs.items()}
         s = runs["sparse"][-1]

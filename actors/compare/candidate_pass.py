@@ -47,8 +47,8 @@ class UnitRows:
 
 def scratch(flat: torch.Tensor, shape) -> torch.Tensor:
     """The front of a flat buffer viewed as `shape` (contiguous). Blocks write into buffers reused from block to
-    block: a fresh array of tens of MB is new pages every time, and first touches of pages (page faults) cost
-    ~5 us each on this VM (measured: ~2 s of system time per 16K pair before buffers were reused)."""
+    block: a fresh array of tens of MB is new pages every time, and the first touch of a page (a page fault) is
+    costly on VMs (docs/matching.md)."""
     return flat[:math.prod(shape)].view(shape)
 
 
@@ -209,8 +209,7 @@ COMPARE_HITS = 12
 ROW_COMPARE_HITS = 48
 
 
-def _block_rows(tops: Tops, s: torch.Tensor, r0: int, c0: int, first: bool,
-                mask: torch.Tensor | None = None) -> None:
+def _block_rows(tops: Tops, s: torch.Tensor, r0: int, c0: int, first: bool, mask: torch.Tensor) -> None:
     """The rows' candidates from block s [Br, Bc] at (r0, c0). Maxima of runs of 32 consecutive entries (one
     contiguous reduction, ~3% of the block's matmul) find the few runs above a row's threshold without comparing
     every entry (a full comparison pass costs more than the reduction on CPU where few hits are expected); only
@@ -226,7 +225,7 @@ def _block_rows(tops: Tops, s: torch.Tensor, r0: int, c0: int, first: bool,
         tops.set_floor(lines, group_max, bc)
     thr = tops.thr[lines]
     if by_compare:
-        above = torch.gt(s, thr[:, None], out=scratch(mask, s.shape)) if mask is not None else s > thr[:, None]
+        above = torch.gt(s, thr[:, None], out=scratch(mask, s.shape))
         at = flatnonzero(above)  # r * bc + c: grouped by row already
         if len(at) > MOSTLY_HITS * br * bc:
             _block_top(tops, s, r0, c0)
@@ -252,8 +251,7 @@ def _column_order(col: torch.Tensor) -> torch.Tensor:
     return torch.sort(col, stable=True).indices
 
 
-def _block_cols(tops: Tops, s: torch.Tensor, r0: int, c0: int, first: bool,
-                mask: torch.Tensor | None = None) -> None:
+def _block_cols(tops: Tops, s: torch.Tensor, r0: int, c0: int, first: bool, mask: torch.Tensor) -> None:
     """The columns' candidates from the same block: maxima of runs of g entries down each column (reduced across
     rows, vectorised along them; reducing the transposed view directly was 40x slower on CPU), hits listed in
     column order (sorted: cheaper than transposing the map of maxima). A hit run is read with stride Bc, an
@@ -269,7 +267,7 @@ def _block_cols(tops: Tops, s: torch.Tensor, r0: int, c0: int, first: bool,
         tops.set_floor(lines, group_max.T.contiguous(), br)
     thr = tops.thr[lines]
     if by_compare:
-        above = torch.gt(s, thr[None, :], out=scratch(mask, s.shape)) if mask is not None else s > thr[None, :]
+        above = torch.gt(s, thr[None, :], out=scratch(mask, s.shape))
         at = flatnonzero(above)  # r * bc + c
         if len(at) > MOSTLY_HITS * br * bc:
             _block_top(tops, s.T, c0, r0)
@@ -350,7 +348,7 @@ def lane_count(device, n_rows: int, block: int) -> int:
     """Lanes of the candidate pass: Python threads that each own whole row blocks (matmul and extraction). On a CPU
     the extraction is single-threaded, so with one stream of blocks a core idles while it runs; lanes keep every
     core busy (both the matmul and the extraction release the GIL). Each lane holds its own column candidates
-    (n_cols x 3k values and indices) and a [block / lanes, block] cosine buffer. One lane on a GPU."""
+    (n_cols x 3k values and indices) and [block / lanes, block] buffers. One lane on a GPU."""
     if torch.device(device).type != "cpu":
         return 1
     lanes = max(1, min(torch.get_num_threads(), MAX_LANES))
@@ -376,10 +374,10 @@ def candidate_pass(ua: "UnitRows | torch.Tensor", ub: "UnitRows | torch.Tensor",
                    low_precision: bool):
     """One blocked pass over ua @ ub.T: top-k per row and per column, both from the same blocks.
 
-    Returns (rows, cols, values, row_bound, col_bound) as torch tensors, and seconds spent per step (summed over
-    lanes). Values are accurate to cosine_error_bound of the pass's precision; the bounds include it, so they
-    bound the EXACT cosine of every pair left out. The result does not depend on how the lanes interleave. Run it
-    under pinned_matmul_precision.
+    Returns (rows, cols, values, row_bound, col_bound) as torch tensors, and timings: seconds spent per step
+    (summed over lanes) and the number of lanes. Values are accurate to cosine_error_bound of the pass's
+    precision; the bounds include it, so they bound the EXACT cosine of every pair left out. The result does not
+    depend on how the lanes interleave. Run it under pinned_matmul_precision.
     """
     n_a, n_b = ua.shape[0], ub.shape[0]
     k_r, k_c = min(k, n_b), min(k, n_a)

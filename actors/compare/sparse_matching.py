@@ -5,10 +5,9 @@ The dense route (actors/compare/matching.py: cosine matrix + scipy's Hungarian) 
 
 1. One blocked pass over the cosine matrix (candidate_pass.py) keeps, for every row AND every column, its top-k
    entries (collected from the same blocks: a separate column pass over transposed blocks dominated the cost in the
-   notes). Whatever a
-   line did not keep is <= its threshold (its k-th kept value, or a floor set from its first block), which plus
-   the pass's error bound is its bound, so after the pass every pair is either a candidate edge or
-   <= min(row bound, column bound).
+   notes). Whatever a line did not keep is <= its threshold (its k-th kept value, or a floor set from its first
+   block), which plus the pass's error bound is its bound, so after the pass every pair is either a candidate
+   edge or <= min(row bound, column bound).
 2. A sparse assignment solver on the candidate graph: OR-tools' LinearSumAssignment on integer-scaled weights
    (square), scipy's LAPJVsp (rectangular).
 3. An optimality certificate. From the sparse optimum we compute LP duals u (rows), v (columns) by longest paths on
@@ -139,14 +138,15 @@ class ExactCosine:
         self.eps = rescore_error_bound(x.shape[1])
         self.buffers = None  # the CPU path's gather buffers, made on first use
 
-    CHUNK = 2048  # pairs re-scored at a time on the CPU, through buffers held by this instance (see scratch)
+    # pairs re-scored at a time: on the CPU through buffers this instance holds (candidate_pass.scratch says why)
+    CPU_CHUNK, GPU_CHUNK = 1 << 11, 1 << 13
 
-    def __call__(self, rows: np.ndarray, cols: np.ndarray, chunk: int = 1 << 13) -> np.ndarray:
+    def __call__(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         out = np.empty(len(rows), dtype=np.float64)
         cpu = self.x.device.type == "cpu"
+        chunk = self.CPU_CHUNK if cpu else self.GPU_CHUNK
         if cpu:  # numpy: single-threaded gathers and one fused einsum beat a chain of small torch ops
             x, y, inv_x, inv_y = self.x.numpy(), self.y.numpy(), self.inv_x.numpy(), self.inv_y.numpy()
-            chunk = self.CHUNK
             if self.buffers is None:
                 d = x.shape[1]
                 self.buffers = (np.empty((chunk, d), np.float32), np.empty((chunk, d)), np.empty((chunk, d)))
